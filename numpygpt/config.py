@@ -1,0 +1,83 @@
+"""GPTConfig: the model's hyperparameters, with GPT-2's presets."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50257      # GPT-2 BPE vocabulary
+    context_length: int = 1024   # longest sequence (positional embedding rows)
+    emb_dim: int = 768           # C
+    n_heads: int = 12            # NH; head size hs = C / NH
+    n_layers: int = 12           # transformer blocks
+    drop_rate: float = 0.1       # dropout on embeddings, attention weights, residual branches
+    qkv_bias: bool = False       # bias on the Q/K/V projection (GPT-2 checkpoints: True)
+    tie_weights: bool = False    # output head shares the token embedding (GPT-2: True)
+    layer_norm_eps: float = 1e-5
+    dtype: str = "float32"       # float32 for training, float64 for gradient checks
+
+    def __post_init__(self):
+        if self.emb_dim % self.n_heads != 0:
+            raise ValueError(f"emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads})")
+        for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if not 0.0 <= self.drop_rate < 1.0:
+            raise ValueError(f"drop_rate must be in [0, 1), got {self.drop_rate}")
+        if self.dtype not in ("float32", "float64", "float16"):
+            raise ValueError(f"dtype must be float32, float64 or float16, got {self.dtype!r}")
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "GPTConfig":
+        """GPT-2 sizes ('gpt2-small' alias 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl') or 'tiny'."""
+        key = PRESET_ALIASES.get(name, name)
+        if key not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}: choose from {', '.join(sorted(PRESETS))}")
+        return cls(**{**PRESETS[key], **overrides})
+
+    def replace(self, **changes) -> "GPTConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GPTConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown GPTConfig fields: {sorted(unknown)}")
+        return cls(**d)
+
+    @property
+    def head_dim(self) -> int:
+        return self.emb_dim // self.n_heads
+
+
+_GPT2 = dict(vocab_size=50257, context_length=1024)
+PRESETS = {
+    "gpt2-small": dict(_GPT2, emb_dim=768, n_layers=12, n_heads=12),     # 124M
+    "gpt2-medium": dict(_GPT2, emb_dim=1024, n_layers=24, n_heads=16),   # 355M
+    "gpt2-large": dict(_GPT2, emb_dim=1280, n_layers=36, n_heads=20),    # 774M
+    "gpt2-xl": dict(_GPT2, emb_dim=1600, n_layers=48, n_heads=25),       # 1558M
+    # small enough for gradient checks and unit tests
+    "tiny": dict(vocab_size=128, context_length=32, emb_dim=32, n_layers=2, n_heads=4, drop_rate=0.0),
+}
+PRESET_ALIASES = {"gpt2": "gpt2-small", "gpt2-124m": "gpt2-small", "gpt2-355m": "gpt2-medium",
+                  "gpt2-774m": "gpt2-large", "gpt2-1558m": "gpt2-xl"}
+
+
+def count_parameters(cfg: GPTConfig, tied: bool | None = None) -> int:
+    """Parameters of a GPTModel with this config, computed from the shapes alone."""
+    tied = cfg.tie_weights if tied is None else tied
+    V, T, C, L = cfg.vocab_size, cfg.context_length, cfg.emb_dim, cfg.n_layers
+    attn = C * 3 * C + (3 * C if cfg.qkv_bias else 0) + C * C + C
+    mlp = C * 4 * C + 4 * C + 4 * C * C + C
+    block = 2 * C + attn + 2 * C + mlp  # ln_1, attn, ln_2, mlp
+    total = V * C + T * C + L * block + 2 * C  # wte, wpe, blocks, ln_f
+    if not tied:
+        total += V * C  # lm_head
+    return total

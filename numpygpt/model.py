@@ -1,0 +1,196 @@
+"""The GPT-2 model: FeedForward, TransformerBlock and GPTModel.
+
+    idx (B, T) -> wte[idx] + wpe[0..T) -> dropout
+               -> n_layers x [x + drop(attn(ln_1(x))); x + drop(mlp(ln_2(x)))]
+               -> ln_f -> lm_head -> logits (B, T, V)
+
+Attribute names mirror GPT-2's checkpoint (``wte``, ``h.0.attn.c_attn``, ``ln_f``...),
+so loading real weights is a table of names.
+"""
+
+from __future__ import annotations
+
+import math
+
+from . import backend
+from .config import GPTConfig
+from .nn import Dropout, Embedding, GELU, KVCache, LayerNorm, Linear, Module, MultiHeadAttention, Parameter
+
+
+class FeedForward(Module):
+    """mlp(x) = c_proj(gelu(c_fc(x))), widening C -> 4C -> C."""
+
+    def __init__(self, emb_dim: int, dtype="float32"):
+        self.c_fc = Linear(emb_dim, 4 * emb_dim, dtype=dtype)
+        self.gelu = GELU()
+        self.c_proj = Linear(4 * emb_dim, emb_dim, dtype=dtype)
+
+    def forward(self, x):
+        return self.c_proj(self.gelu(self.c_fc(x)))
+
+    def backward(self, dout):
+        return self.c_fc.backward(self.gelu.backward(self.c_proj.backward(dout)))
+
+
+class TransformerBlock(Module):
+    """Pre-LayerNorm block with two residual branches:
+        x = x + drop(attn(ln_1(x)))
+        x = x + drop(mlp(ln_2(x)))
+    A residual x + f(x) passes dout straight through and adds f's input gradient.
+    """
+
+    def __init__(self, cfg: GPTConfig):
+        C = cfg.emb_dim
+        self.ln_1 = LayerNorm(C, eps=cfg.layer_norm_eps, dtype=cfg.dtype)
+        self.attn = MultiHeadAttention(C, C, cfg.n_heads, cfg.drop_rate, cfg.qkv_bias, dtype=cfg.dtype)
+        self.drop_attn = Dropout(cfg.drop_rate)
+        self.ln_2 = LayerNorm(C, eps=cfg.layer_norm_eps, dtype=cfg.dtype)
+        self.mlp = FeedForward(C, dtype=cfg.dtype)
+        self.drop_mlp = Dropout(cfg.drop_rate)
+        self.context_length = cfg.context_length
+
+    def forward(self, x, kv_cache: KVCache | None = None):
+        x = x + self.drop_attn(self.attn(self.ln_1(x), kv_cache, self.context_length))
+        x = x + self.drop_mlp(self.mlp(self.ln_2(x)))
+        return x
+
+    def backward(self, dout):
+        # x2 = x1 + drop_mlp(mlp(ln_2(x1)))
+        dx = dout + self.ln_2.backward(self.mlp.backward(self.drop_mlp.backward(dout)))
+        # x1 = x + drop_attn(attn(ln_1(x)))
+        dx = dx + self.ln_1.backward(self.attn.backward(self.drop_attn.backward(dx)))
+        return dx
+
+
+class OutputHead(Module):
+    """logits = x @ W.T with W (V, C): the token embedding itself when weights are tied.
+
+    Backward: dx = dlogits @ W,  dW = dlogits^T @ x.
+    """
+
+    def __init__(self, weight: Parameter):
+        self.weight = weight
+
+    def forward(self, x):
+        B, T, C = x.shape
+        x2 = x.reshape(B * T, C)
+        self._save(x2=x2)
+        return (x2 @ self.weight.data.T).reshape(B, T, -1)  # (B, T, V)
+
+    def backward(self, dout):
+        x2 = self._take()["x2"]
+        B, T, V = dout.shape
+        d2 = dout.reshape(B * T, V)
+        if self.weight.requires_grad:
+            self.weight.add_grad(d2.T @ x2)  # (V, C)
+        return (d2 @ self.weight.data).reshape(B, T, -1)  # (B, T, C)
+
+
+class GPTModel(Module):
+    """GPT-2. ``logits = model(idx)``; ``model.backward(dlogits)`` fills every ``.grad``."""
+
+    def __init__(self, cfg: GPTConfig, seed: int | None = 0):
+        self.cfg = cfg
+        dt = cfg.dtype
+        self.wte = Embedding(cfg.vocab_size, cfg.emb_dim, dtype=dt)
+        self.wpe = Embedding(cfg.context_length, cfg.emb_dim, dtype=dt)
+        self.drop = Dropout(cfg.drop_rate)
+        self.h = [TransformerBlock(cfg) for _ in range(cfg.n_layers)]
+        self.ln_f = LayerNorm(cfg.emb_dim, eps=cfg.layer_norm_eps, dtype=dt)
+        if cfg.tie_weights:
+            self.lm_head = OutputHead(self.wte.weight)
+        else:
+            self.lm_head = OutputHead(Parameter(backend.xp.zeros((cfg.vocab_size, cfg.emb_dim), dtype=dt)))
+        self.init_weights(seed)
+
+    # -- initialisation --------------------------------------------------------------
+
+    def init_weights(self, seed: int | None = 0) -> None:
+        """GPT-2's initialisation: weights ~ N(0, 0.02), residual projections (attn.c_proj,
+        mlp.c_proj) scaled by 1/sqrt(2 n_layers), biases 0, LayerNorm scale 1 and shift 0.
+
+        Drawn on the host from one seeded generator in float32 and then moved, so one
+        seed gives the same weights on NumPy and CuPy, and in float32 and float64.
+        """
+        rng = backend.host_rng(seed)
+        resid_std = 0.02 / math.sqrt(2 * self.cfg.n_layers)
+        xp = backend.array_module(self.wte.weight.data)
+        for name, p in self.named_parameters():
+            if name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or name == "ln_f.weight":
+                p.data = xp.ones(p.shape, dtype=p.dtype)
+            elif name.endswith(".bias"):
+                p.data = xp.zeros(p.shape, dtype=p.dtype)
+            else:
+                std = resid_std if name.endswith("c_proj.weight") else 0.02
+                w = rng.standard_normal(p.shape, dtype="float32")
+                w *= std
+                p.data = backend.to_device(w, dtype=p.dtype, device_name=backend.device_of(p.data))
+            p.grad = None
+
+    # -- forward and backward --------------------------------------------------------
+
+    def check_input(self, idx, start_pos: int = 0) -> None:
+        """Token ids must be integers in [0, V) and fit the context (CuPy would wrap)."""
+        xp = backend.array_module(idx)
+        V, T_max = self.cfg.vocab_size, self.cfg.context_length
+        if not xp.issubdtype(idx.dtype, xp.integer):
+            raise ValueError(f"token ids must be integers, got dtype {idx.dtype}")
+        if idx.ndim != 2:
+            raise ValueError(f"token ids must have shape (B, T), got {tuple(idx.shape)}")
+        T = idx.shape[1]
+        if T == 0:
+            raise ValueError("token ids are empty: T must be at least 1")
+        if start_pos + T > T_max:
+            raise ValueError(f"sequence length {start_pos + T} exceeds context_length {T_max}")
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= V:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"token id {bad} is out of range: ids must be in [0, {V}) (vocab_size={V})")
+
+    def forward(self, idx, kv_caches: list | None = None):
+        """idx (B, T) integer token ids -> logits (B, T, V).
+
+        With ``kv_caches`` (one KVCache per block, see ``new_kv_caches``), idx holds only
+        the new tokens; their positions continue after the cached ones.
+        """
+        start = kv_caches[0].length if kv_caches else 0
+        self.check_input(idx, start)
+        B, T = idx.shape
+        xp = backend.array_module(self.wte.weight.data)
+        pos = xp.arange(start, start + T)[None, :]  # (1, T)
+        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
+        for i, block in enumerate(self.h):
+            x = block(x, kv_caches[i] if kv_caches else None)
+        x = self.ln_f(x)
+        return self.lm_head(x)  # (B, T, V)
+
+    def backward(self, dlogits) -> None:
+        """The forward pass read in reverse; adds into every parameter's .grad."""
+        dx = self.lm_head.backward(dlogits)  # (B, T, C)
+        dx = self.ln_f.backward(dx)
+        for block in reversed(self.h):
+            dx = block.backward(dx)
+        dx = self.drop.backward(dx)
+        # x = wte[idx] + wpe[pos]: both embeddings receive dx (wpe summed over the batch)
+        self.wte.backward(dx)
+        self.wpe.backward(dx.sum(axis=0, keepdims=True))
+
+    def new_kv_caches(self) -> list:
+        return [KVCache() for _ in self.h]
+
+    # -- conveniences ----------------------------------------------------------------
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return super().num_parameters(trainable_only)
+
+    def freeze(self, *prefixes: str) -> None:
+        """Stop gradients for parameters whose name starts with any prefix (all if none given)."""
+        for name, p in self.named_parameters():
+            if not prefixes or name.startswith(prefixes):
+                p.requires_grad = False
+                p.grad = None
+
+    def unfreeze(self, *prefixes: str) -> None:
+        for name, p in self.named_parameters():
+            if not prefixes or name.startswith(prefixes):
+                p.requires_grad = True

@@ -1,0 +1,15 @@
+"""Layers with hand-written forward and backward passes."""
+
+from .module import Module, Parameter, no_grad, is_grad_enabled
+from .linear import Linear
+from .embedding import Embedding
+from .normalization import LayerNorm
+from .activation import GELU, Softmax
+from .dropout import Dropout
+from .attention import MultiHeadAttention, KVCache, causal_mask
+from .loss import CrossEntropyLoss
+
+__all__ = [
+    "Module", "Parameter", "no_grad", "is_grad_enabled", "Linear", "Embedding", "LayerNorm",
+    "GELU", "Softmax", "Dropout", "MultiHeadAttention", "KVCache", "causal_mask", "CrossEntropyLoss",
+]

@@ -1,0 +1,118 @@
+"""Causal multi-head self-attention, all heads in one batched matmul."""
+
+from __future__ import annotations
+
+import math
+
+from .module import Module
+from .linear import Linear
+from .activation import Softmax
+from .dropout import Dropout
+from .. import backend
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, for one attention layer.
+
+    k, v: (B, NH, T_max, hs), filled up to ``length``. Generation with a cache feeds
+    only the new tokens; their queries attend to every cached key.
+    """
+
+    def __init__(self):
+        self.k = None
+        self.v = None
+        self.length = 0
+
+    def append(self, k, v, max_length: int):
+        B, NH, T, hs = k.shape
+        if self.k is None:
+            xp = backend.array_module(k)
+            self.k = xp.empty((B, NH, max_length, hs), dtype=k.dtype)
+            self.v = xp.empty((B, NH, max_length, hs), dtype=k.dtype)
+        end = self.length + T
+        if end > self.k.shape[2]:
+            raise ValueError(f"KV cache holds {self.k.shape[2]} positions; {end} were asked for")
+        self.k[:, :, self.length:end] = k
+        self.v[:, :, self.length:end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+def causal_mask(T_q: int, T_k: int, xp, dtype):
+    """(T_q, T_k) additive mask: 0 where query i may see key j, -inf where j is in its future.
+
+    Queries are the last T_q of T_k positions, so query i sits at position T_k - T_q + i.
+    """
+    offset = T_k - T_q
+    future = xp.arange(T_k)[None, :] > (xp.arange(T_q)[:, None] + offset)
+    return xp.where(future, -xp.inf, 0.0).astype(dtype)
+
+
+class MultiHeadAttention(Module):
+    """Causal self-attention with NH heads of size hs = C / NH.
+
+    Forward (per batch and head):
+        q, k, v = split(x @ W_attn + b_attn)            (T, hs) each
+        A = softmax(q k^T / sqrt(hs) + mask)            (T, T)  causal
+        y = dropout(A) v                                 (T, hs)
+        out = concat_heads(y) @ W_proj + b_proj          (T, C)
+    Backward, reading it in reverse (A' = dropout(A)):
+        dA' = dy v^T,  dv = A'^T dy,  dA = dropout.backward(dA')
+        dS  = softmax.backward(dA) / sqrt(hs)           (masked entries get 0)
+        dq  = dS k,    dk = dS^T q
+    Q, K and V come from one (C, 3C) projection, ``c_attn``, as in GPT-2.
+    """
+
+    def __init__(self, d_in: int, d_out: int, num_heads: int, dropout: float = 0.0,
+                 qkv_bias: bool = False, dtype="float32"):
+        if d_out % num_heads != 0:
+            raise ValueError(f"d_out ({d_out}) must be divisible by num_heads ({num_heads})")
+        self.num_heads = num_heads
+        self.head_dim = d_out // num_heads
+        self.c_attn = Linear(d_in, 3 * d_out, bias=qkv_bias, dtype=dtype)
+        self.softmax = Softmax(axis=-1)
+        self.attn_dropout = Dropout(dropout)
+        self.c_proj = Linear(d_out, d_out, bias=True, dtype=dtype)
+
+    def forward(self, x, kv_cache: KVCache | None = None, max_length: int | None = None):
+        B, T, _ = x.shape
+        NH, hs = self.num_heads, self.head_dim
+        xp = backend.array_module(x)
+        qkv = self.c_attn(x)  # (B, T, 3C)
+        qkv = qkv.reshape(B, T, 3, NH, hs).transpose(2, 0, 3, 1, 4)  # (3, B, NH, T, hs)
+        q, k, v = qkv[0], qkv[1], qkv[2]  # (B, NH, T, hs) each
+        if kv_cache is not None:
+            k, v = kv_cache.append(k, v, max_length)  # (B, NH, T_k, hs), T_k = cached + T
+        T_k = k.shape[2]
+        scale = 1.0 / math.sqrt(hs)
+        scores = q @ k.transpose(0, 1, 3, 2)  # (B, NH, T, T_k)
+        scores *= scale
+        scores += causal_mask(T, T_k, xp, scores.dtype)
+        att = self.softmax(scores)  # (B, NH, T, T_k)
+        att_d = self.attn_dropout(att)
+        y = att_d @ v  # (B, NH, T, hs)
+        y = y.transpose(0, 2, 1, 3).reshape(B, T, NH * hs)  # (B, T, C)
+        self._save(q=q, k=k, v=v, att_d=att_d)
+        return self.c_proj(y)
+
+    def backward(self, dout):
+        cache = self._take()
+        q, k, v, att_d = cache["q"], cache["k"], cache["v"], cache["att_d"]
+        B, NH, T, hs = q.shape
+        xp = backend.array_module(dout)
+        # out = y @ W_proj + b
+        dy = self.c_proj.backward(dout)  # (B, T, C)
+        dy = dy.reshape(B, T, NH, hs).transpose(0, 2, 1, 3)  # (B, NH, T, hs)
+        # y = att_d @ v
+        datt_d = dy @ v.transpose(0, 1, 3, 2)  # (B, NH, T, T)
+        dv = att_d.transpose(0, 1, 3, 2) @ dy  # (B, NH, T, hs)
+        # att_d = dropout(att); att = softmax(scores); scores = q k^T * scale + mask
+        datt = self.attn_dropout.backward(datt_d)
+        dscores = self.softmax.backward(datt)
+        dscores *= 1.0 / math.sqrt(hs)
+        dq = dscores @ k  # (B, NH, T, hs)
+        dk = dscores.transpose(0, 1, 3, 2) @ q  # (B, NH, T, hs)
+        # q, k, v were slices of c_attn's output, reshaped to heads
+        dqkv = xp.stack((dq, dk, dv))  # (3, B, NH, T, hs)
+        dqkv = dqkv.transpose(1, 3, 0, 2, 4).reshape(B, T, 3 * NH * hs)  # (B, T, 3C)
+        return self.c_attn.backward(dqkv)

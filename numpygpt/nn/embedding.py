@@ -1,0 +1,35 @@
+"""Embedding lookup: a table of rows indexed by token (or position) id."""
+
+from __future__ import annotations
+
+from .module import Module, Parameter
+from .. import backend
+
+
+class Embedding(Module):
+    """out[b, t] = W[ids[b, t]].
+
+    The lookup is linear in W with a one-hot selector, so the gradient of row v is
+    the sum of dout over every position that looked v up:
+        dW[v] = sum_{b,t : ids[b,t] = v} dout[b, t]
+    Repeated ids must all count, which is a scatter-add (backend.scatter_add_rows),
+    not ``dW[ids] += dout`` (that keeps one repeat only). There is no gradient with
+    respect to the integer ids, so backward returns None.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, dtype="float32"):
+        self.weight = Parameter(backend.xp.zeros((num_embeddings, embedding_dim), dtype=dtype))
+
+    def forward(self, ids):
+        self._save(ids=ids)
+        return self.weight.data[ids]  # (*ids.shape, C)
+
+    def backward(self, dout):
+        ids = self._take()["ids"]
+        if self.weight.requires_grad:
+            xp = backend.array_module(dout)
+            C = dout.shape[-1]
+            dW = xp.zeros_like(self.weight.data)  # (V, C)
+            backend.scatter_add_rows(dW, ids.reshape(-1), dout.reshape(-1, C))
+            self.weight.add_grad(dW)
+        return None

@@ -1,0 +1,41 @@
+"""Linear layer: y = x @ W + b, with W stored (in, out) as in GPT-2's checkpoints."""
+
+from __future__ import annotations
+
+from .module import Module, Parameter
+from .. import backend
+
+
+class Linear(Module):
+    """y = x @ W + b.
+
+    Backward, with x and dy flattened to (N, in) and (N, out):
+        dx = dy @ W.T        (N, in)
+        dW = x.T @ dy        (in, out)
+        db = sum_n dy        (out,)
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, dtype="float32"):
+        xp = backend.xp
+        self.weight = Parameter(xp.zeros((in_features, out_features), dtype=dtype))
+        self.bias = Parameter(xp.zeros((out_features,), dtype=dtype)) if bias else None
+
+    def forward(self, x):
+        *lead, C_in = x.shape
+        x2 = x.reshape(-1, C_in)  # (N, in)
+        y = x2 @ self.weight.data  # (N, out)
+        if self.bias is not None:
+            y += self.bias.data
+        self._save(x2=x2, lead=tuple(lead))
+        return y.reshape(*lead, -1)
+
+    def backward(self, dout):
+        cache = self._take()
+        x2 = cache["x2"]
+        dy = dout.reshape(x2.shape[0], -1)  # (N, out)
+        if self.weight.requires_grad:
+            self.weight.add_grad(x2.T @ dy)  # (in, out)
+        if self.bias is not None and self.bias.requires_grad:
+            self.bias.add_grad(dy.sum(axis=0))  # (out,)
+        dx = dy @ self.weight.data.T  # (N, in)
+        return dx.reshape(*cache["lead"], -1)

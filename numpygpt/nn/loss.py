@@ -1,0 +1,66 @@
+"""Cross-entropy over the vocabulary, fused with the softmax."""
+
+from __future__ import annotations
+
+from .module import Module
+from .. import backend
+
+
+class CrossEntropyLoss(Module):
+    """loss = mean over counted targets of  -log softmax(logits)[target].
+
+    Targets equal to ``ignore_index`` (default -100, as in the book and PyTorch) are
+    not counted. With p = softmax(logits) and N counted targets, the fused gradient is
+        dlogits = (p - onehot(target)) / N      (zero on ignored rows)
+    which never forms the softmax's Jacobian.
+
+        loss = loss_fn(logits, targets)    # logits (B, T, V), targets (B, T)
+        dlogits = loss_fn.backward()       # (B, T, V); scale by an upstream dloss if given
+    """
+
+    def __init__(self, ignore_index: int = -100):
+        self.ignore_index = ignore_index
+
+    def forward(self, logits, targets):
+        xp = backend.array_module(logits)
+        V = logits.shape[-1]
+        if tuple(targets.shape) != tuple(logits.shape[:-1]):
+            raise ValueError(f"targets have shape {tuple(targets.shape)}; logits need {tuple(logits.shape[:-1])}")
+        z = logits.reshape(-1, V)  # (N_all, V)
+        t = targets.reshape(-1)
+        keep = t != self.ignore_index  # (N_all,)
+        n = int(keep.sum())
+        if n == 0:
+            raise ValueError("every target equals ignore_index: the mean loss is undefined")
+        bad = keep & ((t < 0) | (t >= V))
+        if bool(bad.any()):
+            raise ValueError(f"target ids must be in [0, {V}) or equal ignore_index={self.ignore_index}; "
+                             f"got {int(t[bad][0])}")
+        t_safe = xp.where(keep, t, 0)
+        rows = xp.arange(z.shape[0])
+        # log-sum-exp with the max subtracted; p is kept for backward
+        p = z - z.max(axis=-1, keepdims=True)
+        target_shifted = p[rows, t_safe]  # (N_all,)
+        xp.exp(p, out=p)
+        sumexp = p.sum(axis=-1)  # (N_all,)
+        nll = xp.log(sumexp) - target_shifted  # (N_all,)
+        loss = (nll * keep).sum() / n
+        if self._caching():
+            p /= sumexp[:, None]
+            self._save(p=p, t=t_safe, keep=keep, n=n, shape=logits.shape)
+        return loss
+
+    def _caching(self) -> bool:
+        from .module import is_grad_enabled
+        return is_grad_enabled()
+
+    def backward(self, dloss=1.0):
+        cache = self._take()
+        p, t, keep, n = cache["p"], cache["t"], cache["keep"], cache["n"]
+        xp = backend.array_module(p)
+        dlogits = p  # reuse p's memory: it is not needed again
+        dlogits[xp.arange(p.shape[0]), t] -= 1.0
+        dlogits *= (keep / n).astype(p.dtype)[:, None]
+        if not (isinstance(dloss, float) and dloss == 1.0):
+            dlogits *= dloss
+        return dlogits.reshape(cache["shape"])
