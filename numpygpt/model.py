@@ -194,3 +194,19 @@ class GPTModel(Module):
         for name, p in self.named_parameters():
             if not prefixes or name.startswith(prefixes):
                 p.requires_grad = True
+
+    # -- Hugging Face GPT-2 format (numpygpt.pretrained does the work) -----------------
+
+    @classmethod
+    def from_pretrained(cls, path_or_name: str, dtype: str = "float32", **kwargs) -> "GPTModel":
+        """Load GPT-2 weights in the Hugging Face layout (config.json + model.safetensors)
+        from a local directory, or by name ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl')."""
+        from .pretrained import from_pretrained
+
+        return from_pretrained(path_or_name, dtype=dtype, **kwargs)
+
+    def save_pretrained(self, directory: str) -> None:
+        """Write config.json + model.safetensors in the Hugging Face GPT-2 layout."""
+        from .pretrained import save_pretrained
+
+        save_pretrained(self, directory)
