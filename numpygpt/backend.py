@@ -192,9 +192,10 @@ def manual_seed(seed: int) -> None:
     _rngs["seed"] = int(seed)
 
 
-def get_rng():
-    """The current device's generator for dropout masks (seeded by manual_seed)."""
-    dev = get_device()
+def get_rng(device_name: str | None = None):
+    """The generator for dropout masks on a device (default: the current one), seeded by
+    manual_seed."""
+    dev = device_name or get_device()
     if dev not in _rngs:
         seed = _rngs.get("seed", 0)
         if dev == "cuda":

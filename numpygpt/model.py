@@ -89,7 +89,9 @@ class OutputHead(Module):
 class GPTModel(Module):
     """GPT-2. ``logits = model(idx)``; ``model.backward(dlogits)`` fills every ``.grad``."""
 
-    def __init__(self, cfg: GPTConfig, seed: int | None = 0):
+    def __init__(self, cfg: GPTConfig, seed: int | None = 0, init: bool = True):
+        """Build the model; ``init=False`` skips drawing random weights (all zeros, LayerNorm
+        scale ones), for when a checkpoint's weights are loaded next."""
         self.cfg = cfg
         dt = cfg.dtype
         self.wte = Embedding(cfg.vocab_size, cfg.emb_dim, dtype=dt)
@@ -101,7 +103,8 @@ class GPTModel(Module):
             self.lm_head = OutputHead(self.wte.weight)
         else:
             self.lm_head = OutputHead(Parameter(backend.xp.zeros((cfg.vocab_size, cfg.emb_dim), dtype=dt)))
-        self.init_weights(seed)
+        if init:
+            self.init_weights(seed)
 
     # -- initialisation --------------------------------------------------------------
 

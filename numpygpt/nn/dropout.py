@@ -26,7 +26,7 @@ class Dropout(Module):
         if not self.active():
             self._save(mask=None)
             return x
-        rng = backend.get_rng()
+        rng = backend.get_rng(backend.device_of(x))
         keep = rng.random(x.shape, dtype=x.dtype) >= self.p  # (x.shape) bool
         mask = keep.astype(x.dtype)
         mask *= 1.0 / (1.0 - self.p)
