@@ -26,6 +26,8 @@ saved by ``state_dict()`` as JSON-able hyperparameters plus a flat name -> array
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 from . import backend
 from .nn.module import Module, Parameter
@@ -441,24 +443,66 @@ class AdamW(Optimizer):
         t = state["step"]
         bc1 = 1.0 - b1**t
         bc2_sqrt = math.sqrt(1.0 - b2**t)
+        hyper = (lr, eps, wd, b1, b2, bc1, bc2_sqrt)
+        if backend.is_cupy_array(p.data) or p.data.size <= 2 * _CHUNK:
+            _adamw_math(xp, p.data, g, m, v, buf.reshape(-1)[:p.data.size].reshape(p.data.shape), *hyper)
+            return
+        # On the CPU each line of _adamw_math is a full pass over memory; done in
+        # cache-sized chunks the arrays are read and written about once instead of ~11
+        # times, and the chunks are shared out to the cores (NumPy's element-wise ops
+        # run on one core but release the GIL).
+        pf, gf, mf, vf = (a.reshape(-1) for a in (p.data, g, m, v))  # views: all contiguous
+        bf = buf.reshape(-1)
 
-        if lr * wd != 0.0:
-            p.data *= 1.0 - lr * wd
-        # m = b1 * m + (1 - b1) * g
-        m *= b1
-        xp.multiply(g, 1.0 - b1, out=buf)
-        m += buf
-        # v = b2 * v + (1 - b2) * g^2
-        v *= b2
-        xp.multiply(g, g, out=buf)
-        buf *= 1.0 - b2
-        v += buf
-        # p -= a * m / (sqrt(v) + eps * sqrt(1 - b2^t))
-        xp.sqrt(v, out=buf)
-        buf += eps * bc2_sqrt
-        xp.divide(m, buf, out=buf)
-        buf *= lr * bc2_sqrt / bc1
-        p.data -= buf
+        def work(worker: int, start: int, stop: int) -> None:
+            scratch = bf[worker * _CHUNK:(worker + 1) * _CHUNK]
+            for s in range(start, stop, _CHUNK):
+                e = min(s + _CHUNK, stop)
+                _adamw_math(xp, pf[s:e], gf[s:e], mf[s:e], vf[s:e], scratch[:e - s], *hyper)
+
+        _run_split(work, pf.size)
+
+
+_CHUNK = 1 << 16  # elements per AdamW chunk on the CPU: 256 KiB of float32, fits L2
+_POOL = None
+
+
+def _run_split(work, n: int) -> None:
+    """Split range(n) into one contiguous part per CPU core (whole chunks each) and run
+    ``work(worker, start, stop)`` on each part in a thread pool."""
+    global _POOL
+    workers = max(1, min(os.cpu_count() or 1, n // _CHUNK))
+    per = -(-n // workers)  # ceil
+    per = -(-per // _CHUNK) * _CHUNK  # whole chunks per worker
+    parts = [(w, w * per, min((w + 1) * per, n)) for w in range(workers) if w * per < n]
+    if len(parts) == 1:
+        work(*parts[0])
+        return
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="numpygpt-optim")
+    for f in [_POOL.submit(work, *part) for part in parts]:
+        f.result()
+
+
+def _adamw_math(xp, p, g, m, v, buf, lr, eps, wd, b1, b2, bc1, bc2_sqrt) -> None:
+    """One AdamW update of arrays p, m, v (in place) from g, using buf as scratch."""
+    if lr * wd != 0.0:
+        p *= 1.0 - lr * wd
+    # m = b1 * m + (1 - b1) * g
+    m *= b1
+    xp.multiply(g, 1.0 - b1, out=buf)
+    m += buf
+    # v = b2 * v + (1 - b2) * g^2
+    v *= b2
+    xp.multiply(g, g, out=buf)
+    buf *= 1.0 - b2
+    v += buf
+    # p -= a * m / (sqrt(v) + eps * sqrt(1 - b2^t))
+    xp.sqrt(v, out=buf)
+    buf += eps * bc2_sqrt
+    xp.divide(m, buf, out=buf)
+    buf *= lr * bc2_sqrt / bc1
+    p -= buf
 
 
 # -- gradient clipping ---------------------------------------------------------------------

@@ -500,3 +500,24 @@ def test_optimisers_and_clipping_on_cupy_match_numpy():
         host_sd = {"hyper": json.loads(json.dumps(sd["hyper"])), "tensors": {k: cupy.asnumpy(v) for k, v in sd["tensors"].items()}}
         opt_d.load_state_dict(host_sd)
         assert all(isinstance(v, cupy.ndarray) for v in opt_d.state_dict()["tensors"].values())
+
+
+def test_adamw_chunked_cpu_path_equals_whole_array_update(monkeypatch):
+    """The cache-sized chunking of the CPU AdamW update changes nothing but speed."""
+    from numpygpt import optim as optim_mod
+
+    rng = np.random.default_rng(0)
+    monkeypatch.setattr(optim_mod, "_CHUNK", 1000)
+    data = rng.standard_normal((300, 257)).astype(np.float32)  # many chunks, a ragged end
+    grads = [rng.standard_normal(data.shape).astype(np.float32) for _ in range(3)]
+    results = []
+    assert data.size > 2 * optim_mod._CHUNK
+    for chunk in (1000, 10**9):
+        monkeypatch.setattr(optim_mod, "_CHUNK", chunk)
+        p = Parameter(data.copy())
+        opt = AdamW([p], lr=1e-2, weight_decay=0.1)
+        for g in grads:
+            p.grad = g.copy()
+            opt.step()
+        results.append(p.data)
+    np.testing.assert_array_equal(results[0], results[1])
