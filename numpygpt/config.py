@@ -27,8 +27,8 @@ class GPTConfig:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if not 0.0 <= self.drop_rate < 1.0:
             raise ValueError(f"drop_rate must be in [0, 1), got {self.drop_rate}")
-        if self.dtype not in ("float32", "float64", "float16"):
-            raise ValueError(f"dtype must be float32, float64 or float16, got {self.dtype!r}")
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype must be float32 or float64, got {self.dtype!r}")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "GPTConfig":

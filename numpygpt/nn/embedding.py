@@ -27,9 +27,7 @@ class Embedding(Module):
     def backward(self, dout):
         ids = self._take()["ids"]
         if self.weight.requires_grad:
-            xp = backend.array_module(dout)
             C = dout.shape[-1]
-            dW = xp.zeros_like(self.weight.data)  # (V, C)
-            backend.scatter_add_rows(dW, ids.reshape(-1), dout.reshape(-1, C))
-            self.weight.add_grad(dW)
+            # dW is all zeros but for the rows looked up: scatter straight into .grad
+            backend.scatter_add_rows(self.weight.grad_buffer(), ids.reshape(-1), dout.reshape(-1, C))
         return None

@@ -65,6 +65,13 @@ class Parameter:
         else:
             self.grad += g
 
+    def grad_buffer(self):
+        """The gradient array to add into in place (zeros on first use), for backward
+        passes that scatter into it, like the embedding's."""
+        if self.grad is None:
+            self.grad = backend.array_module(self.data).zeros(self.data.shape, dtype=self.data.dtype)
+        return self.grad
+
     def zero_grad(self) -> None:
         self.grad = None
 
