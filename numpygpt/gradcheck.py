@@ -52,7 +52,9 @@ def check_gradients(forward, backward, inputs: dict, params: dict, dout=None, ep
     ``before_forward`` runs before every forward pass (e.g. to reseed dropout masks).
     Returns {name: relative error}; parameters with requires_grad=False are skipped.
     """
-    rng = numpy.random.default_rng(seed)
+    # a stream of its own, so dout never equals an input drawn with default_rng(seed):
+    # with dout = x, LayerNorm's true input gradient is ~0 and the check compares noise
+    rng = numpy.random.default_rng([seed, 0x6772])
     for p in params.values():
         p.grad = None
 

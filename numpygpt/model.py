@@ -15,6 +15,7 @@ import math
 from . import backend
 from .config import GPTConfig
 from .nn import Dropout, Embedding, GELU, KVCache, LayerNorm, Linear, Module, MultiHeadAttention, Parameter
+from .nn.module import skip_init
 
 
 class FeedForward(Module):
@@ -94,11 +95,12 @@ class GPTModel(Module):
         scale ones), for when a checkpoint's weights are loaded next."""
         self.cfg = cfg
         dt = cfg.dtype
-        self.wte = Embedding(cfg.vocab_size, cfg.emb_dim, dtype=dt)
-        self.wpe = Embedding(cfg.context_length, cfg.emb_dim, dtype=dt)
-        self.drop = Dropout(cfg.drop_rate)
-        self.h = [TransformerBlock(cfg) for _ in range(cfg.n_layers)]
-        self.ln_f = LayerNorm(cfg.emb_dim, eps=cfg.layer_norm_eps, dtype=dt)
+        with skip_init():  # one seeded draw for the whole model, in init_weights
+            self.wte = Embedding(cfg.vocab_size, cfg.emb_dim, dtype=dt)
+            self.wpe = Embedding(cfg.context_length, cfg.emb_dim, dtype=dt)
+            self.drop = Dropout(cfg.drop_rate)
+            self.h = [TransformerBlock(cfg) for _ in range(cfg.n_layers)]
+            self.ln_f = LayerNorm(cfg.emb_dim, eps=cfg.layer_norm_eps, dtype=dt)
         if cfg.tie_weights:
             self.lm_head = OutputHead(self.wte.weight)
         else:

@@ -192,3 +192,12 @@ def test_memorises_a_fixed_batch(device, rng):
     checkpoints = losses[::50] + [losses[-1]]
     assert all(b < a for a, b in zip(checkpoints, checkpoints[1:])), checkpoints
     assert losses[-1] < 0.2, losses[-1]
+
+
+def test_init_false_draws_nothing_and_layers_default_to_gpt2_std(device):
+    model = GPTModel(tiny(), init=False)
+    assert all(not backend.to_host(p.data).any() for n, p in model.named_parameters() if "ln" not in n)
+    from numpygpt import Linear
+    w = backend.to_host(Linear(64, 256, seed=0).weight.data)
+    assert abs(w.std() - 0.02) < 0.001
+    np.testing.assert_array_equal(w, backend.to_host(Linear(64, 256, seed=0).weight.data))

@@ -64,15 +64,16 @@ class MultiHeadAttention(Module):
     """
 
     def __init__(self, d_in: int, d_out: int, num_heads: int, dropout: float = 0.0,
-                 qkv_bias: bool = False, dtype="float32"):
+                 qkv_bias: bool = False, dtype="float32", seed: int | None = None):
         if d_out % num_heads != 0:
             raise ValueError(f"d_out ({d_out}) must be divisible by num_heads ({num_heads})")
         self.num_heads = num_heads
         self.head_dim = d_out // num_heads
-        self.c_attn = Linear(d_in, 3 * d_out, bias=qkv_bias, dtype=dtype)
+        rng = backend.host_rng(seed)  # one seed, two independent draws
+        self.c_attn = Linear(d_in, 3 * d_out, bias=qkv_bias, dtype=dtype, seed=rng.integers(2**31))
         self.softmax = Softmax(axis=-1)
         self.attn_dropout = Dropout(dropout)
-        self.c_proj = Linear(d_out, d_out, bias=True, dtype=dtype)
+        self.c_proj = Linear(d_out, d_out, bias=True, dtype=dtype, seed=rng.integers(2**31))
 
     def forward(self, x, kv_cache: KVCache | None = None, max_length: int | None = None):
         B, T, _ = x.shape

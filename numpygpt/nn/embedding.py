@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .module import Module, Parameter
+from .module import Module, Parameter, normal_init
 from .. import backend
 
 
@@ -17,8 +17,9 @@ class Embedding(Module):
     respect to the integer ids, so backward returns None.
     """
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, dtype="float32"):
-        self.weight = Parameter(backend.xp.zeros((num_embeddings, embedding_dim), dtype=dtype))
+    def __init__(self, num_embeddings: int, embedding_dim: int, dtype="float32",
+                 std: float = 0.02, seed: int | None = None):
+        self.weight = Parameter(normal_init((num_embeddings, embedding_dim), std, dtype, seed))
 
     def forward(self, ids):
         self._save(ids=ids)

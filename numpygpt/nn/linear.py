@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .module import Module, Parameter
+from .module import Module, Parameter, normal_init
 from .. import backend
 
 
@@ -15,10 +15,10 @@ class Linear(Module):
         db = sum_n dy        (out,)
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, dtype="float32"):
-        xp = backend.xp
-        self.weight = Parameter(xp.zeros((in_features, out_features), dtype=dtype))
-        self.bias = Parameter(xp.zeros((out_features,), dtype=dtype)) if bias else None
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, dtype="float32",
+                 std: float = 0.02, seed: int | None = None):
+        self.weight = Parameter(normal_init((in_features, out_features), std, dtype, seed))  # GPT-2's N(0, 0.02)
+        self.bias = Parameter(backend.xp.zeros((out_features,), dtype=dtype)) if bias else None
 
     def forward(self, x):
         *lead, C_in = x.shape

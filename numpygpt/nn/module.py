@@ -34,6 +34,32 @@ def is_grad_enabled() -> bool:
     return _grad_enabled
 
 
+_init_enabled = True
+
+
+@contextmanager
+def skip_init():
+    """Layers built inside this block leave their weights as zeros instead of drawing
+    random ones (GPTModel does its own initialisation, or loads a checkpoint)."""
+    global _init_enabled
+    before = _init_enabled
+    _init_enabled = False
+    try:
+        yield
+    finally:
+        _init_enabled = before
+
+
+def normal_init(shape, std: float, dtype, seed=None):
+    """N(0, std) weights drawn on the host in float32 and moved to the device, or zeros
+    inside skip_init()."""
+    if not _init_enabled:
+        return backend.xp.zeros(shape, dtype=dtype)
+    w = backend.host_rng(seed).standard_normal(shape, dtype="float32")
+    w *= std
+    return backend.to_device(w, dtype=dtype)
+
+
 class Parameter:
     """An array of weights and the gradient that backward passes add into it."""
 
