@@ -168,7 +168,7 @@ def from_pretrained(path_or_name, dtype: str = "float32", cache_dir=None, device
     Tensors may carry HF's ``transformer.`` prefix; the causal-mask buffers of old files
     (``h.N.attn.bias``, ``h.N.attn.masked_bias``) are skipped. An ``lm_head.weight`` equal to
     ``wte.weight`` is the tied head; one that differs gives an untied model. Every name and
-    shape is checked before anything is read, and all problems are reported together.
+    shape is checked before any weight is loaded, and all problems are reported together.
 
     Tensors are read one at a time, cast to ``dtype`` and moved to ``device`` (default: the
     backend's current device), so memory peaks at about the model plus one tensor.
@@ -242,6 +242,7 @@ def _plan(f, cfg: GPTConfig):
 
 
 def _read_config(directory: str) -> dict:
+    """config.json of a checkpoint directory, once we know its weights are safetensors."""
     weights = os.path.join(directory, WEIGHTS_FILE)
     if not os.path.isfile(weights):
         if os.path.isfile(os.path.join(directory, "pytorch_model.bin")):
