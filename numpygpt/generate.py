@@ -124,7 +124,7 @@ def _model_device(model) -> str:
 
 def _prompt_array(idx, device_name: str):
     """NumPy/CuPy/list, (B, T) or (T,) -> (B, T) int64 array on ``device_name``."""
-    host = backend.to_host(idx) if backend.is_cupy_array(idx) else np.asarray(idx)
+    host = backend.to_host(idx)  # a prompt crosses once; the ids are checked on the host
     if host.ndim == 1:
         host = host[None, :]  # (T,) -> (1, T)
     if host.ndim != 2:
@@ -133,8 +133,6 @@ def _prompt_array(idx, device_name: str):
         raise ValueError(f"prompt is empty (shape {host.shape}): generation needs at least one token per row")
     if not np.issubdtype(host.dtype, np.integer):
         raise ValueError(f"prompt token ids must be integers, got dtype {host.dtype}")
-    if backend.is_cupy_array(idx) and device_name == "cuda":
-        return idx.reshape(host.shape).astype("int64", copy=False)  # already there
     return backend.to_device(host, dtype="int64", device_name=device_name)
 
 
