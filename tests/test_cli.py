@@ -1,0 +1,142 @@
+"""The numpygpt command: gradcheck, train -> checkpoint + plot -> generate, resume, and the
+one-line errors (exit code 2) for missing files, short texts and bad checkpoints."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from numpygpt.cli import main
+from numpygpt.data import default_corpus
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "small.txt"
+    path.write_text(default_corpus()[:12000], encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, text_file):
+    """One short CLI training run, shared by the tests that need its outputs."""
+    out = tmp_path_factory.mktemp("run")
+    argv = ["train", "--preset", "tiny", "--max-steps", "5", "--out", str(out), "--no-progress",
+            "--data", str(text_file), "--device", "cpu", "--batch-size", "4", "--eval-freq", "2",
+            "--eval-iter", "2", "--sample-tokens", "3", "--prompt", "The"]
+    return out, argv
+
+
+def test_gradcheck_passes(capsys):
+    assert main(["gradcheck", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "GPTModel + loss (tied)" in out and "MultiHeadAttention" in out
+    assert "FAIL" not in out
+
+
+def test_gradcheck_fails_loudly_on_a_wrong_backward(capsys, monkeypatch):
+    from numpygpt.nn import GELU
+
+    real = GELU.backward
+    monkeypatch.setattr(GELU, "backward", lambda self, dout: 1.01 * real(self, dout))
+    assert main(["gradcheck", "--device", "cpu"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL" in out and "GELU" in out
+
+
+def test_train_writes_checkpoint_and_plot_then_generate(trained, capsys):
+    out, argv = trained
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    for word in ("device", "parameters", "tokens", "5 steps", "checkpoint", "loss plot"):
+        assert word in printed, word
+    ckpt, plot = out / "checkpoint.safetensors", out / "loss.png"
+    assert ckpt.is_file() and plot.read_bytes()[:4] == b"\x89PNG"
+    history = json.loads((out / "history.json").read_text())
+    assert history["global_step"] == 5 and len(history["step_losses"]) == 5
+    assert history["track_steps"] == [1, 3, 5]
+
+    assert main(["generate", "--checkpoint", str(ckpt), "--max-new-tokens", "5", "--prompt", "The",
+                 "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("The") and len(text.strip()) > len("The")
+
+    # sampling with a seed is repeatable
+    sample = ["generate", "--checkpoint", str(ckpt), "--max-new-tokens", "4", "--temperature", "1.0",
+              "--top-k", "20", "--seed", "3", "--device", "cpu", "--no-cache"]
+    assert main(sample) == 0
+    first = capsys.readouterr().out
+    assert main(sample) == 0
+    assert capsys.readouterr().out == first
+
+
+def test_resume_continues_with_the_stored_options(trained, capsys):
+    out, argv = trained
+    ckpt = out / "checkpoint.safetensors"
+    if not ckpt.is_file():
+        assert main(argv) == 0
+    # only --resume and the new step budget: data, model, out... come from the checkpoint
+    assert main(["train", "--resume", str(ckpt), "--max-steps", "7", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "resuming    at step 5" in printed
+    history = json.loads((out / "history.json").read_text())
+    assert history["global_step"] == 7 and len(history["step_losses"]) == 7
+    assert main(["train", "--resume", str(ckpt), "--emb-dim", "64"]) == 2
+    assert "--emb-dim cannot be used with --resume" in capsys.readouterr().err
+
+
+def test_missing_data_file_is_a_one_line_error(tmp_path, capsys):
+    code = main(["train", "--data", str(tmp_path / "nope.txt"), "--out", str(tmp_path), "--device", "cpu"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "nope.txt" in err and "does not exist" in err and "Traceback" not in err
+
+
+def test_too_short_data_is_a_one_line_error(tmp_path, capsys):
+    short = tmp_path / "short.txt"
+    short.write_text("Only a few words here.", encoding="utf-8")
+    code = main(["train", "--data", str(short), "--out", str(tmp_path), "--device", "cpu", "--no-progress"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "too short" in err and "tokens" in err and len(err.strip().splitlines()) == 1
+
+
+def test_too_few_windows_for_a_batch(tmp_path, text_file, capsys):
+    code = main(["train", "--data", str(text_file), "--preset", "tiny", "--batch-size", "1000",
+                 "--out", str(tmp_path), "--device", "cpu"])
+    assert code == 2 and "--batch-size 1000" in capsys.readouterr().err
+
+
+def test_bad_checkpoint_is_a_one_line_error(tmp_path, capsys):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"definitely not a checkpoint")
+    assert main(["generate", "--checkpoint", str(bad), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot load checkpoint" in err and "Traceback" not in err
+    assert main(["generate", "--checkpoint", str(tmp_path / "missing.safetensors"), "--device", "cpu"]) == 2
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--batch-size", "0"],
+    ["train", "--train-ratio", "1.5"],
+    ["train", "--device", "tpu"],
+    ["generate"],  # needs --checkpoint or --model
+    ["generate", "--checkpoint", "a", "--model", "b"],
+    ["frobnicate"],
+])
+def test_bad_arguments_are_usage_errors(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert "usage:" in capsys.readouterr().err
+
+
+def test_python_dash_m_numpygpt():
+    result = subprocess.run([sys.executable, "-m", "numpygpt", "--help"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0
+    assert all(cmd in result.stdout for cmd in ("train", "generate", "gradcheck"))
