@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, settings
 from numpygpt import backend
 
 settings.register_profile(
-    "numpygpt", max_examples=12, deadline=None, derandomize=True,
+    "numpygpt", max_examples=25, deadline=None, derandomize=True,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 settings.load_profile("numpygpt")
