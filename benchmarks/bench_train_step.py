@@ -1,0 +1,201 @@
+"""One training step (forward + loss + backward + AdamW update), numpygpt against PyTorch
+eager, float32, same configuration, batch, weights and thread count.
+
+    python benchmarks/bench_train_step.py                       # GPT-2 small and 'small'
+    python benchmarks/bench_train_step.py --config small --batch 8 --steps 10
+    python benchmarks/bench_train_step.py --threads 1 --no-torch
+
+Each implementation runs ``--warmup`` untimed steps, then ``--steps`` timed ones; the
+table gives the median step, its phases (forward + loss, backward, optimiser), tokens/s,
+the achieved model FLOP rate (common.train_flops: 6 N B T + 12 L C T B T), the
+throughput relative to PyTorch eager (>1: faster than torch eager) and "other load": the
+share of the machine's CPU that other processes used during the timed steps (the
+implementations' steps are interleaved, so such load hits them alike; rerun when it is
+high).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+
+import common
+
+common.early_threads()
+
+import numpy as np  # noqa: E402
+
+from numpygpt import CrossEntropyLoss, GPTModel, count_parameters  # noqa: E402
+from numpygpt.optim import AdamW, param_groups  # noqa: E402
+
+LR, WD = 3e-4, 0.1
+
+
+def numpygpt_stepper(model, x, y):
+    """A function running one training step in phases; returns (loss, t_fwd, t_bwd, t_opt)."""
+    loss_fn = CrossEntropyLoss()
+    opt = AdamW(param_groups(model, WD), lr=LR, weight_decay=WD)
+
+    def step():
+        t0 = time.perf_counter()
+        logits = model(x)
+        loss = float(loss_fn(logits, y))
+        del logits
+        t1 = time.perf_counter()
+        model.backward(loss_fn.backward())
+        t2 = time.perf_counter()
+        opt.step()
+        opt.zero_grad()
+        t3 = time.perf_counter()
+        return loss, t1 - t0, t2 - t1, t3 - t2
+
+    return step
+
+
+def torch_stepper(tmodel, x, y):
+    import torch
+    import torch.nn.functional as F
+    from torch_gpt import torch_param_groups
+
+    opt = torch.optim.AdamW(torch_param_groups(tmodel, WD), lr=LR, weight_decay=WD)
+    tx, ty = torch.from_numpy(x), torch.from_numpy(y).flatten()
+
+    def step():
+        t0 = time.perf_counter()
+        logits = tmodel(tx)
+        loss = F.cross_entropy(logits.flatten(0, 1), ty)
+        loss_v = loss.item()
+        t1 = time.perf_counter()
+        loss.backward()
+        del logits, loss
+        t2 = time.perf_counter()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        t3 = time.perf_counter()
+        return loss_v, t1 - t0, t2 - t1, t3 - t2
+
+    return step
+
+
+def measure_interleaved(steppers: dict, warmup: int, steps: int) -> dict:
+    """Warm each stepper up, then take timed steps round-robin (rotating the order each
+    round), so load from other work on the machine hits every implementation alike."""
+    out = {}
+    for name, step in steppers.items():
+        losses = [step()[0] for _ in range(warmup)]
+        out[name] = {"rows": [], "loads": [], "first_loss": losses[0] if losses else None}
+    names = list(steppers)
+    gc.collect()
+    for i in range(steps):
+        k = i % len(names)
+        for name in names[k:] + names[:k]:
+            mon = common.LoadMonitor().start()
+            t0 = time.perf_counter()
+            loss, f, b, o = steppers[name]()
+            out[name]["rows"].append((time.perf_counter() - t0, f, b, o))
+            out[name]["loads"].append(mon.stop())
+            if out[name]["first_loss"] is None:
+                out[name]["first_loss"] = loss
+    results = {}
+    for name, d in out.items():
+        rows = d["rows"]
+        totals = [r[0] for r in rows]
+        results[name] = {
+            "step": common.median(totals),
+            "spread": common.spread(totals),
+            "fwd": common.median([r[1] for r in rows]),
+            "bwd": common.median([r[2] for r in rows]),
+            "opt": common.median([r[3] for r in rows]),
+            "first_loss": d["first_loss"],
+            "times": totals,
+            "other_load": common.median(d["loads"]),
+        }
+    return results
+
+
+def run_config(name: str, B: int, T: int | None, warmup: int, steps: int, impls: list[str]) -> list[dict]:
+    """A preset from common.CONFIGS at context T."""
+    return run_cfg(common.make_config(name, context=T), name, B, warmup, steps, impls)
+
+
+def run_cfg(cfg, name: str, B: int, warmup: int, steps: int, impls: list[str]) -> list[dict]:
+    """Time numpygpt and the torch implementations on one GPTConfig; one dict per impl."""
+    T = cfg.context_length
+    x, y = common.random_batch(cfg, B, T)
+    flops = common.train_flops(cfg, B, T)
+    steppers = {}
+    for impl in impls:
+        np_model = GPTModel(cfg, seed=0)
+        if impl == "numpygpt":
+            steppers[impl] = numpygpt_stepper(np_model, x, y)
+        else:
+            from torch_gpt import TorchGPT, load_numpygpt_weights
+
+            tmodel = TorchGPT(cfg, attn_impl=impl.split()[-1])
+            load_numpygpt_weights(tmodel, np_model)  # the same initial weights
+            steppers[impl] = torch_stepper(tmodel, x, y)
+        del np_model
+    measured = measure_interleaved(steppers, warmup, steps)
+    results = []
+    for impl in impls:
+        r = measured[impl]
+        r.update(impl=impl, config=name, B=B, T=T, params=count_parameters(cfg), flops=flops,
+                 tokens_per_s=B * T / r["step"], flop_rate=flops / r["step"])
+        results.append(r)
+    del steppers
+    gc.collect()
+    return results
+
+
+def table(results: list[dict]) -> str:
+    rows = []
+    ref = {r["config"]: r["tokens_per_s"] for r in results if r["impl"] == "torch eager"}
+    for r in results:
+        ratio = r["tokens_per_s"] / ref[r["config"]] if r["config"] in ref else float("nan")
+        rows.append([
+            r["config"], common.fmt_params(r["params"]), f"{r['B']}x{r['T']}", r["impl"],
+            f"{r['step'] * 1e3:.0f}", f"{r['spread'] * 100:.0f}%",
+            f"{r['fwd'] * 1e3:.0f} / {r['bwd'] * 1e3:.0f} / {r['opt'] * 1e3:.0f}",
+            f"{r['tokens_per_s']:.0f}", f"{r['flop_rate'] / 1e9:.1f}",
+            f"{ratio:.2f}", f"{r['first_loss']:.4f}", f"{r['other_load'] * 100:.0f}%",
+        ])
+    return common.md_table(
+        ["config", "params", "B x T", "implementation", "step ms (median)", "spread", "fwd / bwd / AdamW ms",
+         "tokens/s", "model GFLOP/s", "throughput vs torch eager", "loss (1st step)", "other load"], rows)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_common_args(p)
+    p.set_defaults(config=None)
+    p.add_argument("--configs", default="gpt2-small,small", help="comma-separated list (or use --config)")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--context", type=int, default=None, help="T (default: the config's, 256)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--no-sdpa", action="store_true", help="skip the PyTorch SDPA column")
+    args = p.parse_args(argv)
+    common.apply_threads(args.threads, torch_too=not args.no_torch)
+
+    impls = ["numpygpt"]
+    if not args.no_torch:
+        impls.append("torch eager")
+        if not args.no_sdpa:
+            impls.append("torch sdpa")
+    configs = [args.config] if args.config else args.configs.split(",")
+    print(f"threads: {args.threads}; NumPy BLAS: {common.numpy_blas()}; torch: "
+          f"{common.torch_description() if not args.no_torch else 'not used'}\n", file=sys.stderr)
+    results = []
+    for name in configs:
+        results += run_config(name, args.batch, args.context, args.warmup, args.steps, impls)
+        print(f"done: {name}", file=sys.stderr)
+    print(f"### Training step (float32, AdamW, dropout 0, {args.threads} threads, "
+          f"median of {args.steps} steps after {args.warmup} warm-up)\n")
+    print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""Run every benchmark, one fresh process each, and write a Markdown summary.
+
+    python benchmarks/run_all.py                       # about 8-12 minutes on 2 cores
+    python benchmarks/run_all.py --quick               # about 2 minutes: small model only
+    python benchmarks/run_all.py --only train,memory --out my_results.md
+    python benchmarks/run_all.py --no-torch            # numpygpt alone
+
+Benchmarks: check (torch_gpt agrees with numpygpt), matmul, train, memory, generate,
+scaling, profile. Benchmarks run one after another (never two at once: they would
+share the cores); with ``--wait-quiet`` each one first waits until other processes use
+less than 10% of the machine. The summary goes to ``benchmarks/out/summary.md``
+(or ``--out``) and to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import subprocess
+import sys
+import time
+
+import common
+
+common.early_threads()
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def plan(quick: bool) -> dict[str, list[str]]:
+    """name -> script and arguments (the defaults: see each script's --help)."""
+    if quick:
+        return {
+            "check": ["check_reference.py"],
+            "matmul": ["bench_matmul.py", "--sizes", "1024,2048", "--no-gpt2-shapes"],
+            "train": ["bench_train_step.py", "--configs", "small", "--steps", "5", "--warmup", "1"],
+            "memory": ["bench_memory.py", "--config", "small"],
+            "generate": ["bench_generate.py", "--config", "small", "--new-tokens", "50"],
+            "scaling": ["bench_scaling.py", "--config", "small", "--contexts", "128,256,512",
+                        "--widths", "128,256", "--layers", "2", "--steps", "2", "--no-sdpa"],
+            "profile": ["profile_step.py", "--config", "small", "--steps", "2", "--lines", "15"],
+        }
+    return {
+        "check": ["check_reference.py"],
+        "matmul": ["bench_matmul.py"],
+        "train": ["bench_train_step.py", "--configs", "gpt2-small,small", "--steps", "5", "--warmup", "2"],
+        "memory": ["bench_memory.py", "--config", "gpt2-small"],
+        "generate": ["bench_generate.py", "--config", "gpt2-small", "--new-tokens", "200"],
+        "scaling": ["bench_scaling.py"],
+        "profile": ["profile_step.py", "--config", "gpt2-small", "--steps", "2"],
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small model, fewer steps (~2 minutes)")
+    p.add_argument("--only", default=None, help="comma-separated subset of: " + ",".join(plan(False)))
+    p.add_argument("--threads", type=int, default=common.default_threads())
+    p.add_argument("--no-torch", action="store_true")
+    p.add_argument("--wait-quiet", action="store_true", help="wait for other load to drop before each benchmark")
+    p.add_argument("--out", default=os.path.join(HERE, "out", "summary.md"))
+    args = p.parse_args(argv)
+
+    todo = plan(args.quick)
+    if args.only:
+        names = args.only.split(",")
+        unknown = set(names) - set(todo)
+        if unknown:
+            p.error(f"unknown benchmarks {sorted(unknown)}")
+        todo = {k: v for k, v in todo.items() if k in names}
+    if args.no_torch:
+        todo.pop("check", None)
+
+    common.apply_threads(args.threads, torch_too=not args.no_torch)
+    parts = [f"# numpygpt benchmarks ({datetime.datetime.now():%Y-%m-%d %H:%M})\n",
+             "## Machine\n", common.machine_markdown(), ""]
+    failed = []
+    t_all = time.perf_counter()
+    for name, (script, *extra) in todo.items():
+        cmd = [sys.executable, os.path.join(HERE, script), *extra, "--threads", str(args.threads)]
+        if args.no_torch and name != "profile":
+            cmd.append("--no-torch")
+        if name == "check":
+            cmd = cmd[:2] + ["--threads", str(args.threads)]
+        if args.wait_quiet:
+            load = common.wait_for_quiet()
+            print(f"[{name}] other load before start: {load:.0%}", file=sys.stderr)
+        print(f"[{name}] {' '.join(cmd[1:])}", file=sys.stderr)
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+        dt = time.perf_counter() - t0
+        print(f"[{name}] {dt:.0f} s, exit {proc.returncode}", file=sys.stderr)
+        parts.append(f"## {name}\n")
+        parts.append(proc.stdout.strip())
+        parts.append(f"\n_`python benchmarks/{script} {' '.join(cmd[2:])}` took {dt:.0f} s._\n")
+        if proc.returncode != 0:
+            failed.append(name)
+            parts.append(f"**{name} FAILED (exit {proc.returncode})**\n")
+    parts.append(f"_Total: {time.perf_counter() - t_all:.0f} s._")
+    text = "\n".join(parts) + "\n"
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        f.write(text)
+    print(text)
+    print(f"written to {args.out}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
