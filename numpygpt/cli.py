@@ -50,7 +50,7 @@ MODEL_KEYS = ("preset", "emb_dim", "n_layers", "n_heads", "context_length", "dro
 
 TRAIN_DEFAULTS = dict(
     data=None, preset=None, emb_dim=None, n_layers=None, n_heads=None, context_length=None,
-    drop_rate=None, tie_weights=None, qkv_bias=None, dtype="float32",
+    drop_rate=None, tie_weights=None, qkv_bias=None, dtype="float32", init="gpt2",
     batch_size=8, stride=None, epochs=None, max_steps=None, lr=1e-3, min_lr=None,
     weight_decay=0.1, warmup_steps=None, schedule="cosine", grad_clip=1.0, grad_accum=1,
     eval_freq=25, eval_iter=5, train_ratio=0.9, seed=123, device="auto", out="runs/train",
@@ -111,6 +111,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                        help="share the token embedding with the output head")
     model.add_argument("--qkv-bias", action=argparse.BooleanOptionalAction, help="bias on the Q/K/V projection")
     model.add_argument("--dtype", choices=("float32", "float64"), help=f"(default {D['dtype']})")
+    model.add_argument("--init", choices=("gpt2", "pytorch"),
+                       help="random initialisation: gpt2 (N(0, 0.02), default) or pytorch (the book's: "
+                            "PyTorch's default nn.Embedding N(0, 1) and nn.Linear U(+-1/sqrt(fan_in)))")
     model.add_argument("--init-from", metavar="DIR_OR_NAME",
                        help="start from pretrained GPT-2 weights (a Hugging Face directory or 'gpt2', ...)")
 
@@ -228,6 +231,49 @@ def _check_model_flags_unused(given: dict, why: str, allowed=()) -> None:
             raise CLIError(f"--{key.replace('_', '-')} cannot be used {why}: the model's shape is fixed there")
 
 
+def init_pytorch_defaults(model, seed: int | None = 0) -> None:
+    """Re-initialise ``model`` the way the book's PyTorch GPTModel starts out: PyTorch's
+    default ``nn.Embedding`` (N(0, 1)) and ``nn.Linear`` (weight and bias
+    U(-1/sqrt(fan_in), 1/sqrt(fan_in))) initialisations, LayerNorm scale 1 and shift 0.
+
+    GPT-2's N(0, 0.02) makes the token and position embeddings 50 times smaller, so the
+    residual stream starts out dominated by the blocks; with the book's short constant-lr
+    chapter-5 run that model stalls near loss 6 (PyTorch itself does the same from the
+    same weights), while from these weights it memorises the story as the book shows.
+    Drawn on the host from one seeded generator, then moved to the model's device.
+    """
+    import math as _math
+
+    from . import backend
+    from .model import OutputHead
+    from .nn import Embedding, Linear
+
+    rng = backend.host_rng(seed)
+
+    def put(p, w):
+        p.data = backend.to_device(w, dtype=p.dtype, device_name=backend.device_of(p.data))
+        p.grad = None
+
+    def uniform(p, fan_in):
+        bound = 1.0 / _math.sqrt(fan_in)
+        put(p, rng.uniform(-bound, bound, p.shape).astype("float32"))
+
+    seen = set()  # a tied head is the token embedding: initialise it once, as an embedding
+    for m in model.modules():
+        if isinstance(m, Embedding) and id(m.weight) not in seen:
+            seen.add(id(m.weight))
+            put(m.weight, rng.standard_normal(m.weight.shape, dtype="float32"))
+        elif isinstance(m, Linear):
+            fan_in = m.weight.shape[0]  # weights are stored (in, out)
+            uniform(m.weight, fan_in)
+            if m.bias is not None:
+                uniform(m.bias, fan_in)
+        elif isinstance(m, OutputHead) and id(m.weight) not in seen:
+            seen.add(id(m.weight))
+            uniform(m.weight, m.weight.shape[1])  # (V, C): logits = x @ W.T, fan_in C
+        # LayerNorm keeps scale 1 and shift 0, which GPT-2's scheme also uses
+
+
 def _describe_config(cfg) -> str:
     return (f"emb_dim {cfg.emb_dim}, {cfg.n_layers} layers, {cfg.n_heads} heads, context {cfg.context_length}, "
             f"vocab {cfg.vocab_size}, drop_rate {cfg.drop_rate}, qkv_bias {cfg.qkv_bias}, "
@@ -270,11 +316,12 @@ def run_training(given: dict) -> dict:
     """Everything ``numpygpt train`` does. ``given``: the options set explicitly
     (``parse_train_args``'s result); TRAIN_DEFAULTS (or a resumed run's options) fill the rest.
 
-    Returns {"history", "model", "checkpoint", "plot", "history_path", "seconds"}.
+    Returns {"history", "model", "checkpoint", "plot", "history_path", "seconds", "final_losses"}
+    (the last step's (train, val) losses when the schedule of evaluations missed it, else None).
     """
     from . import backend
     from .optim import AdamW, CosineWithWarmup, param_groups
-    from .train import plot_losses, train_model
+    from .train import evaluate_model, perplexity, plot_losses, train_model
 
     t_start = time.perf_counter()
     unknown = set(given) - set(TRAIN_DEFAULTS)
@@ -308,12 +355,13 @@ def run_training(given: dict) -> dict:
 
         backend.manual_seed(opts["seed"])
         model = GPTModel(_model_config(opts), seed=opts["seed"])
+        if opts["init"] == "pytorch":
+            init_pytorch_defaults(model, opts["seed"])
     cfg = model.cfg
-    T = cfg.context_length
-    if opts["init_from"] and opts["context_length"]:
-        if opts["context_length"] > T:
-            raise CLIError(f"--context-length {opts['context_length']} exceeds the pretrained model's {T}")
-        T = opts["context_length"]
+    # the window length: the model's context, or a shorter one asked of a pretrained model
+    T = opts["context_length"] or cfg.context_length
+    if T > cfg.context_length:
+        raise CLIError(f"--context-length {T} exceeds the model's context of {cfg.context_length}")
 
     train_loader, val_loader, tokenizer = _build_loaders(text, opts, T)
 
@@ -322,6 +370,12 @@ def run_training(given: dict) -> dict:
     if opts["resume"]:
         # the weights again plus the optimiser state and the dropout generator
         resume_state = _load_checkpoint(opts["resume"], model=model, optimizer=optimizer, device=device)
+        saved = (resume_state.get("extra") or {}).get("loader_state") or {}
+        mine = train_loader.state_dict()
+        for key in ("batch_size", "n_windows"):
+            if key in saved and saved[key] != mine[key]:
+                raise CLIError(f"{opts['resume']} was trained with {key} {saved[key]}, this run has {mine[key]}: "
+                               "resume with the same data, --batch-size, --stride and --train-ratio")
 
     # how long: --max-steps, --epochs, or the default step budget
     steps_per_epoch = len(train_loader) // opts["grad_accum"]
@@ -384,6 +438,9 @@ def run_training(given: dict) -> dict:
         extra={"cli_options": cli_options, "tokenizer": "gpt2"},
     )
 
+    final = None
+    if history["global_step"] and (not history["track_steps"] or history["track_steps"][-1] != history["global_step"]):
+        final = evaluate_model(model, train_loader, val_loader, opts["eval_iter"])
     plot_losses(history, plot_path)
     with open(history_path, "w") as f:
         json.dump(history, f, indent=1)
@@ -392,12 +449,15 @@ def run_training(given: dict) -> dict:
     if history["val_losses"]:
         _say(f"last evaluation (step {history['track_steps'][-1]}): train loss {history['train_losses'][-1]:.3f}, "
              f"val loss {history['val_losses'][-1]:.3f}, val perplexity {history['perplexities'][-1]:.1f}")
+    if final is not None:
+        _say(f"final (step {history['global_step']}): train loss {final[0]:.3f}, val loss {final[1]:.3f}, "
+             f"val perplexity {perplexity(final[1]):.1f}")
     _say(f"checkpoint  {ckpt_path}")
     _say(f"loss plot   {plot_path}")
     _say(f"history     {history_path}")
     _say(f"time        {seconds:.0f} s")
     return {"history": history, "model": model, "checkpoint": ckpt_path, "plot": plot_path,
-            "history_path": history_path, "seconds": seconds}
+            "history_path": history_path, "seconds": seconds, "final_losses": final}
 
 
 # -- generate -------------------------------------------------------------------------------------

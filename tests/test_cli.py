@@ -79,12 +79,16 @@ def test_resume_continues_with_the_stored_options(trained, capsys):
     ckpt = out / "checkpoint.safetensors"
     if not ckpt.is_file():
         assert main(argv) == 0
+    assert main(["train", "--resume", str(ckpt), "--batch-size", "2", "--no-progress"]) == 2
+    assert "batch_size 4, this run has 2" in capsys.readouterr().err
     # only --resume and the new step budget: data, model, out... come from the checkpoint
-    assert main(["train", "--resume", str(ckpt), "--max-steps", "7", "--no-progress"]) == 0
+    assert main(["train", "--resume", str(ckpt), "--max-steps", "8", "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "resuming    at step 5" in printed
+    assert "final (step 8)" in printed  # evaluations ran at steps 1, 3, 5, 7: one more at the end
     history = json.loads((out / "history.json").read_text())
-    assert history["global_step"] == 7 and len(history["step_losses"]) == 7
+    assert history["global_step"] == 8 and len(history["step_losses"]) == 8
+    assert history["track_steps"] == [1, 3, 5, 7]
     assert main(["train", "--resume", str(ckpt), "--emb-dim", "64"]) == 2
     assert "--emb-dim cannot be used with --resume" in capsys.readouterr().err
 
@@ -140,3 +144,35 @@ def test_python_dash_m_numpygpt():
                             text=True, timeout=60)
     assert result.returncode == 0
     assert all(cmd in result.stdout for cmd in ("train", "generate", "gradcheck"))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_pytorch_default_init(tied):
+    """--init pytorch: N(0, 1) embeddings, U(+-1/sqrt(fan_in)) linear weights and biases."""
+    import numpy as np
+
+    from numpygpt import GPTConfig, GPTModel, backend
+    from numpygpt.cli import init_pytorch_defaults
+
+    cfg = GPTConfig.preset("tiny", vocab_size=500, emb_dim=64, qkv_bias=True, tie_weights=tied)
+    model = GPTModel(cfg, seed=0)
+    init_pytorch_defaults(model, seed=1)
+    params = {n: backend.to_host(p.data) for n, p in model.named_parameters()}
+    for name, w in params.items():
+        if name in ("wte.weight", "wpe.weight"):
+            assert abs(w.std() - 1.0) < 0.05 and abs(w.mean()) < 0.05, name
+        elif ".ln_" in name or name.startswith("ln_f"):
+            assert np.all(w == (1.0 if name.endswith("weight") else 0.0)), name
+        else:
+            # weights are stored (in, out); the untied head (V, C) reads C inputs
+            fan_in = 64 if name == "lm_head.weight" else params[name.replace(".bias", ".weight")].shape[0]
+            bound = 1 / np.sqrt(fan_in)
+            assert np.abs(w).max() <= bound and np.abs(w).max() > 0.9 * bound, name
+            assert abs(w.std() - bound / np.sqrt(3)) < 0.2 * bound, name  # uniform's std
+    assert ("lm_head.weight" in params) == (not tied)
+    assert params["h.0.mlp.c_proj.weight"].shape[0] == 256  # fan_in 4C: the smaller bound
+    # the same seed gives the same weights
+    again = GPTModel(cfg, seed=0)
+    init_pytorch_defaults(again, seed=1)
+    for name, p in again.named_parameters():
+        np.testing.assert_array_equal(backend.to_host(p.data), params[name])
