@@ -23,10 +23,11 @@ common.early_threads()
 import bench_train_step as bts  # noqa: E402
 
 
-def sweep(cfgs: list[tuple[str, object]], B: int, warmup: int, steps: int, impls: list[str]) -> list[dict]:
+def sweep(cfgs: list[tuple[str, object]], B: int, warmup: int, steps: int, impls: list[str],
+          max_load: float = bts.MAX_LOAD) -> list[dict]:
     results = []
     for label, cfg in cfgs:
-        results += bts.run_cfg(cfg, label, B, warmup, steps, impls)
+        results += bts.run_cfg(cfg, label, B, warmup, steps, impls, max_load)
         print(f"done: {label}", file=sys.stderr)
     return results
 
@@ -66,6 +67,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--no-sdpa", action="store_true")
+    p.add_argument("--max-load", type=float, default=bts.MAX_LOAD,
+                   help="retake rounds in which other processes used more of the machine than this")
     args = p.parse_args(argv)
     common.apply_threads(args.threads, torch_too=not args.no_torch)
     impls = ["numpygpt"] + ([] if args.no_torch else ["torch eager"] + ([] if args.no_sdpa else ["torch sdpa"]))
@@ -79,7 +82,7 @@ def main(argv=None) -> int:
     if args.sweep in ("context", "both"):
         cfgs = [(f"T={T}", common.make_config(args.config, context=T, n_layers=args.layers))
                 for T in map(int, args.contexts.split(","))]
-        res = annotate(sweep_with_cfg(cfgs, 1, args.warmup, args.steps, impls))
+        res = annotate(sweep_with_cfg(cfgs, 1, args.warmup, args.steps, impls, args.max_load))
         c0 = cfgs[0][1]
         print(f"### Step time against context length ({args.layers} layers, C={c0.emb_dim}, {c0.n_heads} heads, "
               f"V={c0.vocab_size}, "
@@ -91,7 +94,7 @@ def main(argv=None) -> int:
                                                 n_heads=C // 64))
                 for C in map(int, args.widths.split(","))]
         wimpls = [i for i in impls if i != "torch sdpa"]
-        res = annotate(sweep_with_cfg(cfgs, 2, args.warmup, args.steps, wimpls))
+        res = annotate(sweep_with_cfg(cfgs, 2, args.warmup, args.steps, wimpls, args.max_load))
         print(f"### Step time against width ({args.layers} layers, head size 64, V={cfgs[0][1].vocab_size}, "
               f"batch 2, T=256, "
               f"{args.threads} threads, median of {args.steps})\n")
@@ -99,8 +102,8 @@ def main(argv=None) -> int:
     return 0
 
 
-def sweep_with_cfg(cfgs, B, warmup, steps, impls):
-    results = sweep(cfgs, B, warmup, steps, impls)
+def sweep_with_cfg(cfgs, B, warmup, steps, impls, max_load=bts.MAX_LOAD):
+    results = sweep(cfgs, B, warmup, steps, impls, max_load)
     by_label = dict(cfgs)
     for r in results:
         r["cfg"] = by_label[r["config"]]

@@ -291,11 +291,14 @@ def report(prof: StatementProfiler, n_steps: int, step_plain: float, step_prof: 
     by_role = defaultdict(float)
     matmul = 0.0
     by_line = defaultdict(float)
+    kind = defaultdict(lambda: [0.0, 0.0])  # group -> [matmul, other]
     for (role, phase, sid), t in per.items():
-        by_group[op_group(role, phase)] += t
+        q, f, ln, src = prof.stmts[sid]
+        g = op_group(role, phase)
+        by_group[g] += t
+        kind[g][0 if is_matmul(src) else 1] += t
         ph = {"forward": "fwd", "backward": "bwd"}.get(phase, phase)
         by_role[f"{role} {ph}"] += t
-        q, f, ln, src = prof.stmts[sid]
         by_line[(q, f, ln, src)] += t
         if is_matmul(src):
             matmul += t
@@ -307,10 +310,12 @@ def report(prof: StatementProfiler, n_steps: int, step_plain: float, step_prof: 
                f"BLAS matmul lines (`@`): {matmul * 1e3:.0f} ms = **{matmul / total:.0%}** of the step; "
                f"everything else (element-wise NumPy, copies, allocation, Python): "
                f"{(accounted - matmul) * 1e3:.0f} ms = **{(accounted - matmul) / total:.0%}**.\n")
-    rows = [[g, f"{t * 1e3:.0f}", f"{t / total:.1%}"] for g, t in sorted(by_group.items(), key=lambda kv: -kv[1])]
-    rows.append(["(outside numpygpt: the driver loop)", f"{(total - accounted) * 1e3:.0f}", f"{(total - accounted) / total:.1%}"])
-    out.append("By op (self time, summed over layers):\n")
-    out.append(common.md_table(["op", "ms / step", "share"], rows))
+    rows = [[g, f"{t * 1e3:.0f}", f"{t / total:.1%}", f"{kind[g][0] * 1e3:.0f}", f"{kind[g][1] * 1e3:.0f}"]
+            for g, t in sorted(by_group.items(), key=lambda kv: -kv[1])]
+    rows.append(["(outside numpygpt: the driver loop)", f"{(total - accounted) * 1e3:.0f}",
+                 f"{(total - accounted) / total:.1%}", "", ""])
+    out.append("By op (self time, summed over layers; split into BLAS matmul lines and the rest):\n")
+    out.append(common.md_table(["op", "ms / step", "share", "of which matmul ms", "other ms"], rows))
     rows = [[r, f"{t * 1e3:.0f}", f"{t / total:.1%}"] for r, t in sorted(by_role.items(), key=lambda kv: -kv[1])[:25]]
     out.append("\nBy module role and phase (top 25):\n")
     out.append(common.md_table(["role phase", "ms / step", "share"], rows))
@@ -334,12 +339,30 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=3, help="profiled steps (averaged)")
     p.add_argument("--lines", type=int, default=25, help="how many source lines to list")
     p.add_argument("--cprofile", action="store_true", help="cProfile by tottime instead of the statement timers")
+    p.add_argument("--max-load", type=float, default=0.1,
+                   help="drop steps during which other processes used more of the machine than this")
     args = p.parse_args(argv)
     common.apply_threads(args.threads, torch_too=False)
 
     cfg, model, loss_fn, opt, step = build(args.config, args.batch, args.context)
     step()  # warm-up: the optimiser's moments are allocated on the first step
-    plain = common.median(common.time_calls(step, warmup=0, repeat=2))
+
+    def quiet_steps(fn, n: int):
+        """Run fn until n calls saw little other load (or 4n calls); yields (seconds, load, kept)."""
+        kept = 0
+        for _ in range(4 * n):
+            mon = common.LoadMonitor().start()
+            t0 = time.perf_counter()
+            fn()
+            dt, load = time.perf_counter() - t0, mon.stop()
+            ok = load <= args.max_load
+            kept += ok
+            yield dt, load, ok
+            if kept >= n:
+                return
+
+    plain_runs = list(quiet_steps(step, 2))
+    plain = common.median([dt for dt, _, ok in plain_runs if ok] or [dt for dt, _, _ in plain_runs])
 
     if args.cprofile:
         import cProfile
@@ -359,18 +382,33 @@ def main(argv=None) -> int:
 
     prof = StatementProfiler()
     undo = instrument_numpygpt(prof)
-    # instances created after instrumentation see the rewritten classes; tag the live ones
     tag_roles(model, loss_fn, opt, prof)
     step()  # one profiled warm-up
-    prof.reset()
+    # profile step by step; a step during which other processes were busy is dropped
+    runs = []  # (seconds, load, kept, {key: self seconds})
     prof.enabled = True
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    prof_step = (time.perf_counter() - t0) / args.steps
+    for dt, load, ok in quiet_steps(step, args.steps):
+        runs.append((dt, load, ok, dict(prof.self_time)))
+        prof.reset()
     prof.enabled = False
     undo_instrumentation(undo)
-    print(report(prof, args.steps, plain, prof_step, args.lines, cfg, args.batch))
+    use = [r for r in runs if r[2]]
+    if not use:
+        print("warning: no profiled step ran on a quiet machine; reporting them all", file=sys.stderr)
+        use = runs
+    total = defaultdict(float)
+    for _, _, _, d in use:
+        for k, v in d.items():
+            total[k] += v
+    kept_times, loads, all_times = [r[0] for r in use], [r[1] for r in use], runs
+    prof.self_time = total
+    n = len(kept_times)
+    print(report(prof, n, plain, sum(kept_times) / n, args.lines, cfg, args.batch))
+    worst = max(loads)
+    n_quiet = sum(1 for r in runs if r[2])
+    print(f"\n{n} profiled steps reported ({n_quiet} of the {len(runs)} run had other load under "
+          f"{args.max_load:.0%}); other load during the reported ones: at most {worst:.0%}"
+          + (" (too high: rerun on a quiet machine)" if not worst <= args.max_load else ""))
     return 0
 
 
