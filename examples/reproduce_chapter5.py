@@ -21,6 +21,11 @@ prints the losses and samples as they come, then compares the last evaluation wi
 those numbers, and writes the loss plot, the history (``history.json``,
 ``chapter5.json``) and a checkpoint into --out. It runs `numpygpt train` underneath.
 
+A run on two CPU cores (NumPy, float32) took about 17 minutes and ended at train loss
+9.75 -> 0.58 and val loss 9.98 -> 6.35 (last evaluation, step 86 of 90), with samples
+that quote the story ("Every effort moves you?" "Yes--quite insensible to the fact with
+equanimity. Gisburn's an awful simpleton, ...").
+
 The text is read from --data, else ../shared/data/the-verdict.txt next to the checkout,
 else from a cached download of the book repository's copy.
 """
