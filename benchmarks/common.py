@@ -316,13 +316,13 @@ def machine_load(seconds: float = 1.0) -> float:
     return mon.stop()
 
 
-def wait_for_quiet(max_load: float = 0.1, timeout: float = 120.0, quiet=None) -> float:
+def wait_for_quiet(max_load: float = 0.1, timeout: float = 120.0, verbose: bool = True) -> float:
     """Wait (up to timeout seconds) until other work takes under max_load of the machine;
     returns the last load seen."""
     t_end = time.perf_counter() + timeout
     load = machine_load(1.0)
     while load > max_load and time.perf_counter() < t_end:
-        if quiet is None:
+        if verbose:
             print(f"  machine busy with other work ({load:.0%}); waiting...", file=sys.stderr)
         load = machine_load(2.0)
     return load
