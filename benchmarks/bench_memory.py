@@ -40,7 +40,6 @@ def reset_peak() -> bool:
 def worker(impl: str, config: str, B: int, T: int | None, threads: int) -> dict:
     import gc
 
-    import numpy as np  # noqa: F401
 
     out = {"impl": impl}
     from numpygpt import GPTModel, CrossEntropyLoss

@@ -27,7 +27,7 @@ import common
 
 common.early_threads()
 
-import numpy as np  # noqa: E402
+import numpy  # noqa: E402,F401  (after early_threads: BLAS starts with the thread count)
 
 from numpygpt import CrossEntropyLoss, GPTModel, count_parameters  # noqa: E402
 from numpygpt.optim import AdamW, param_groups  # noqa: E402

@@ -32,7 +32,7 @@ import common
 
 common.early_threads()
 
-import numpy as np  # noqa: E402
+import numpy  # noqa: E402,F401  (after early_threads: BLAS starts with the thread count)
 
 import numpygpt  # noqa: E402
 from numpygpt import CrossEntropyLoss, GPTModel  # noqa: E402
@@ -400,7 +400,7 @@ def main(argv=None) -> int:
     for _, _, _, d in use:
         for k, v in d.items():
             total[k] += v
-    kept_times, loads, all_times = [r[0] for r in use], [r[1] for r in use], runs
+    kept_times, loads = [r[0] for r in use], [r[1] for r in use]
     prof.self_time = total
     n = len(kept_times)
     print(report(prof, n, plain, sum(kept_times) / n, args.lines, cfg, args.batch))
