@@ -212,10 +212,10 @@ class Optimizer:
     # -- stepping --------------------------------------------------------------------------
 
     def zero_grad(self) -> None:
-        """Drop every gradient (None means zero; the next backward allocates afresh)."""
+        """Drop every gradient (None means zero), as ``Parameter.zero_grad`` does."""
         for g in self.param_groups:
             for p in g["params"]:
-                p.grad = None
+                p.zero_grad()
 
     def _buffer(self, p):
         """A scratch array shaped like ``p``: a view into one flat buffer per device and

@@ -256,3 +256,21 @@ def test_gradcheck_catches_a_wrong_backward(monkeypatch, rng, broken):
         monkeypatch.setattr(Softmax, "backward", lambda self, d: orig(self, d) * 2.0)
     errors = check_layer(layer, x)
     assert max(errors.values()) > 1e-3
+
+
+def test_embedding_gradient_buffer_is_reused_and_rezeroed(device, rng):
+    """zero_grad keeps the embedding's (V, C) buffer; the next backward must start from zero."""
+    layer = Embedding(6, 3, dtype=F64)
+    ids1, ids2 = to_dev(np.array([[0, 1, 1]])), to_dev(np.array([[2, 5, 2]]))
+    d = to_dev(rng.standard_normal((1, 3, 3)), F64)
+    layer(ids1)
+    layer.backward(d)
+    first = layer.weight.grad
+    layer.zero_grad()
+    assert layer.weight.grad is None
+    layer(ids2)
+    layer.backward(d)
+    assert layer.weight.grad is first  # the same memory, refilled
+    expected = np.zeros((6, 3))
+    np.add.at(expected, backend.to_host(ids2).reshape(-1), backend.to_host(d).reshape(3, 3))
+    np.testing.assert_array_equal(backend.to_host(layer.weight.grad), expected)
