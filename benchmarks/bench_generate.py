@@ -23,33 +23,13 @@ common.early_threads()
 
 import numpy as np  # noqa: E402
 
-from numpygpt import GPTModel, count_parameters, no_grad  # noqa: E402
+from numpygpt import GPTModel, count_parameters  # noqa: E402
+from numpygpt.generate import generate  # noqa: E402
 
 
 def numpygpt_generate(model, idx, n: int, use_cache: bool):
-    try:
-        from numpygpt.generate import generate
-    except ImportError:
-        generate = None
-    if generate is not None:
-        return np.asarray(generate(model, idx, n, use_cache=use_cache))
-    # fallback: the same greedy loop by hand
-    model.eval()
-    with no_grad():
-        if not use_cache:
-            for _ in range(n):
-                logits = model(idx[:, -model.cfg.context_length:])
-                idx = np.concatenate([idx, logits[:, -1].argmax(-1)[:, None]], axis=1)
-            return idx
-        caches = model.new_kv_caches()
-        logits = model(idx, caches)
-        out = [idx]
-        for i in range(n):
-            nxt = logits[:, -1].argmax(-1)[:, None]
-            out.append(nxt)
-            if i + 1 < n:
-                logits = model(nxt, caches)
-        return np.concatenate(out, axis=1)
+    """Greedy decoding with numpygpt.generate (with or without the KV cache)."""
+    return np.asarray(generate(model, idx, n, use_cache=use_cache))
 
 
 def main(argv=None) -> int:

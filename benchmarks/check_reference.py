@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from numpygpt import CrossEntropyLoss, GPTConfig, GPTModel, no_grad  # noqa: E402
+from numpygpt import CrossEntropyLoss, GPTConfig, GPTModel  # noqa: E402
 from numpygpt.optim import AdamW, param_groups  # noqa: E402
 from torch_gpt import TorchGPT, generate as torch_generate, load_numpygpt_weights, torch_param_groups  # noqa: E402
 
@@ -36,29 +36,10 @@ def max_rel(a, b) -> float:
 
 
 def numpygpt_generate(model, idx, n: int, use_cache: bool):
-    """Greedy decoding with numpygpt (the library's generate when it exists)."""
-    try:
-        from numpygpt.generate import generate
+    """Greedy decoding with numpygpt.generate."""
+    from numpygpt.generate import generate
 
-        return np.asarray(generate(model, idx, n, use_cache=use_cache))[:, : idx.shape[1] + n]
-    except ImportError:
-        pass
-    model.eval()
-    with no_grad():
-        if not use_cache:
-            for _ in range(n):
-                logits = model(idx[:, -model.cfg.context_length:])
-                idx = np.concatenate([idx, logits[:, -1].argmax(-1)[:, None]], axis=1)
-            return idx
-        caches = model.new_kv_caches()
-        logits = model(idx, caches)
-        out = [idx]
-        for i in range(n):
-            nxt = logits[:, -1].argmax(-1)[:, None]
-            out.append(nxt)
-            if i + 1 < n:
-                logits = model(nxt, caches)
-        return np.concatenate(out, axis=1)
+    return np.asarray(generate(model, idx, n, use_cache=use_cache))[:, : idx.shape[1] + n]
 
 
 def check(cfg: GPTConfig, attn_impl: str, B: int = 2, T: int = 12, seed: int = 0) -> list[str]:
