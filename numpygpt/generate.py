@@ -116,11 +116,6 @@ def _check_sampling(temperature, top_k, top_p) -> None:
 
 # -- the generation loop ------------------------------------------------------------------------
 
-def _model_device(model) -> str:
-    for p in model.parameters():
-        return backend.device_of(p.data)
-    return backend.get_device()
-
 
 def _prompt_array(idx, device_name: str):
     """NumPy/CuPy/list, (B, T) or (T,) -> (B, T) int64 array on ``device_name``."""
@@ -172,7 +167,7 @@ def generate(model, idx, max_new_tokens: int, context_size: int | None = None,
     if eos_id is not None and not (isinstance(eos_id, (int, np.integer)) and 0 <= eos_id < model.cfg.vocab_size):
         raise ValueError(f"eos_id must be a token id in [0, {model.cfg.vocab_size}) or None, got {eos_id!r}")
 
-    dev = _model_device(model)
+    dev = model.device
     seq = _prompt_array(idx, dev)  # (B, T)
     B = seq.shape[0]
     xp = backend.array_module(seq)

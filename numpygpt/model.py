@@ -185,9 +185,6 @@ class GPTModel(Module):
 
     # -- conveniences ----------------------------------------------------------------
 
-    def num_parameters(self, trainable_only: bool = False) -> int:
-        return super().num_parameters(trainable_only)
-
     def freeze(self, *prefixes: str) -> None:
         """Stop gradients for parameters whose name starts with any prefix (all if none given)."""
         for name, p in self.named_parameters():

@@ -54,17 +54,13 @@ class TrainingDivergedError(RuntimeError):
 
 # -- losses ------------------------------------------------------------------------------
 
-def _model_device(model) -> str:
-    return backend.device_of(next(iter(model.parameters())).data)
-
-
 def calc_loss_batch(model, loss_fn, inputs, targets):
     """Mean cross-entropy of one batch: inputs, targets (B, T) host or device ids.
 
     Returns the loss as a 0-d array on the model's device (no host sync here), with
     the loss function's cache ready for ``loss_fn.backward()`` unless under no_grad.
     """
-    device = _model_device(model)
+    device = model.device
     inputs = backend.to_device(inputs, device_name=device)  # (B, T)
     targets = backend.to_device(targets, device_name=device)  # (B, T)
     logits = model(inputs)  # (B, T, V)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .module import Module
+from .module import Module, is_grad_enabled
 from .. import backend
 
 
@@ -45,14 +45,10 @@ class CrossEntropyLoss(Module):
         sumexp = p.sum(axis=-1)  # (N_all,)
         nll = xp.log(sumexp) - target_shifted  # (N_all,)
         loss = (nll * keep).sum() / n
-        if self._caching():
+        if is_grad_enabled():  # the normalised softmax is only needed by backward
             p /= sumexp[:, None]
             self._save(p=p, t=t_safe, keep=keep, n=n, shape=logits.shape)
         return loss
-
-    def _caching(self) -> bool:
-        from .module import is_grad_enabled
-        return is_grad_enabled()
 
     def backward(self, dloss=1.0):
         cache = self._take()

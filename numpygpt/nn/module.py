@@ -189,6 +189,13 @@ class Module:
         for _, child in self.named_children():
             yield from child.modules()
 
+    @property
+    def device(self) -> str:
+        """'cpu' or 'cuda': where this module's parameters live (the current device if it has none)."""
+        for p in self.parameters():
+            return backend.device_of(p.data)
+        return backend.get_device()
+
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.size for p in self.parameters() if p.requires_grad or not trainable_only)
 
