@@ -18,6 +18,7 @@ class GPTConfig:
     tie_weights: bool = False    # output head shares the token embedding (GPT-2: True)
     layer_norm_eps: float = 1e-5
     dtype: str = "float32"       # float32 for training, float64 for gradient checks
+    attn_impl: str = "auto"      # "dense", "blockwise" (tiled, nn/blockwise_attention.py) or "auto"
 
     def __post_init__(self):
         if self.emb_dim % self.n_heads != 0:
@@ -29,6 +30,8 @@ class GPTConfig:
             raise ValueError(f"drop_rate must be in [0, 1), got {self.drop_rate}")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be float32 or float64, got {self.dtype!r}")
+        if self.attn_impl not in ("auto", "dense", "blockwise"):
+            raise ValueError(f"attn_impl must be 'auto', 'dense' or 'blockwise', got {self.attn_impl!r}")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "GPTConfig":

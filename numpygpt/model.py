@@ -14,7 +14,8 @@ import math
 
 from . import backend
 from .config import GPTConfig
-from .nn import Dropout, Embedding, GELU, KVCache, LayerNorm, Linear, Module, MultiHeadAttention, Parameter
+from .nn import Dropout, Embedding, GELU, KVCache, LayerNorm, Linear, Module, Parameter
+from .nn.blockwise_attention import make_attention
 from .nn.module import skip_init
 
 
@@ -43,7 +44,7 @@ class TransformerBlock(Module):
     def __init__(self, cfg: GPTConfig):
         C = cfg.emb_dim
         self.ln_1 = LayerNorm(C, eps=cfg.layer_norm_eps, dtype=cfg.dtype)
-        self.attn = MultiHeadAttention(C, C, cfg.n_heads, cfg.drop_rate, cfg.qkv_bias, dtype=cfg.dtype)
+        self.attn = make_attention(cfg.attn_impl, C, C, cfg.n_heads, cfg.drop_rate, cfg.qkv_bias, dtype=cfg.dtype)
         self.drop_attn = Dropout(cfg.drop_rate)
         self.ln_2 = LayerNorm(C, eps=cfg.layer_norm_eps, dtype=cfg.dtype)
         self.mlp = FeedForward(C, dtype=cfg.dtype)

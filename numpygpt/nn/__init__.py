@@ -7,9 +7,11 @@ from .normalization import LayerNorm
 from .activation import GELU, Softmax
 from .dropout import Dropout
 from .attention import MultiHeadAttention, KVCache, causal_mask
+from .blockwise_attention import BlockwiseAttention, make_attention
 from .loss import CrossEntropyLoss
 
 __all__ = [
     "Module", "Parameter", "no_grad", "is_grad_enabled", "Linear", "Embedding", "LayerNorm",
-    "GELU", "Softmax", "Dropout", "MultiHeadAttention", "KVCache", "causal_mask", "CrossEntropyLoss",
+    "GELU", "Softmax", "Dropout", "MultiHeadAttention", "BlockwiseAttention",
+    "make_attention", "KVCache", "causal_mask", "CrossEntropyLoss",
 ]

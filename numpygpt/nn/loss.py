@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .module import Module, is_grad_enabled
-from .. import backend
+from .. import backend, parallel
 
 
 class CrossEntropyLoss(Module):
@@ -37,16 +37,24 @@ class CrossEntropyLoss(Module):
             raise ValueError(f"target ids must be in [0, {V}) or equal ignore_index={self.ignore_index}; "
                              f"got {int(t[bad][0])}")
         t_safe = xp.where(keep, t, 0)
-        rows = xp.arange(z.shape[0])
-        # log-sum-exp with the max subtracted; p is kept for backward
-        p = z - z.max(axis=-1, keepdims=True)
-        target_shifted = p[rows, t_safe]  # (N_all,)
-        xp.exp(p, out=p)
-        sumexp = p.sum(axis=-1)  # (N_all,)
-        nll = xp.log(sumexp) - target_shifted  # (N_all,)
+        grad = is_grad_enabled()  # the normalised softmax is only needed by backward
+        p = xp.empty_like(z)  # (N_all, V)
+        nll = xp.empty(z.shape[0], dtype=z.dtype)  # (N_all,)
+
+        def rows(start, stop):  # rows are independent: chunks of them run on every core
+            pc, tc = p[start:stop], t_safe[start:stop]
+            # log-sum-exp with the max subtracted; p is kept for backward
+            xp.subtract(z[start:stop], z[start:stop].max(axis=-1, keepdims=True), out=pc)
+            target_shifted = pc[xp.arange(stop - start), tc]
+            xp.exp(pc, out=pc)
+            sumexp = pc.sum(axis=-1)
+            xp.subtract(xp.log(sumexp), target_shifted, out=nll[start:stop])
+            if grad:
+                pc /= sumexp[:, None]
+
+        parallel.for_rows(rows, z)
         loss = (nll * keep).sum() / n
-        if is_grad_enabled():  # the normalised softmax is only needed by backward
-            p /= sumexp[:, None]
+        if grad:
             self._save(p=p, t=t_safe, keep=keep, n=n, shape=logits.shape)
         return loss
 
@@ -55,8 +63,14 @@ class CrossEntropyLoss(Module):
         p, t, keep, n = cache["p"], cache["t"], cache["keep"], cache["n"]
         xp = backend.array_module(p)
         dlogits = p  # reuse p's memory: it is not needed again
-        dlogits[xp.arange(p.shape[0]), t] -= 1.0
-        dlogits *= (keep / n).astype(p.dtype)[:, None]
+        scale = (keep / n).astype(p.dtype)[:, None]  # (N_all, 1): 1/N, or 0 where ignored
         if not (isinstance(dloss, float) and dloss == 1.0):
-            dlogits *= dloss
+            scale = (scale * dloss).astype(p.dtype)
+
+        def rows(start, stop):
+            dl = dlogits[start:stop]
+            dl[xp.arange(stop - start), t[start:stop]] -= 1.0
+            dl *= scale[start:stop]
+
+        parallel.for_rows(rows, dlogits)
         return dlogits.reshape(cache["shape"])
