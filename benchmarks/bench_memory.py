@@ -24,7 +24,7 @@ import common
 
 common.early_threads()
 
-IMPLS = ("numpygpt", "torch eager", "torch sdpa")
+IMPLS = ("numpygpt", "numpygpt before", "torch eager", "torch sdpa")
 
 
 def reset_peak() -> bool:
@@ -45,16 +45,22 @@ def worker(impl: str, config: str, B: int, T: int | None, threads: int) -> dict:
     from numpygpt import GPTModel, CrossEntropyLoss
     from numpygpt.optim import AdamW, param_groups
 
-    if impl != "numpygpt":
+    if not impl.startswith("numpygpt"):
         import torch
         import torch.nn.functional as F
         from torch_gpt import TorchGPT, torch_param_groups
-    common.apply_threads(threads, torch_too=impl != "numpygpt")
+    common.apply_threads(threads, torch_too=not impl.startswith("numpygpt"))
     out["rss_import"] = common.current_rss_mib()
 
     cfg = common.make_config(config, context=T)
     x, y = common.random_batch(cfg, B, cfg.context_length)
-    if impl == "numpygpt":
+    if impl == "numpygpt before":  # dense attention, element-wise layers unthreaded, in one piece
+        from numpygpt import parallel
+
+        cfg = cfg.replace(attn_impl="dense")
+        parallel.set_num_threads(1)
+        parallel.CHUNK_BYTES = 1 << 62
+    if impl.startswith("numpygpt"):
         model = GPTModel(cfg, seed=0)
         opt = AdamW(param_groups(model, 0.1), lr=3e-4, weight_decay=0.1)
         loss_fn = CrossEntropyLoss()

@@ -4,6 +4,15 @@ eager, float32, same configuration, batch, weights and thread count.
     python benchmarks/bench_train_step.py                       # GPT-2 small and 'small'
     python benchmarks/bench_train_step.py --config small --batch 8 --steps 10
     python benchmarks/bench_train_step.py --threads 1 --no-torch
+    python benchmarks/bench_train_step.py --configs gpt2-hf --batch 4 --before --compile
+
+``--before`` adds "numpygpt before": this code run as it was before the blockwise
+attention and the threaded element-wise layers (``attn_impl="dense"``, numpygpt's thread
+pool off, each element-wise layer on its whole array in one piece), interleaved with the
+current code in the same process. ``--compile`` adds ``torch.compile`` of the SDPA model;
+its first steps (compilation) are timed separately and printed under the table.
+``--busy N`` keeps N spinning processes running throughout (another program taking a
+core); the other-load filter is then off, since they are the load.
 
 Each implementation runs ``--warmup`` untimed steps, then ``--steps`` timed ones; the
 table gives the median step, its phases (forward + loss, backward, optimiser), tokens/s,
@@ -29,19 +38,33 @@ common.early_threads()
 
 import numpy  # noqa: E402,F401  (after early_threads: BLAS starts with the thread count)
 
-from numpygpt import CrossEntropyLoss, GPTModel, count_parameters  # noqa: E402
+from numpygpt import CrossEntropyLoss, GPTModel, count_parameters, parallel  # noqa: E402
 from numpygpt.optim import AdamW, param_groups  # noqa: E402
 
 LR, WD = 3e-4, 0.1
 MAX_LOAD = 0.1  # rounds with more than this share of the machine busy elsewhere are retaken
 
 
-def numpygpt_stepper(model, x, y):
-    """A function running one training step in phases; returns (loss, t_fwd, t_bwd, t_opt)."""
+def numpygpt_stepper(model, x, y, before: bool = False):
+    """A function running one training step in phases; returns (loss, t_fwd, t_bwd, t_opt).
+
+    ``before``: the element-wise layers as they were before numpygpt.parallel, one thread
+    and one chunk per array (the model should then have attn_impl="dense")."""
     loss_fn = CrossEntropyLoss()
     opt = AdamW(param_groups(model, WD), lr=LR, weight_decay=WD)
 
     def step():
+        if not before:
+            return timed_step()
+        chunk_bytes = parallel.CHUNK_BYTES
+        parallel.CHUNK_BYTES = 1 << 62
+        try:
+            with parallel.num_threads(1):
+                return timed_step()
+        finally:
+            parallel.CHUNK_BYTES = chunk_bytes
+
+    def timed_step():
         t0 = time.perf_counter()
         logits = model(x)
         loss = float(loss_fn(logits, y))
@@ -60,13 +83,15 @@ def numpygpt_stepper(model, x, y):
 TORCH_ADAMW = {}  # extra keyword arguments for torch.optim.AdamW (--torch-adamw)
 
 
-def torch_stepper(tmodel, x, y):
+def torch_stepper(tmodel, x, y, compile: bool = False):
     import torch
     import torch.nn.functional as F
     from torch_gpt import torch_param_groups
 
     opt = torch.optim.AdamW(torch_param_groups(tmodel, WD), lr=LR, weight_decay=WD, **TORCH_ADAMW)
     tx, ty = torch.from_numpy(x), torch.from_numpy(y).flatten()
+    if compile:
+        tmodel = torch.compile(tmodel)  # compiles on the first call (timed as a warm-up step)
 
     def step():
         t0 = time.perf_counter()
@@ -99,8 +124,13 @@ def measure_interleaved(steppers: dict, warmup: int, steps: int, max_load: float
     max_rounds = 3 * steps if max_rounds is None else max_rounds
     out = {}
     for name, step in steppers.items():
-        losses = [step()[0] for _ in range(warmup)]
-        out[name] = {"rows": [], "loads": [], "cpu": [], "first_loss": losses[0] if losses else None}
+        losses, warmup_times = [], []
+        for _ in range(warmup):
+            t0 = time.perf_counter()
+            losses.append(step()[0])
+            warmup_times.append(time.perf_counter() - t0)
+        out[name] = {"rows": [], "loads": [], "cpu": [], "first_loss": losses[0] if losses else None,
+                     "warmup_times": warmup_times}
     names = list(steppers)
     gc.collect()
     rounds = []  # per round: {name: (row, load, cpu)}
@@ -145,6 +175,7 @@ def measure_interleaved(steppers: dict, warmup: int, steps: int, max_load: float
             "bwd": common.median([r[2] for r in rows]),
             "opt": common.median([r[3] for r in rows]),
             "first_loss": d["first_loss"],
+            "warmup_times": d["warmup_times"],
             "times": totals,
             "other_load": max(d["loads"]),
             # cores kept busy in user and in kernel mode (page faults, zeroing fresh memory)
@@ -155,9 +186,10 @@ def measure_interleaved(steppers: dict, warmup: int, steps: int, max_load: float
 
 
 def run_config(name: str, B: int, T: int | None, warmup: int, steps: int, impls: list[str],
-               max_load: float = MAX_LOAD, max_rounds: int | None = None) -> list[dict]:
+               max_load: float = MAX_LOAD, max_rounds: int | None = None, attn_impl: str = "auto") -> list[dict]:
     """A preset from common.CONFIGS at context T."""
-    return run_cfg(common.make_config(name, context=T), name, B, warmup, steps, impls, max_load, max_rounds)
+    cfg = common.make_config(name, context=T, attn_impl=attn_impl)
+    return run_cfg(cfg, name, B, warmup, steps, impls, max_load, max_rounds)
 
 
 def run_cfg(cfg, name: str, B: int, warmup: int, steps: int, impls: list[str],
@@ -171,12 +203,15 @@ def run_cfg(cfg, name: str, B: int, warmup: int, steps: int, impls: list[str],
         np_model = GPTModel(cfg, seed=0)
         if impl == "numpygpt":
             steppers[impl] = numpygpt_stepper(np_model, x, y)
+        elif impl == "numpygpt before":
+            steppers[impl] = numpygpt_stepper(GPTModel(cfg.replace(attn_impl="dense"), seed=0), x, y, before=True)
         else:
             from torch_gpt import TorchGPT, load_numpygpt_weights
 
-            tmodel = TorchGPT(cfg, attn_impl=impl.split()[-1])
+            compiled = impl == "torch compile"
+            tmodel = TorchGPT(cfg, attn_impl="sdpa" if compiled else impl.split()[-1])
             load_numpygpt_weights(tmodel, np_model)  # the same initial weights
-            steppers[impl] = torch_stepper(tmodel, x, y)
+            steppers[impl] = torch_stepper(tmodel, x, y, compile=compiled)
         del np_model
     measured = measure_interleaved(steppers, warmup, steps, max_load, max_rounds)
     results = []
@@ -192,9 +227,10 @@ def run_cfg(cfg, name: str, B: int, warmup: int, steps: int, impls: list[str],
 
 def table(results: list[dict]) -> str:
     rows = []
-    ref = {r["config"]: r["tokens_per_s"] for r in results if r["impl"] == "torch eager"}
+    ref = {(r["config"], r["B"], r["T"]): r["tokens_per_s"] for r in results if r["impl"] == "torch eager"}
     for r in results:
-        ratio = r["tokens_per_s"] / ref[r["config"]] if r["config"] in ref else float("nan")
+        key = (r["config"], r["B"], r["T"])
+        ratio = r["tokens_per_s"] / ref[key] if key in ref else float("nan")
         rows.append([
             r["config"], common.fmt_params(r["params"]), f"{r['B']}x{r['T']}", r["impl"],
             f"{r['step'] * 1e3:.0f}", f"{r['spread'] * 100:.0f}%",
@@ -221,6 +257,13 @@ def main(argv=None) -> int:
     p.add_argument("--max-load", type=float, default=MAX_LOAD,
                    help="retake rounds in which other processes used more of the machine than this")
     p.add_argument("--max-rounds", type=int, default=None, help="give up retaking after this many (3 x steps)")
+    p.add_argument("--before", action="store_true",
+                   help="add 'numpygpt before': dense attention, element-wise layers unthreaded and unchunked")
+    p.add_argument("--compile", action="store_true", help="add torch.compile (of the SDPA model)")
+    p.add_argument("--attn-impl", default="auto", choices=("auto", "dense", "blockwise"),
+                   help="numpygpt's GPTConfig.attn_impl")
+    p.add_argument("--busy", type=int, default=0, help="keep N spinning processes running (a core taken)")
+    p.add_argument("--no-eager", action="store_true", help="skip the PyTorch eager column")
     p.add_argument("--torch-adamw", choices=("default", "foreach", "fused"), default="default",
                    help="torch.optim.AdamW implementation (default: PyTorch's choice for CPU tensors, "
                         "the per-tensor loop)")
@@ -229,23 +272,31 @@ def main(argv=None) -> int:
         TORCH_ADAMW[args.torch_adamw] = True
     common.apply_threads(args.threads, torch_too=not args.no_torch)
 
-    impls = ["numpygpt"]
+    impls = ["numpygpt"] + (["numpygpt before"] if args.before else [])
     if not args.no_torch:
-        impls.append("torch eager")
-        if not args.no_sdpa:
-            impls.append("torch sdpa")
+        impls += [] if args.no_eager else ["torch eager"]
+        impls += [] if args.no_sdpa else ["torch sdpa"]
+        impls += ["torch compile"] if args.compile else []
+    max_load = 1.0 if args.busy else args.max_load
     configs = [args.config] if args.config else args.configs.split(",")
     print(f"threads: {args.threads}; NumPy BLAS: {common.numpy_blas()}; torch: "
           f"{common.torch_description() if not args.no_torch else 'not used'}\n", file=sys.stderr)
     results = []
-    for name in configs:
-        results += run_config(name, args.batch, args.context, args.warmup, args.steps, impls,
-                              args.max_load, args.max_rounds)
-        print(f"done: {name}", file=sys.stderr)
+    with common.BusyLoops(args.busy):
+        for name in configs:
+            results += run_config(name, args.batch, args.context, args.warmup, args.steps, impls,
+                                  max_load, args.max_rounds, args.attn_impl)
+            print(f"done: {name}", file=sys.stderr)
     adamw = "" if args.torch_adamw == "default" else f" (torch AdamW {args.torch_adamw})"
-    print(f"### Training step (float32, AdamW{adamw}, dropout 0, {args.threads} threads, "
+    busy = f", {args.busy} busy-loop process(es) running" if args.busy else ""
+    print(f"### Training step (float32, AdamW{adamw}, dropout 0, {args.threads} threads{busy}, "
           f"median of {args.steps} steps after {args.warmup} warm-up)\n")
     print(table(results))
+    for r in results:
+        if r["impl"] == "torch compile" and r["warmup_times"]:
+            print(f"\ntorch.compile ({r['config']}, {r['B']}x{r['T']}): warm-up steps "
+                  + ", ".join(f"{t:.1f} s" for t in r["warmup_times"])
+                  + f" (the first compiles), then {r['step']:.1f} s a step")
     return 0
 
 

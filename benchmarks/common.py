@@ -47,6 +47,9 @@ def early_threads(argv=None) -> int:
     run time (threadpoolctl, torch.set_num_threads) in case something imported it first.
     """
     argv = sys.argv[1:] if argv is None else argv
+    # set on some machines: they make a current OpenBLAS use older, slower kernels
+    for var in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):
+        os.environ.pop(var, None)
     n = default_threads()
     for i, a in enumerate(argv):
         if a == "--threads" and i + 1 < len(argv):
@@ -59,7 +62,11 @@ def early_threads(argv=None) -> int:
 
 
 def apply_threads(n: int, torch_too: bool = True) -> dict:
-    """Limit NumPy's BLAS (threadpoolctl, when installed) and torch to ``n`` threads."""
+    """Limit NumPy's BLAS (threadpoolctl, when installed), numpygpt's own thread pool
+    (numpygpt.parallel) and torch to ``n`` threads."""
+    from numpygpt import parallel
+
+    parallel.set_num_threads(n)
     info = {"threads": n}
     try:
         import threadpoolctl
@@ -201,14 +208,18 @@ CONFIGS = {
     "gpt2-small": dict(vocab_size=50257, context_length=256, emb_dim=768, n_heads=12, n_layers=12),
     "small": dict(vocab_size=50257, context_length=256, emb_dim=256, n_heads=4, n_layers=4),
     "tiny": dict(vocab_size=512, context_length=64, emb_dim=64, n_heads=4, n_layers=2),
+    # Hugging Face's GPT-2 small layout (124M): tied head, Q/K/V bias, GPT-2's own context
+    "gpt2-hf": dict(vocab_size=50257, context_length=1024, emb_dim=768, n_heads=12, n_layers=12,
+                    qkv_bias=True, tie_weights=True),
 }
 
 
 def make_config(name: str, context: int | None = None, **overrides):
-    """A numpygpt GPTConfig: a preset from CONFIGS, dropout 0, the book's qkv_bias=False."""
+    """A numpygpt GPTConfig: a preset from CONFIGS, dropout 0, the book's qkv_bias=False and
+    untied head unless the preset says otherwise."""
     from numpygpt import GPTConfig
 
-    d = dict(CONFIGS[name], drop_rate=0.0, qkv_bias=False, tie_weights=False)
+    d = dict(dict(drop_rate=0.0, qkv_bias=False, tie_weights=False), **CONFIGS[name])
     if context is not None:
         d["context_length"] = context
     d.update(overrides)
@@ -326,6 +337,26 @@ def wait_for_quiet(max_load: float = 0.1, timeout: float = 120.0, verbose: bool 
             print(f"  machine busy with other work ({load:.0%}); waiting...", file=sys.stderr)
         load = machine_load(2.0)
     return load
+
+
+class BusyLoops:
+    """``with BusyLoops(n):`` keeps n other processes spinning on the CPU (each takes a
+    core), to measure how a step holds up when another program takes a core."""
+
+    def __init__(self, n: int):
+        self.n, self.procs = n, []
+
+    def __enter__(self):
+        import subprocess
+
+        self.procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(self.n)]
+        return self
+
+    def __exit__(self, *exc):
+        for p in self.procs:
+            p.kill()
+            p.wait()
+        self.procs = []
 
 
 def median(xs) -> float:

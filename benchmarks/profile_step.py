@@ -265,12 +265,18 @@ def is_matmul(source: str) -> bool:
 
 # -- running ----------------------------------------------------------------------------------
 
-def build(cfg_name: str, B: int, T: int | None):
-    cfg = common.make_config(cfg_name, context=T)
+def build(cfg_name: str, B: int, T: int | None, before: bool = False):
+    """The model, loss, optimiser and a step function; ``before``: the code as it was before
+    the blockwise attention and numpygpt.parallel (dense attention, element-wise layers on
+    one thread in one piece)."""
+    cfg = common.make_config(cfg_name, context=T, attn_impl="dense" if before else "auto")
     model = GPTModel(cfg, seed=0)
     loss_fn = CrossEntropyLoss()
     opt = AdamW(param_groups(model, 0.1), lr=3e-4, weight_decay=0.1)
     x, y = common.random_batch(cfg, B, cfg.context_length)
+    if before:
+        numpygpt.parallel.set_num_threads(1)
+        numpygpt.parallel.CHUNK_BYTES = 1 << 62
 
     def step():
         logits = model(x)
@@ -339,12 +345,14 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=3, help="profiled steps (averaged)")
     p.add_argument("--lines", type=int, default=25, help="how many source lines to list")
     p.add_argument("--cprofile", action="store_true", help="cProfile by tottime instead of the statement timers")
+    p.add_argument("--before", action="store_true",
+                   help="profile the code as before the blockwise attention and threaded layers")
     p.add_argument("--max-load", type=float, default=0.1,
                    help="drop steps during which other processes used more of the machine than this")
     args = p.parse_args(argv)
     common.apply_threads(args.threads, torch_too=False)
 
-    cfg, model, loss_fn, opt, step = build(args.config, args.batch, args.context)
+    cfg, model, loss_fn, opt, step = build(args.config, args.batch, args.context, args.before)
     step()  # warm-up: the optimiser's moments are allocated on the first step
 
     def quiet_steps(fn, n: int):
