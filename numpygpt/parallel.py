@@ -25,7 +25,7 @@ Three properties the layers rely on:
   region and restores it afterwards.
 
 Chunks of about ``CHUNK_BYTES`` of input also keep an element-wise layer's temporaries
-in the core's cache: ``y = 0.5 * x * (1 + t)`` on a 256 KiB chunk reads and writes
+in the core's cache: ``y = 0.5 * x * (1 + t)`` on a 64 KiB chunk reads and writes
 cache, where on the whole array every operator is a pass over main memory.
 
 CuPy arrays are never split: the GPU runs the whole array as one kernel.
@@ -41,7 +41,7 @@ from contextlib import contextmanager, nullcontext
 
 from . import backend
 
-CHUNK_BYTES = 1 << 17  # input bytes per chunk: 128 KiB, so a layer's few temporaries fit L2
+CHUNK_BYTES = 1 << 16  # input bytes per chunk: 64 KiB, so a layer's few temporaries stay in L2
 
 _num_threads: int | None = None  # None: NUMPYGPT_NUM_THREADS or every core we may run on
 _pool: ThreadPoolExecutor | None = None

@@ -19,7 +19,7 @@ ATTN_IMPLS = ("auto", "dense", "blockwise")
 # "auto" switches from the dense attention to the blockwise one at this many queries.
 # Measured with benchmarks/bench_attention.py --impls (GPT-2 small's heads, 2 threads):
 # see benchmarks/RESULTS.md, "Blockwise attention".
-AUTO_MIN_T = 256
+AUTO_MIN_T = 128
 
 
 def _tile_mask(q_start: int, q_stop: int, k_start: int, k_stop: int, xp, dtype):
