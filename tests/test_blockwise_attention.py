@@ -76,12 +76,12 @@ def test_kv_cache_path(device, rng):
     C = NH * hs
     dense, tiled = pair(C, NH, True, rng, 3, 2)
     x = to_dev(rng.standard_normal((B, 10, C)), F64)
-    cache_dense, cache_tiled = KVCache(), KVCache()
+    cache_dense, cache_tiled = KVCache(T_max), KVCache(T_max)
     outs = []
     with no_grad():
         for start, stop in [(0, 5), (5, 6), (6, 7), (7, 10)]:
-            y = tiled(x[:, start:stop], cache_tiled, T_max)
-            assert_close(y, dense(x[:, start:stop], cache_dense, T_max), f"tokens {start}:{stop}")
+            y = tiled(x[:, start:stop], cache_tiled)
+            assert_close(y, dense(x[:, start:stop], cache_dense), f"tokens {start}:{stop}")
             outs.append(backend.to_host(y))
         whole = tiled(x)
     assert cache_tiled.length == 10

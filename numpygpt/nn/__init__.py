@@ -1,6 +1,6 @@
 """Layers with hand-written forward and backward passes."""
 
-from .module import Module, Parameter, no_grad, is_grad_enabled
+from .module import Module, Parameter, eval_mode, no_grad, is_grad_enabled
 from .linear import Linear
 from .embedding import Embedding
 from .normalization import LayerNorm
@@ -11,7 +11,7 @@ from .blockwise_attention import BlockwiseAttention, make_attention
 from .loss import CrossEntropyLoss
 
 __all__ = [
-    "Module", "Parameter", "no_grad", "is_grad_enabled", "Linear", "Embedding", "LayerNorm",
-    "GELU", "Softmax", "Dropout", "MultiHeadAttention", "BlockwiseAttention",
-    "make_attention", "KVCache", "causal_mask", "CrossEntropyLoss",
+    "Module", "Parameter", "eval_mode", "no_grad", "is_grad_enabled", "Linear", "Embedding", "LayerNorm",
+    "GELU", "Softmax", "Dropout", "MultiHeadAttention", "BlockwiseAttention", "make_attention", "KVCache",
+    "causal_mask", "CrossEntropyLoss",
 ]

@@ -165,10 +165,10 @@ class BlockwiseAttention(MultiHeadAttention):
             return True
         return x.shape[1] >= AUTO_MIN_T and not backend.is_cupy_array(x)
 
-    def forward(self, x, kv_cache: KVCache | None = None, max_length: int | None = None):
+    def forward(self, x, kv_cache: KVCache | None = None):
         self._dense_step = not self.uses_blockwise(x)
         if self._dense_step:
-            return super().forward(x, kv_cache, max_length)
+            return super().forward(x, kv_cache)
         B, T, C = x.shape
         NH, hs = self.num_heads, self.head_dim
         G = B * NH
@@ -177,7 +177,7 @@ class BlockwiseAttention(MultiHeadAttention):
         qkv = qkv.reshape(B, T, 3, NH, hs).transpose(2, 0, 3, 1, 4)  # (3, B, NH, T, hs)
         q, k, v = qkv[0], qkv[1], qkv[2]  # (B, NH, T, hs) each
         if kv_cache is not None:
-            k, v = kv_cache.append(k, v, max_length)  # (B, NH, T_k, hs)
+            k, v = kv_cache.append(k, v)  # (B, NH, T_k, hs)
         T_k = k.shape[2]
         # contiguous (G, T, hs) heads; q scaled once here instead of every score tile
         q_heads = xp.multiply(q, 1.0 / math.sqrt(hs), out=xp.empty((B, NH, T, hs), dtype=q.dtype))
