@@ -152,8 +152,8 @@ def gradcheck_checks(seed: int = 0) -> list:
     """
     from .config import GPTConfig
     from .model import FeedForward, GPTModel, OutputHead, TransformerBlock
-    from .nn import (CrossEntropyLoss, Dropout, Embedding, GELU, LayerNorm, Linear, MultiHeadAttention,
-                     Parameter, Softmax)
+    from .nn import (BlockwiseAttention, CrossEntropyLoss, Dropout, Embedding, GELU, LayerNorm, Linear,
+                     MultiHeadAttention, Parameter, Softmax)
 
     F64 = "float64"
     rng = numpy.random.default_rng(seed)
@@ -210,6 +210,9 @@ def gradcheck_checks(seed: int = 0) -> list:
         ("CrossEntropyLoss", loss_check),
         ("GPTModel + loss (untied)", model_check(False)),
         ("GPTModel + loss (tied)", model_check(True)),
+        ("BlockwiseAttention", lambda: check_layer(
+            randomized(BlockwiseAttention(C, C, NH, qkv_bias=True, dtype=F64, mode="blockwise", block_q=2,
+                                          block_k=3)), randn(B, T, C))),
     ]
 
 
