@@ -23,29 +23,34 @@ AUTO_MIN_T = 128
 
 
 def _tile_mask(q_start: int, q_stop: int, k_start: int, k_stop: int, xp, dtype):
-    """Additive causal mask of one tile: 0 where query position i may see key j (j <= i),
-    -inf where j is in i's future. Positions are absolute (queries already offset)."""
-    q_pos = xp.arange(q_start, q_stop)[:, None]
-    k_pos = xp.arange(k_start, k_stop)[None, :]
-    return xp.where(k_pos > q_pos, -xp.inf, 0.0).astype(dtype)  # (bq, bk)
+    """Additive causal mask of one transposed tile (keys down, queries across): 0 where
+    query position i may see key j (j <= i), -inf where j is in i's future. Positions
+    are absolute (queries already offset)."""
+    k_pos = xp.arange(k_start, k_stop)[:, None]
+    q_pos = xp.arange(q_start, q_stop)[None, :]
+    return xp.where(k_pos > q_pos, -xp.inf, 0.0).astype(dtype)  # (bk, bq)
 
 
 def _key_tiles(q_start: int, q_stop: int, block_k: int):
     """The key tiles [k_start, k_stop) that queries at positions [q_start, q_stop) can see:
     keys 0 .. q_stop - 1, so every tile entirely in the queries' future is skipped. Yields
     (k_start, k_stop, needs_mask): a tile that reaches past q_start has future keys for
-    some of its rows."""
+    some of its queries."""
     for k_start in range(0, q_stop, block_k):
         k_stop = min(k_start + block_k, q_stop)
         yield k_start, k_stop, k_stop - 1 > q_start
 
+
+# Tiles are held transposed, S^T (G, bk, bq) with keys down and queries across: the
+# softmax's max and sum over keys then reduce across rows, which NumPy does ~3x faster
+# than along 128-element rows (measured 47 against 152 us for a (12, 128, 128) max).
 
 def blockwise_attention_forward(q, k, v, offset: int, block_q: int, block_k: int, out, lse) -> None:
     """Causal attention of a group of heads, tile by tile, with an online softmax.
 
     q: (G, Tq, hs) queries already multiplied by 1/sqrt(hs), at positions offset + i;
     k, v: (G, Tk, hs) with Tk = offset + Tq. Writes out (G, Tq, hs), the attention output,
-    and lse (G, Tq), each row's log-sum-exp of its scores, which the backward needs.
+    and lse (G, Tq), each query's log-sum-exp of its scores, which the backward needs.
 
     For one tile of queries, running over its key tiles j = 0, 1, ... with
         S_j = q k_j^T (+ causal mask)            m' = max(m, rowmax S_j)
@@ -54,31 +59,32 @@ def blockwise_attention_forward(q, k, v, offset: int, block_q: int, block_k: int
     keeps acc = sum_j exp(S_j - m) v_j and l = sum_j rowsum exp(S_j - m) for the running
     max m: rescaling by exp(m - m') moves both to a new max without changing their ratio.
     After the last tile, out = acc / l = softmax(S) v and lse = m + log l.
+    (In the code S_j is held transposed, so "rowmax" is a max over axis 1.)
     """
     xp = backend.array_module(q)
     G, Tq, hs = q.shape
     for q_start in range(0, Tq, block_q):
         q_stop = min(q_start + block_q, Tq)
-        qi = q[:, q_start:q_stop]  # (G, bq, hs)
-        m = xp.full((G, q_stop - q_start, 1), -xp.inf, dtype=q.dtype)  # running row max
-        l = xp.zeros((G, q_stop - q_start, 1), dtype=q.dtype)  # running row sum
+        qi_t = q[:, q_start:q_stop].transpose(0, 2, 1)  # (G, hs, bq)
+        m = xp.full((G, 1, q_stop - q_start), -xp.inf, dtype=q.dtype)  # running max per query
+        l = xp.zeros((G, 1, q_stop - q_start), dtype=q.dtype)  # running sum per query
         acc = xp.zeros((G, q_stop - q_start, hs), dtype=q.dtype)
         for k_start, k_stop, needs_mask in _key_tiles(offset + q_start, offset + q_stop, block_k):
-            s = qi @ k[:, k_start:k_stop].transpose(0, 2, 1)  # (G, bq, bk)
+            st = k[:, k_start:k_stop] @ qi_t  # (G, bk, bq) = S_j^T
             if needs_mask:
-                s += _tile_mask(offset + q_start, offset + q_stop, k_start, k_stop, xp, s.dtype)
+                st += _tile_mask(offset + q_start, offset + q_stop, k_start, k_stop, xp, st.dtype)
             # the first tile holds key 0, which every query sees: m is finite from then on
-            m_new = xp.maximum(m, s.max(axis=-1, keepdims=True))
-            s -= m_new
-            p = xp.exp(s, out=s)  # (G, bq, bk)
-            rescale = xp.exp(m - m_new)  # (G, bq, 1): 0 on the first tile
+            m_new = xp.maximum(m, st.max(axis=1, keepdims=True))  # (G, 1, bq)
+            st -= m_new
+            pt = xp.exp(st, out=st)  # (G, bk, bq) = P_j^T
+            rescale = xp.exp(m - m_new)  # (G, 1, bq): 0 on the first tile
             l *= rescale
-            l += p.sum(axis=-1, keepdims=True)
-            acc *= rescale
-            acc += p @ v[:, k_start:k_stop]  # (G, bq, hs)
+            l += pt.sum(axis=1, keepdims=True)
+            acc *= rescale.transpose(0, 2, 1)
+            acc += pt.transpose(0, 2, 1) @ v[:, k_start:k_stop]  # (G, bq, hs)
             m = m_new
-        xp.divide(acc, l, out=out[:, q_start:q_stop])
-        lse[:, q_start:q_stop] = (m + xp.log(l))[..., 0]
+        xp.divide(acc, l.transpose(0, 2, 1), out=out[:, q_start:q_stop])
+        lse[:, q_start:q_stop] = (m + xp.log(l))[:, 0]
 
 
 def blockwise_attention_backward(q, k, v, out, lse, dout, offset: int, block_q: int, block_k: int,
@@ -95,35 +101,36 @@ def blockwise_attention_backward(q, k, v, out, lse, dout, offset: int, block_q: 
         dq = dS k,        dk = dS^T q.
     Each is a sum over tiles: dq over a query tile's key tiles, dk and dv over the query
     tiles that see a key tile. Masked entries have P = 0 and so get no gradient.
+    (As in the forward, the code holds the tiles transposed: pt = P^T, dst = dS^T.)
     """
     xp = backend.array_module(q)
     G, Tq, hs = q.shape
     dk[...] = 0
     dv[...] = 0
-    D = (dout * out).sum(axis=-1, keepdims=True)  # (G, Tq, 1)
+    D = (dout * out).sum(axis=-1)[:, None, :]  # (G, 1, Tq)
     for q_start in range(0, Tq, block_q):
         q_stop = min(q_start + block_q, Tq)
         qi, douti = q[:, q_start:q_stop], dout[:, q_start:q_stop]  # (G, bq, hs)
-        lse_i, D_i = lse[:, q_start:q_stop, None], D[:, q_start:q_stop]  # (G, bq, 1)
+        lse_i, D_i = lse[:, None, q_start:q_stop], D[:, :, q_start:q_stop]  # (G, 1, bq)
         dqi = dq[:, q_start:q_stop]
         dqi[...] = 0
         for k_start, k_stop, needs_mask in _key_tiles(offset + q_start, offset + q_stop, block_k):
             kj, vj = k[:, k_start:k_stop], v[:, k_start:k_stop]  # (G, bk, hs)
             # S = q k^T (+ mask); P = exp(S - lse), the forward's probabilities
-            s = qi @ kj.transpose(0, 2, 1)  # (G, bq, bk)
+            st = kj @ qi.transpose(0, 2, 1)  # (G, bk, bq) = S^T
             if needs_mask:
-                s += _tile_mask(offset + q_start, offset + q_stop, k_start, k_stop, xp, s.dtype)
-            s -= lse_i
-            p = xp.exp(s, out=s)
+                st += _tile_mask(offset + q_start, offset + q_stop, k_start, k_stop, xp, st.dtype)
+            st -= lse_i
+            pt = xp.exp(st, out=st)  # P^T
             # out = P v
-            dv[:, k_start:k_stop] += p.transpose(0, 2, 1) @ douti  # (G, bk, hs)
-            dp = douti @ vj.transpose(0, 2, 1)  # (G, bq, bk)
+            dv[:, k_start:k_stop] += pt @ douti  # (G, bk, hs)
+            dpt = vj @ douti.transpose(0, 2, 1)  # (G, bk, bq) = dP^T
             # P = softmax(S)
-            dp -= D_i
-            ds = xp.multiply(p, dp, out=dp)
+            dpt -= D_i
+            dst = xp.multiply(pt, dpt, out=dpt)  # dS^T
             # S = q k^T
-            dqi += ds @ kj
-            dk[:, k_start:k_stop] += ds.transpose(0, 2, 1) @ qi
+            dqi += dst.transpose(0, 2, 1) @ kj
+            dk[:, k_start:k_stop] += dst @ qi
 
 
 class BlockwiseAttention(MultiHeadAttention):
