@@ -121,14 +121,17 @@ def for_chunks(fn, n: int, grain: int, blas: bool = False) -> list:
     """``fn(start, stop)`` for every chunk ``[start, stop)`` of ``range(n)``, ``grain``
     items a chunk, on up to ``get_num_threads()`` threads; the results in chunk order.
 
-    ``blas=True``: ``fn`` calls BLAS, which then runs single-threaded while the chunks
-    run in parallel. An exception in any chunk is raised here once every thread stopped.
+    ``blas=True``: ``fn`` calls BLAS, which then runs single-threaded (on one thread
+    too, so that results do not depend on the thread count). An exception in any chunk is raised here once every thread stopped.
     """
     grain = max(1, int(grain))
     bounds = [(start, min(start + grain, n)) for start in range(0, n, grain)]
     workers = min(get_num_threads(), len(bounds))
     if workers <= 1 or getattr(_in_worker, "active", False):
-        return [fn(start, stop) for start, stop in bounds]
+        # the same chunks, one after the other (with the same single-threaded BLAS, so
+        # that the bits do not depend on the number of threads)
+        with single_thread_blas() if blas and not getattr(_in_worker, "active", False) else nullcontext():
+            return [fn(start, stop) for start, stop in bounds]
     results = [None] * len(bounds)
     tickets = itertools.count()  # next() on a count is atomic under the GIL
     failed = []

@@ -152,3 +152,24 @@ def test_layers_match_their_formulas(tiny_chunks):
         np.testing.assert_allclose(y, xhat * np.linspace(0.5, 1.5, 7) + np.linspace(-1, 1, 7), rtol=1e-12)
         np.testing.assert_allclose(dw, (dy * xhat).sum((0, 1)), rtol=1e-12)
         np.testing.assert_allclose(db, dy.sum((0, 1)), rtol=1e-12)
+
+
+def test_model_step_is_bit_identical_on_one_and_two_threads(tiny_chunks):
+    """A whole forward + backward of a tiny GPT with the blockwise attention (tiles of 4)."""
+    from numpygpt import GPTConfig, GPTModel
+
+    cfg = GPTConfig.preset("tiny", attn_impl="blockwise")
+    rng = np.random.default_rng(3)
+    idx, targets = rng.integers(0, cfg.vocab_size, (2, 2, 19))
+    results = []
+    for threads in (1, 2):
+        model = GPTModel(cfg, seed=0)
+        for block in model.h:
+            block.attn.block_q = block.attn.block_k = 4
+        loss_fn = CrossEntropyLoss()
+        with parallel.num_threads(threads):
+            loss = loss_fn(model(idx), targets)
+            model.backward(loss_fn.backward())
+        results.append([loss] + [p.grad for p in model.parameters()])
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
