@@ -14,7 +14,10 @@ One optimiser step is::
 Every ``eval_freq`` steps the mean loss over ``eval_iter`` training and validation
 batches is logged, and each epoch ends with a greedy sample from ``start_context``.
 A non-finite loss stops the run with ``TrainingDivergedError`` before the weights are
-touched and before any checkpoint is written, so the last checkpoint is a good one.
+touched. An update can also break the weights (a huge learning rate): before every save,
+and at the end of a run, the weights are checked to be finite and to give a finite loss
+on one batch, so a checkpoint that is written is always a good one, a bad save never
+replaces a good one, and a run that ends non-finite raises.
 
 Checkpoints record where the run is (epoch, batch inside the epoch, step, tokens seen,
 the history so far); together with the weights, the optimiser state and the dropout
@@ -31,7 +34,7 @@ import math
 import sys
 from dataclasses import dataclass, field
 
-from . import checkpoint
+from . import backend, checkpoint
 from .nn import CrossEntropyLoss, eval_mode, no_grad
 from .optim import clip_grad_norm
 
@@ -333,8 +336,17 @@ def train_model(model, train_loader, val_loader, optimizer, num_epochs: int, eva
     state.extra = {**state.extra, **(opts.extra or {})}
     history = state.history
 
+    def check_health() -> None:
+        """The weights the optimiser just made must be finite and give a finite loss,
+        or the run stops here: nothing non-finite is saved or returned as trained."""
+        problem = _unhealthy(model, loss_fn, train_loader)
+        if problem is not None:
+            raise _diverged(problem[0], problem[1], state.global_step, state.epoch, checkpoint_path, last_saved,
+                            after_update=True)
+
     def save() -> None:
         nonlocal last_saved
+        check_health()  # a checkpoint always holds finite weights with a finite loss
         if hasattr(train_loader, "state_dict"):
             state.loader_state = train_loader.state_dict()
         checkpoint.save_checkpoint(checkpoint_path, model, optimizer, step=state.global_step, extra=state.to_dict())
@@ -378,6 +390,9 @@ def train_model(model, train_loader, val_loader, optimizer, num_epochs: int, eva
 
             if main and (step - 1) % eval_freq == 0:
                 train_loss, val_loss = evaluate_model(model, train_loader, val_loader, eval_iter)
+                if not math.isfinite(train_loss):
+                    raise _diverged("training loss", train_loss, step, state.epoch, checkpoint_path, last_saved,
+                                    after_update=True)
                 ppl = perplexity(val_loss)
                 history["train_losses"].append(train_loss)
                 history["val_losses"].append(val_loss)
@@ -404,7 +419,25 @@ def train_model(model, train_loader, val_loader, optimizer, num_epochs: int, eva
              f"{_sample(model, start_context, opts.sample_tokens, tokenizer)}")
     if checkpoint_path is not None and last_saved != state.global_step:
         save()
+    elif state.global_step > 0 and last_saved != state.global_step:
+        check_health()  # a run that ends with non-finite weights or loss is not a success
     return state.history_dict()
+
+
+def _unhealthy(model, loss_fn, loader):
+    """None if every weight is finite and the loss of the loader's first batch (eval mode,
+    no gradients, so the dropout generator is untouched) is finite; else (what, value).
+    One host sync for the weights, one for the loss."""
+    params = model.parameters()
+    if params:
+        xp = backend.array_module(params[0].data)
+        if not bool(xp.stack([xp.isfinite(p.data).all() for p in params]).all()):
+            bad = next(name for name, p in model.named_parameters() if not bool(xp.isfinite(p.data).all()))
+            return f"weight {bad}", "non-finite"
+    x, y = next(iter(_batches(loader)))
+    with eval_mode(model), no_grad():
+        loss = float(calc_loss_batch(model, loss_fn, x, y))
+    return None if math.isfinite(loss) else ("loss at the updated weights", loss)
 
 
 def _forward_backward(model, loss_fn, batches, accum: int) -> tuple[float, int]:
@@ -422,15 +455,19 @@ def _forward_backward(model, loss_fn, batches, accum: int) -> tuple[float, int]:
     return float(loss_sum) / accum, tokens
 
 
-def _diverged(what: str, value: float, step: int, epoch: int, checkpoint_path, last_saved):
-    msg = (f"training diverged: the {what} is {value} at step {step} (epoch {epoch + 1}); "
-           "stopped before updating the weights")
+def _diverged(what: str, value, step: int, epoch: int, checkpoint_path, last_saved, after_update: bool = False):
+    if after_update:
+        msg = (f"training diverged: the {what} is {value} after step {step} (epoch {epoch + 1}); "
+               "these weights were not saved")
+    else:
+        msg = (f"training diverged: the {what} is {value} at step {step} (epoch {epoch + 1}); "
+               "stopped before updating the weights")
     if checkpoint_path is not None and last_saved is not None:
         msg += f"; the last good checkpoint is {checkpoint_path} (step {last_saved})"
     elif checkpoint_path is not None:
         msg += "; no checkpoint had been written yet"
     msg += ". Try a lower learning rate or gradient clipping."
-    return TrainingDivergedError(msg, step=step, loss=value)
+    return TrainingDivergedError(msg, step=step, loss=value if isinstance(value, float) else math.nan)
 
 
 # -- plotting ------------------------------------------------------------------------------
