@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_cli(fn) -> int:
     """Run ``fn()`` turning user-facing failures into a message and an exit code."""
-    from .train import TrainingDivergedError
+    from .train import TrainingDivergedError, TrainingInterrupted
 
     try:
         result = fn()
@@ -210,8 +210,11 @@ def run_cli(fn) -> int:
     except TrainingDivergedError as e:
         print(f"numpygpt: error: {e}", file=sys.stderr)
         return 1
+    except TrainingInterrupted as e:
+        print(f"numpygpt: {e}", file=sys.stderr)
+        return 128 + (e.signum or 2)
     except KeyboardInterrupt:
-        print("numpygpt: interrupted", file=sys.stderr)
+        print("numpygpt: interrupted (a checkpoint already on disk is intact)", file=sys.stderr)
         return 130
     return result if isinstance(result, int) else 0
 

@@ -31,7 +31,11 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import os
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from . import backend, checkpoint
@@ -40,6 +44,9 @@ from .optim import clip_grad_norm
 
 __all__ = [
     "TrainingDivergedError",
+    "TrainingInterrupted",
+    "StopRequest",
+    "stop_on_signals",
     "TrainOptions",
     "TrainState",
     "new_history",
@@ -50,6 +57,56 @@ __all__ = [
     "plot_losses",
     "perplexity",
 ]
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped at a step boundary because a stop was requested (Ctrl-C, SIGTERM):
+    ``step`` steps are done and, when the run checkpoints, saved in ``checkpoint``."""
+
+    def __init__(self, message: str, step: int, checkpoint=None, signum: int | None = None):
+        super().__init__(message)
+        self.step = step
+        self.checkpoint = checkpoint
+        self.signum = signum
+
+
+class StopRequest:
+    """Set by ``stop_on_signals``'s handler; ``train_model(stop_requested=...)`` polls it
+    after every step. Calling it returns the signal number asked to stop (None: go on)."""
+
+    def __init__(self):
+        self.signum = None
+
+    def __call__(self):
+        return self.signum
+
+
+@contextmanager
+def stop_on_signals(signals=(signal.SIGINT, signal.SIGTERM)):
+    """Within this block the first SIGINT/SIGTERM asks the training loop to stop after the
+    step in progress (it saves a checkpoint and raises TrainingInterrupted); a second one
+    raises KeyboardInterrupt at once (a save in progress then leaves the previous
+    checkpoint as it was). Yields the StopRequest to pass as ``stop_requested``.
+    Outside the main thread signals cannot be caught: the request then never fires."""
+    request = StopRequest()
+
+    def handler(signum, frame):
+        if request.signum is not None:
+            raise KeyboardInterrupt
+        request.signum = signum
+        # os.write, not print: a handler that prints while the loop prints can raise
+        # "reentrant call" on the buffered stream
+        os.write(2, f"\nnumpygpt: {signal.Signals(signum).name}: stopping after this step and saving a "
+                    "checkpoint (press Ctrl-C again to quit at once)\n".encode())
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {s: signal.signal(s, handler) for s in signals}
+    try:
+        yield request
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 class TrainingDivergedError(RuntimeError):
@@ -264,6 +321,9 @@ class TrainOptions:
         average the gradients across processes there).
     is_main_process: False on every process but one in a multi-process run: it then
         logs nothing, draws no bar, evaluates and samples nothing, and saves nothing.
+    stop_requested: polled after every step (e.g. ``stop_on_signals``'s StopRequest); when
+        it returns something true the run saves a checkpoint (when it checkpoints) and
+        raises TrainingInterrupted.
     """
 
     grad_accum_steps: int = 1
@@ -281,6 +341,7 @@ class TrainOptions:
     loss_fn: object = None
     reduce_gradients: object = None
     is_main_process: bool = True
+    stop_requested: object = None
 
 
 def train_model(model, train_loader, val_loader, optimizer, num_epochs: int, eval_freq: int,
@@ -410,6 +471,10 @@ def train_model(model, train_loader, val_loader, optimizer, num_epochs: int, eva
 
             if checkpoint_path is not None and opts.checkpoint_every and step % opts.checkpoint_every == 0:
                 save()
+            signum = opts.stop_requested() if opts.stop_requested is not None else None
+            if signum:
+                raise _interrupted(signum, state.global_step, total_steps, checkpoint_path,
+                                   save if checkpoint_path is not None and last_saved != state.global_step else None)
     finally:
         bar.close()
 
@@ -422,6 +487,18 @@ def train_model(model, train_loader, val_loader, optimizer, num_epochs: int, eva
     elif state.global_step > 0 and last_saved != state.global_step:
         check_health()  # a run that ends with non-finite weights or loss is not a success
     return state.history_dict()
+
+
+def _interrupted(signum, step: int, total_steps: int, checkpoint_path, save) -> TrainingInterrupted:
+    """Save (if ``save``) and describe where the stopped run stands."""
+    if save is not None:
+        save()
+    name = signal.Signals(signum).name if isinstance(signum, int) and not isinstance(signum, bool) else "a stop request"
+    msg = f"stopped by {name} after step {step} of {total_steps}"
+    msg += (f"; checkpoint {checkpoint_path} holds step {step}" if checkpoint_path is not None
+            else "; no checkpoint path was given, nothing was saved")
+    return TrainingInterrupted(msg, step=step, checkpoint=checkpoint_path,
+                               signum=signum if isinstance(signum, int) else None)
 
 
 def _unhealthy(model, loss_fn, loader):
