@@ -80,15 +80,27 @@ def sample_next(logits, temperature: float = 0.0, top_k: int | None = None,
     Otherwise ``logits / temperature`` -> top-k -> top-p -> one draw per row from the
     softmax, by inverse CDF with ``rng`` (a NumPy Generator, or a seed for
     ``numpy.random.default_rng``). Works in float64 on the host.
+
+    Non-finite logits: a NaN, or a row that is all -inf, is a ValueError (there is no
+    distribution to sample from); +inf means certainty: the row picks among its +inf
+    tokens only. A temperature so small that ``logits / temperature`` overflows is a
+    ValueError (use 0 for greedy decoding).
     """
     _check_sampling(temperature, top_k, top_p)
     logits = np.asarray(backend.to_host(logits), dtype=np.float64)
     if logits.ndim != 2:
         raise ValueError(f"sample_next expects logits of shape (B, V), got {logits.shape}")
+    logits = _certain_tokens(logits)
     if temperature == 0.0:
         return logits.argmax(axis=-1).astype(np.int64)
     rng = np.random.default_rng(rng)  # a Generator passes through unchanged
-    logits = logits / temperature
+    with np.errstate(over="ignore"):
+        scaled = logits / temperature
+    finite = np.isfinite(logits)
+    if not np.isfinite(scaled[finite]).all():
+        raise ValueError(f"temperature {temperature!r} is too small: logits / temperature overflows; "
+                         "use temperature 0 for greedy decoding")
+    logits = scaled
     if top_k is not None:
         logits = top_k_filter(logits, top_k)
     if top_p is not None:
@@ -101,6 +113,22 @@ def sample_next(logits, temperature: float = 0.0, top_k: int | None = None,
     # rounding could push u onto the total; never step past the last possible token
     last = probs.shape[1] - 1 - np.argmax(probs[:, ::-1] > 0, axis=-1)
     return np.minimum(nxt, last).astype(np.int64)
+
+
+def _certain_tokens(logits: np.ndarray) -> np.ndarray:
+    """Refuse NaN and all -inf rows; in a row holding +inf, only its +inf tokens remain
+    possible (logit 0), the rest get -inf. logits: (B, V) float64."""
+    nan_rows = np.isnan(logits).any(axis=-1)
+    if nan_rows.any():
+        raise ValueError(f"the logits of row {int(np.argmax(nan_rows))} contain NaN: the model's output is broken")
+    dead = (logits == -np.inf).all(axis=-1)
+    if dead.any():
+        raise ValueError(f"every logit of row {int(np.argmax(dead))} is -inf: no token can be sampled")
+    sure = logits == np.inf  # (B, V)
+    rows = sure.any(axis=-1, keepdims=True)  # (B, 1)
+    if not rows.any():
+        return logits
+    return np.where(rows, np.where(sure, 0.0, -np.inf), logits)
 
 
 def _check_sampling(temperature, top_k, top_p) -> None:
