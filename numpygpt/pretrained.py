@@ -187,7 +187,7 @@ def load_pretrained(path_or_name, build, dtype: str = "float32", cache_dir=None,
     hf = _read_config(directory)
     cfg = config_from_hf(hf, dtype=dtype, drop_rate=drop_rate)
     target = device if device is not None else backend.get_device()
-    with safe_open(os.path.join(directory, WEIGHTS_FILE), framework="numpy") as f:
+    with _open_weights(os.path.join(directory, WEIGHTS_FILE)) as f:
         keys, cfg = _plan(f, cfg)
         with backend.device(target):
             model = build(cfg)  # zeros: no random draw for weights about to be replaced
@@ -198,6 +198,16 @@ def load_pretrained(path_or_name, build, dtype: str = "float32", cache_dir=None,
                 arr = arr.copy()  # optimisers update weights in place
             p.data, p.grad = arr, None
     return model.eval()
+
+
+def _open_weights(path: str):
+    """safe_open, with a damaged file (bad header, truncated data) as a ValueError."""
+    try:
+        return safe_open(path, framework="numpy")
+    except (FileNotFoundError, PermissionError):
+        raise
+    except Exception as e:  # safetensors raises its own error type
+        raise ValueError(f"{path} is not a valid safetensors file: corrupt or truncated ({e})") from e
 
 
 def _plan(f, cfg: GPTConfig):
@@ -304,11 +314,7 @@ def _read_json(path: str) -> dict:
 
 def _verify_weights(path: str, cfg: GPTConfig) -> None:
     """The header parses and names exactly the tensors a GPT-2 with ``cfg`` needs."""
-    try:
-        f = safe_open(path, framework="numpy")
-    except Exception as e:  # safetensors raises its own error type for a bad header
-        raise ValueError(f"the downloaded {WEIGHTS_FILE} is not a valid safetensors file ({e})") from e
-    with f:
+    with _open_weights(path) as f:
         _plan(f, cfg)
 
 

@@ -340,8 +340,11 @@ def run_generate(prompt: str, checkpoint=None, model=None, max_new_tokens: int =
     else:
         gpt = _from_pretrained(model, dtype=dtype, device=device)
     gpt.eval()
-    text = generate_text(gpt, prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                         seed=seed, use_cache=use_cache)
+    try:
+        text = generate_text(gpt, prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                             seed=seed, use_cache=use_cache)
+    except ValueError as e:  # a prompt the model cannot read, a temperature that overflows...
+        raise RunError(f"cannot generate: {e}") from e
     print(text, flush=True)
     return text
 

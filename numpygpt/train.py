@@ -410,7 +410,14 @@ def train_model(model, train_loader, val_loader, optimizer, num_epochs: int, eva
         check_health()  # a checkpoint always holds finite weights with a finite loss
         if hasattr(train_loader, "state_dict"):
             state.loader_state = train_loader.state_dict()
-        checkpoint.save_checkpoint(checkpoint_path, model, optimizer, step=state.global_step, extra=state.to_dict())
+        try:
+            checkpoint.save_checkpoint(checkpoint_path, model, optimizer, step=state.global_step,
+                                       extra=state.to_dict())
+        except OSError as e:  # a full disk: say what is still on it
+            before = (f"the previous checkpoint (step {last_saved}) is unchanged" if last_saved is not None
+                      else "no checkpoint was written")
+            raise OSError(e.errno, f"cannot write checkpoint {checkpoint_path} at step {state.global_step}: "
+                                   f"{e.strerror or e}; {before}") from e
         last_saved = state.global_step
 
     loss_fn = opts.loss_fn if opts.loss_fn is not None else CrossEntropyLoss()
