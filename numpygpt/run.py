@@ -256,6 +256,10 @@ def run_training(given: dict) -> dict:
                                      initial_lr=opts["lr"] / warmup if warmup else 0.0)
         lr_desc = f"AdamW lr {opts['lr']:g}, {warmup} warmup steps, cosine to {min_lr:g}"
 
+    if resume_state is not None and resume_state.global_step >= total:
+        raise RunError(f"{opts['resume']} is already at step {resume_state.global_step:,}, and this run stops at step "
+                       f"{total:,}: nothing to do; give a larger --max-steps (or --epochs) to continue it")
+
     out = opts["out"]
     try:
         os.makedirs(out, exist_ok=True)
