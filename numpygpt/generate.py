@@ -145,8 +145,9 @@ def _check_sampling(temperature, top_k, top_p) -> None:
 # -- the generation loop ------------------------------------------------------------------------
 
 
-def _prompt_array(idx, device_name: str):
-    """NumPy/CuPy/list, (B, T) or (T,) -> (B, T) int64 array on ``device_name``."""
+def _prompt_array(idx, device_name: str, vocab_size: int):
+    """NumPy/CuPy/list, (B, T) or (T,) -> (B, T) int64 array on ``device_name``, its ids
+    checked against [0, vocab_size) here on the host (the model does not check device ids)."""
     host = backend.to_host(idx)  # a prompt crosses once; the ids are checked on the host
     if host.ndim == 1:
         host = host[None, :]  # (T,) -> (1, T)
@@ -156,6 +157,10 @@ def _prompt_array(idx, device_name: str):
         raise ValueError(f"prompt is empty (shape {host.shape}): generation needs at least one token per row")
     if not np.issubdtype(host.dtype, np.integer):
         raise ValueError(f"prompt token ids must be integers, got dtype {host.dtype}")
+    lo, hi = int(host.min()), int(host.max())
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"prompt token id {lo if lo < 0 else hi} is out of range: the model's vocabulary "
+                         f"has {vocab_size} tokens")
     return backend.to_device(host, dtype="int64", device_name=device_name)
 
 
@@ -191,7 +196,7 @@ def generate(model, idx, max_new_tokens: int, context_size: int | None = None,
         raise ValueError(f"eos_id must be a token id in [0, {model.cfg.vocab_size}) or None, got {eos_id!r}")
 
     dev = model.device
-    seq = _prompt_array(idx, dev)  # (B, T)
+    seq = _prompt_array(idx, dev, model.cfg.vocab_size)  # (B, T)
     B = seq.shape[0]
     xp = backend.array_module(seq)
     rng = np.random.default_rng(seed)
