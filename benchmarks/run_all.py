@@ -4,6 +4,7 @@
     python benchmarks/run_all.py --quick               # about 2 minutes: small model only
     python benchmarks/run_all.py --only train,memory --out my_results.md
     python benchmarks/run_all.py --no-torch            # numpygpt alone
+    python benchmarks/run_all.py --long --wait-quiet   # GPT-2's context (issue 10), ~25 minutes
 
 Benchmarks: check (torch_gpt agrees with numpygpt), matmul, train, memory, generate,
 scaling, profile. Benchmarks run one after another (never two at once: they would
@@ -52,9 +53,32 @@ def plan(quick: bool) -> dict[str, list[str]]:
     }
 
 
+def plan_long() -> dict[str, list[str]]:
+    """GPT-2 small in Hugging Face's layout at its own context 1024 (and at 256), with the
+    code before the blockwise attention and threaded layers, PyTorch eager, SDPA and
+    torch.compile; memory, profiles, the dense/blockwise break-even and a busy core."""
+    return {
+        "matmul": ["bench_matmul.py", "--sizes", "2048,4096", "--no-gpt2-shapes"],
+        "train-1024": ["bench_train_step.py", "--configs", "gpt2-hf", "--batch", "4", "--context", "1024",
+                       "--before", "--compile", "--steps", "3", "--warmup", "1"],
+        "train-256": ["bench_train_step.py", "--configs", "gpt2-hf", "--batch", "2", "--context", "256",
+                      "--before", "--compile", "--steps", "5", "--warmup", "2"],
+        "memory-1024": ["bench_memory.py", "--config", "gpt2-hf", "--batch", "4", "--context", "1024"],
+        "profile-1024": ["profile_step.py", "--config", "gpt2-hf", "--batch", "4", "--context", "1024",
+                         "--steps", "2", "--lines", "20"],
+        "profile-1024-before": ["profile_step.py", "--config", "gpt2-hf", "--batch", "4", "--context", "1024",
+                                "--steps", "2", "--lines", "10", "--before"],
+        "blockwise": ["bench_blockwise.py", "--contexts", "64,128,256,512,1024", "--tokens", "2048",
+                      "--repeat", "3"],
+        "busy-256": ["bench_train_step.py", "--configs", "gpt2-hf", "--batch", "2", "--context", "256",
+                     "--before", "--no-sdpa", "--busy", "1", "--steps", "3", "--warmup", "1"],
+    }
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small model, fewer steps (~2 minutes)")
+    p.add_argument("--long", action="store_true", help="GPT-2 small at context 1024 (see plan_long)")
     p.add_argument("--only", default=None, help="comma-separated subset of: " + ",".join(plan(False)))
     p.add_argument("--threads", type=int, default=common.default_threads())
     p.add_argument("--no-torch", action="store_true")
@@ -62,12 +86,12 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=os.path.join(HERE, "out", "summary.md"))
     args = p.parse_args(argv)
 
-    todo = plan(args.quick)
+    todo = plan_long() if args.long else plan(args.quick)
     if args.only:
         names = args.only.split(",")
         unknown = set(names) - set(todo)
         if unknown:
-            p.error(f"unknown benchmarks {sorted(unknown)}")
+            p.error(f"unknown benchmarks {sorted(unknown)}: choose from {', '.join(todo)}")
         todo = {k: v for k, v in todo.items() if k in names}
     if args.no_torch:
         todo.pop("check", None)
@@ -79,7 +103,7 @@ def main(argv=None) -> int:
     t_all = time.perf_counter()
     for name, (script, *extra) in todo.items():
         cmd = [sys.executable, os.path.join(HERE, script), *extra, "--threads", str(args.threads)]
-        if args.no_torch and name != "profile":
+        if args.no_torch and not name.startswith(("profile", "blockwise")):
             cmd.append("--no-torch")
         if name == "check":
             cmd = cmd[:2] + ["--threads", str(args.threads)]
