@@ -59,19 +59,24 @@ def plan_long() -> dict[str, list[str]]:
     torch.compile; memory, profiles, the dense/blockwise break-even and a busy core."""
     return {
         "matmul": ["bench_matmul.py", "--sizes", "2048,4096", "--no-gpt2-shapes"],
+        # two runs at 1024 (each model holds ~2 GB of weights, gradients and AdamW moments,
+        # and PyTorch eager's step alone peaks near 10 GB): numpygpt is in both
         "train-1024": ["bench_train_step.py", "--configs", "gpt2-hf", "--batch", "4", "--context", "1024",
-                       "--before", "--compile", "--steps", "3", "--warmup", "1"],
+                       "--before", "--no-sdpa", "--steps", "3", "--warmup", "1"],
+        "train-1024-sdpa-compile": ["bench_train_step.py", "--configs", "gpt2-hf", "--batch", "4", "--context",
+                                    "1024", "--no-eager", "--compile", "--steps", "3", "--warmup", "2"],
         "train-256": ["bench_train_step.py", "--configs", "gpt2-hf", "--batch", "2", "--context", "256",
                       "--before", "--compile", "--steps", "5", "--warmup", "2"],
         "memory-1024": ["bench_memory.py", "--config", "gpt2-hf", "--batch", "4", "--context", "1024"],
         "profile-1024": ["profile_step.py", "--config", "gpt2-hf", "--batch", "4", "--context", "1024",
                          "--steps", "2", "--lines", "20"],
-        "profile-1024-before": ["profile_step.py", "--config", "gpt2-hf", "--batch", "4", "--context", "1024",
-                                "--steps", "2", "--lines", "10", "--before"],
         "blockwise": ["bench_blockwise.py", "--contexts", "64,128,256,512,1024", "--tokens", "2048",
                       "--repeat", "3"],
+        "generate": ["bench_generate.py", "--new-tokens", "50"],
         "busy-256": ["bench_train_step.py", "--configs", "gpt2-hf", "--batch", "2", "--context", "256",
                      "--before", "--no-sdpa", "--busy", "1", "--steps", "3", "--warmup", "1"],
+        "profile-1024-before": ["profile_step.py", "--config", "gpt2-hf", "--batch", "4", "--context", "1024",
+                                "--steps", "2", "--lines", "10", "--before"],
     }
 
 
