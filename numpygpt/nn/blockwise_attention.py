@@ -16,9 +16,9 @@ from .. import backend, parallel
 
 ATTN_IMPLS = ("auto", "dense", "blockwise")
 
-# "auto" switches from the dense attention to the blockwise one at this many queries.
-# Measured with benchmarks/bench_attention.py --impls (GPT-2 small's heads, 2 threads):
-# see benchmarks/RESULTS.md, "Blockwise attention".
+# "auto" switches from the dense attention to the blockwise one at this many queries:
+# the break-even of benchmarks/bench_blockwise.py (one GPT-2 small attention layer,
+# forward + backward), see benchmarks/RESULTS.md, "GPT-2's full context".
 AUTO_MIN_T = 128
 
 
