@@ -105,6 +105,16 @@ def _mark_worker() -> None:
     _in_worker.active = True
 
 
+def _forget_pool() -> None:
+    """In a forked child the pool's threads do not exist: start a new pool when needed."""
+    global _pool, _pool_size
+    _pool, _pool_size = None, 0
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
 def single_thread_blas():
     """A context in which NumPy's BLAS uses one thread (a no-op without threadpoolctl)."""
     global _blas_controller

@@ -173,3 +173,20 @@ def test_model_step_is_bit_identical_on_one_and_two_threads(tiny_chunks):
         results.append([loss] + [p.grad for p in model.parameters()])
     for a, b in zip(*results):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_forked_child_gets_a_working_pool():
+    import multiprocessing as mp
+
+    if "fork" not in mp.get_all_start_methods():
+        pytest.skip("no fork on this platform")
+    with parallel.num_threads(2):
+        parallel.for_chunks(lambda s, e: s, 4, 1)  # the parent's pool exists now
+        ctx = mp.get_context("fork")
+        with ctx.Pool(1) as pool:
+            assert pool.apply_async(_chunks_in_child).get(timeout=60) == [0, 1, 2, 3]  # hangs if broken
+
+
+def _chunks_in_child():
+    with parallel.num_threads(2):
+        return parallel.for_chunks(lambda s, e: s, 4, 1)
