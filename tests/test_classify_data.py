@@ -200,7 +200,7 @@ def test_offline_download_says_what_to_pass(tmp_path, monkeypatch):
     def offline(*args, **kwargs):
         raise URLError("[Errno -3] Temporary failure in name resolution")
 
-    monkeypatch.setattr("numpygpt.pretrained.download_file", offline)
+    monkeypatch.setattr("numpygpt.download.download_file", offline)
     with pytest.raises(OSError, match=r"could not be downloaded from https://archive\.ics\.uci\.edu.*--data PATH") as e:
         download_sms_spam(cache_dir=tmp_path)
     assert "\n" not in str(e.value)

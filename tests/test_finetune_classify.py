@@ -149,7 +149,7 @@ def test_offline_without_data_says_what_to_pass(pretrained, tmp_path, capsys, mo
         raise URLError("[Errno -3] Temporary failure in name resolution")
 
     monkeypatch.setenv("NUMPYGPT_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr("numpygpt.pretrained.download_file", offline)
+    monkeypatch.setattr("numpygpt.download.download_file", offline)
     assert main(["finetune", "classify", "--pretrained", str(pretrained), "--device", "cpu",
                  "--out", str(tmp_path / "out")]) == 2
     assert_one_line_error(capsys, "could not be downloaded", "--data PATH", "SMSSpamCollection")

@@ -23,8 +23,8 @@ import sys
 import time
 
 from .. import backend
-from ..nn import CrossEntropyLoss, no_grad
-from ..train import TrainingDivergedError, _batches, calc_loss_batch, evaluate_model
+from ..nn import CrossEntropyLoss, eval_mode, no_grad
+from ..train import _batches, _diverged, _forward_backward, evaluate_model
 from .classify_data import PAD_ID, download_sms_spam, prepare_classification_data
 
 __all__ = [
@@ -40,8 +40,8 @@ TRAINABLE_CHOICES = ("all", "last-block", "last-two-blocks", "head")
 # -- metrics -------------------------------------------------------------------------------------
 
 def predict(model, inputs):
-    """Class ids (B,) of a batch of token ids (B, T): the argmax of the (B, K) logits."""
-    inputs = backend.to_device(inputs, device_name=model.device)  # (B, T)
+    """Class ids (B,) of a batch of token ids (B, T) (host or device): the argmax of the
+    (B, K) logits, on the model's device."""
     with no_grad():
         logits = model(inputs)  # (B, K)
     return logits.argmax(axis=-1)  # (B,)
@@ -59,15 +59,11 @@ def calc_accuracy_loader(model, loader, num_batches: int | None = None) -> float
         return float("nan")
     num_batches = n if num_batches is None else min(int(num_batches), n)
     correct, total = None, 0
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for inputs, labels in itertools.islice(_batches(loader), num_batches):
             hits = (predict(model, inputs) == backend.to_device(labels, device_name=model.device)).sum()
             correct = hits if correct is None else correct + hits
             total += len(labels)
-    finally:
-        model.train(was_training)
     return float(correct) / total
 
 
@@ -117,24 +113,20 @@ def train_classifier(model, train_loader, val_loader, optimizer, num_epochs: int
     try:
         for epoch in range(num_epochs):
             model.train()
-            for inputs, labels in _batches(train_loader, epoch):
-                model.zero_grad()
-                loss = calc_loss_batch(model, loss_fn, inputs, labels)  # logits (B, K), labels (B,)
-                model.backward(loss_fn.backward())
-                step_loss = float(loss)  # the one host sync of the step
-                if math.isnan(step_loss) or math.isinf(step_loss):
-                    raise TrainingDivergedError(
-                        f"training diverged: the loss is {step_loss} at step {history['global_step'] + 1} "
-                        f"(epoch {epoch + 1}); stopped before updating the weights. Try a lower learning rate.",
-                        step=history["global_step"] + 1, loss=step_loss)
+            batches = _batches(train_loader, epoch)
+            for _ in range(steps_per_epoch):
+                step = history["global_step"] + 1
+                # zero_grad; loss of the (B, K) logits against the (B,) labels; backward
+                step_loss, _ = _forward_backward(model, loss_fn, batches, 1)
+                if not math.isfinite(step_loss):
+                    raise _diverged("loss", step_loss, step, epoch, None, None)
                 optimizer.step()
-                history["global_step"] += 1
-                history["examples_seen"] += len(labels)
+                history["global_step"] = step
+                history["examples_seen"] += train_loader.batch_size  # drop_last: every batch is full
                 history["step_losses"].append(step_loss)
                 bar.update(1)
                 bar.set_postfix(loss=f"{step_loss:.3f}", refresh=False)
 
-                step = history["global_step"]
                 if (step - 1) % eval_freq == 0:
                     train_loss, val_loss = evaluate_model(model, train_loader, val_loader, eval_iter)
                     history["train_losses"].append(train_loss)
@@ -201,11 +193,11 @@ def save_classifier(model, directory, label_names, max_length: int, pad_id: int 
     ``save_pretrained``) and ``classifier.json``: the label names in class-id order and
     the length texts are padded to, which ``classify_text`` needs to read a new text the
     way the model was trained."""
-    from ..pretrained import _atomic_file
+    from ..fileio import atomic_write
 
     model.save_pretrained(directory)
     info = {"label_names": list(label_names), "max_length": int(max_length), "pad_id": int(pad_id)}
-    with _atomic_file(os.path.join(os.fspath(directory), CLASSIFIER_FILE)) as (fh, _):
+    with atomic_write(os.path.join(os.fspath(directory), CLASSIFIER_FILE)) as fh:
         fh.write((json.dumps(info, indent=2) + "\n").encode("utf-8"))
 
 

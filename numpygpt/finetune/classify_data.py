@@ -316,9 +316,10 @@ def download_sms_spam(cache_dir=None) -> str:
     ``<cache>`` is ``cache_dir``, else $NUMPYGPT_CACHE, else ~/.cache/numpygpt. Offline, an
     OSError says what to pass instead.
     """
-    from ..pretrained import _atomic_file, default_cache_dir, download_file
+    from .. import download  # looked up at call time, so tests can fake the network
+    from ..fileio import atomic_write
 
-    directory = os.path.join(os.fspath(cache_dir) if cache_dir is not None else default_cache_dir(),
+    directory = os.path.join(os.fspath(cache_dir) if cache_dir is not None else download.default_cache_dir(),
                              "sms_spam_collection")
     path = os.path.join(directory, SMS_SPAM_FILE)
     if os.path.isfile(path):
@@ -327,8 +328,8 @@ def download_sms_spam(cache_dir=None) -> str:
     try:
         os.makedirs(directory, exist_ok=True)
         if not os.path.isfile(zip_path):
-            download_file(SMS_SPAM_URL, zip_path, verify=_check_sms_zip)
-        with zipfile.ZipFile(zip_path) as z, _atomic_file(path) as (fh, _):
+            download.download_file(SMS_SPAM_URL, zip_path, verify=_check_sms_zip)
+        with zipfile.ZipFile(zip_path) as z, atomic_write(path) as fh:
             fh.write(z.read(SMS_SPAM_FILE))
     except (URLError, OSError, ValueError, zipfile.BadZipFile, KeyError) as e:
         reason = " ".join(str(e).split())
