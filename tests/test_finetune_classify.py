@@ -27,11 +27,11 @@ def pretrained(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
-    """200 messages of 3 to 8 words: fruit ones are ham, space ones spam (written in file order
-    ham, spam, ham, ... with 120 ham so that balancing has something to drop)."""
+    """400 messages of 3 to 8 words: fruit ones are ham, space ones spam; 240 ham and 160 spam,
+    so that balancing has something to drop."""
     rng = np.random.default_rng(0)
     lines = []
-    for i in range(200):
+    for i in range(400):
         spam = i % 5 in (1, 3)
         words = rng.choice(SPACE if spam else FRUIT, rng.integers(3, 9))
         lines.append(f"{'spam' if spam else 'ham'}\t{' '.join(words)}")
@@ -49,21 +49,28 @@ def printed_value(out: str, key: str) -> str:
     return next(line for line in out.splitlines() if line.startswith(key))[len(key):].strip()
 
 
+def assert_one_line_error(capsys, *needles):
+    err = capsys.readouterr().err
+    assert err.startswith("numpygpt: error: ") and err.count("\n") == 1, err
+    for needle in needles:
+        assert needle in err, err
+
+
 # -- it learns ---------------------------------------------------------------------------------------
 
 def test_last_block_recipe_learns_and_classify_labels_new_text(pretrained, data_file, tmp_path, capsys):
     out = tmp_path / "classifier"
-    assert finetune(pretrained, data_file, out, "--lr", "1e-3") == 0
+    assert finetune(pretrained, data_file, out, "--lr", "2e-3") == 0
     printed = capsys.readouterr().out
     # last block (12 C^2 + 13 C) + final LayerNorm (2 C) + head (C K + K), counted by hand
     assert printed_value(printed, "trainable").startswith(f"{12 * C * C + 13 * C + 2 * C + C * K + K:,} of ")
     assert "labels      0 = ham, 1 = spam" in printed
-    assert "balanced    80 per class; split 112 train, 16 validation, 32 test" in printed
+    assert "balanced    160 per class; split 224 train, 32 validation, 64 test" in printed
     assert "training accuracy" in printed and "val loss" in printed
 
     history = json.loads((out / "history.json").read_text())
     assert history["accuracy"]["test"] >= 0.95, history["accuracy"]
-    assert history["global_step"] == 5 * (112 // 8)
+    assert history["global_step"] == 5 * (224 // 8)
     assert history["track_steps"][:3] == [1, 11, 21]
     for name in ("config.json", "model.safetensors", "classifier.json"):
         assert (out / name).is_file()
@@ -90,14 +97,39 @@ def test_lora_learns_with_only_its_adapters_trainable(pretrained, data_file, tmp
     assert capsys.readouterr().out.split() == ["ham", "spam"]
 
 
+def test_python_api_lora_model_saves_merged_and_loads_with_the_same_outputs(pretrained, data_file, tmp_path):
+    from numpygpt.finetune.classify import classify_text, finetune_classifier, load_classifier
+    from numpygpt.nn import no_grad
+
+    result = finetune_classifier(data=str(data_file), pretrained=str(pretrained), out=str(tmp_path / "o"),
+                                 device="cpu", no_progress=True, epochs=1, lora_rank=2, lr=5e-3, log=None)
+    model, data = result["model"], result["data"]
+    assert result["trainable_parameters"] == LAYERS * 2 * 18 * C + 2 * (C + K)
+    assert (tmp_path / "o" / "lora.safetensors").is_file()  # the adapters alone, too
+    loaded, info = load_classifier(tmp_path / "o")
+    assert info == {"label_names": ["ham", "spam"], "max_length": data.train.max_length, "pad_id": 50256}
+    assert loaded.cfg.lora_rank is None  # saved merged: a plain classifier
+    inputs, _ = data.test.get_batch(range(8))
+    model.eval()
+    with no_grad():
+        np.testing.assert_allclose(loaded(inputs), model(inputs), rtol=1e-4, atol=1e-5)
+    assert classify_text(loaded, "star moon", **info) == classify_text(model, "star moon", **info)
+
+
+def test_pretrained_may_be_a_checkpoint_but_not_one_with_lora(pretrained, data_file, tmp_path, capsys):
+    from numpygpt import apply_lora
+    from numpygpt.checkpoint import save_checkpoint
+
+    model = GPTModel.from_pretrained(str(pretrained))
+    save_checkpoint(tmp_path / "plain.safetensors", model)
+    assert finetune(tmp_path / "plain.safetensors", data_file, tmp_path / "o", "--epochs", "1") == 0
+    assert "trainable" in capsys.readouterr().out
+    save_checkpoint(tmp_path / "lora.safetensors", apply_lora(model, 2, 4.0))
+    assert finetune(tmp_path / "lora.safetensors", data_file, tmp_path / "o2", "--lora-rank", "4") == 2
+    assert_one_line_error(capsys, "already has LoRA adapters (rank 2, alpha 4)", "a second set")
+
+
 # -- bad input: one line on stderr, exit code 2 -------------------------------------------------------
-
-def assert_one_line_error(capsys, *needles):
-    err = capsys.readouterr().err
-    assert err.startswith("numpygpt: error: ") and err.count("\n") == 1, err
-    for needle in needles:
-        assert needle in err, err
-
 
 @pytest.mark.parametrize("name, content, extra, needles", [
     ("data.csv", "Category,Message\nham,hi\nspam,win\n", [], ["no label column 'Label'", "'Category', 'Message'"]),

@@ -23,6 +23,7 @@ import sys
 import time
 
 from .. import backend
+from ..config import TRAINABLE
 from ..nn import CrossEntropyLoss, eval_mode, no_grad
 from ..train import _batches, _diverged, _forward_backward, evaluate_model
 from .classify_data import PAD_ID, download_sms_spam, prepare_classification_data
@@ -34,7 +35,7 @@ __all__ = [
 ]
 
 CLASSIFIER_FILE = "classifier.json"  # next to config.json + model.safetensors: labels and padding
-TRAINABLE_CHOICES = ("all", "last-block", "last-two-blocks", "head")
+LORA_FILE = "lora.safetensors"  # a LoRA run's adapters alone (numpygpt.load_lora reads them)
 
 
 # -- metrics -------------------------------------------------------------------------------------
@@ -192,12 +193,26 @@ def save_classifier(model, directory, label_names, max_length: int, pad_id: int 
     """The model in the Hugging Face layout (config.json + model.safetensors, via
     ``save_pretrained``) and ``classifier.json``: the label names in class-id order and
     the length texts are padded to, which ``classify_text`` needs to read a new text the
-    way the model was trained."""
-    from ..fileio import atomic_write
+    way the model was trained.
 
-    model.save_pretrained(directory)
+    A LoRA model is written with its adapters folded in (merged, saved, unmerged again), as
+    a plain classifier, and its adapters alone go to ``lora.safetensors`` as well.
+    """
+    from ..fileio import atomic_write
+    from ..lora import lora_layers, merge_lora, save_lora, unmerge_lora
+
+    directory = os.fspath(directory)
+    if lora_layers(model):
+        save_lora(model, os.path.join(directory, LORA_FILE))
+        merge_lora(model)
+        try:
+            model.save_pretrained(directory)
+        finally:
+            unmerge_lora(model)
+    else:
+        model.save_pretrained(directory)
     info = {"label_names": list(label_names), "max_length": int(max_length), "pad_id": int(pad_id)}
-    with atomic_write(os.path.join(os.fspath(directory), CLASSIFIER_FILE)) as fh:
+    with atomic_write(os.path.join(directory, CLASSIFIER_FILE)) as fh:
         fh.write((json.dumps(info, indent=2) + "\n").encode("utf-8"))
 
 
@@ -214,9 +229,8 @@ def load_classifier(directory, device: str | None = None):
     with open(path, encoding="utf-8") as f:
         info = json.load(f)
     model = GPTModel.from_pretrained(directory, device=device)
-    num_classes = getattr(model, "num_classes", None)
-    if num_classes != len(info["label_names"]):
-        raise ValueError(f"{directory}: the model has {num_classes} classes but {CLASSIFIER_FILE} names "
+    if model.cfg.num_classes != len(info["label_names"]):
+        raise ValueError(f"{directory}: the model has {model.cfg.num_classes} classes but {CLASSIFIER_FILE} names "
                          f"{len(info['label_names'])}")
     return model.eval(), {k: info[k] for k in ("label_names", "max_length", "pad_id")}
 
@@ -268,8 +282,8 @@ def _check_options(o: dict) -> None:
             raise ValueError(f"--lora-alpha must be > 0, got {o['lora_alpha']}")
         if o["trainable"] is not None:
             raise ValueError("--trainable and --lora-rank exclude each other: LoRA trains only its adapters")
-    if o["trainable"] is not None and o["trainable"] not in TRAINABLE_CHOICES:
-        raise ValueError(f"--trainable must be one of {', '.join(TRAINABLE_CHOICES)}, got {o['trainable']!r}")
+    if o["trainable"] is not None and o["trainable"] not in TRAINABLE:
+        raise ValueError(f"--trainable must be one of {', '.join(TRAINABLE)}, got {o['trainable']!r}")
     if o["readout"] not in ("last", "last_non_pad"):
         raise ValueError(f"--readout must be 'last' or 'last_non_pad', got {o['readout']!r}")
     for key in ("epochs", "batch_size", "eval_freq", "eval_iter"):
@@ -284,6 +298,17 @@ def _check_options(o: dict) -> None:
         raise FileNotFoundError(f"--data: {o['data']!r} does not exist (or is not a file)")
 
 
+def _load_base_model(pretrained, device: str):
+    """GPT-2 weights (a Hugging Face directory or a name) with dropout 0, or the model of a
+    checkpoint file written by ``numpygpt train`` / ``save_checkpoint`` (its own dropout)."""
+    from ..checkpoint import load_checkpoint
+    from ..model import GPTModel
+
+    if os.path.isfile(os.fspath(pretrained)):
+        return load_checkpoint(pretrained, device=device)["model"]
+    return GPTModel.from_pretrained(pretrained, device=device, drop_rate=0.0)
+
+
 def finetune_classifier(log=print, **options) -> dict:
     """Everything ``numpygpt finetune classify`` does; the options are its flags
     (``FINETUNE_CLASSIFY_DEFAULTS`` fills the ones not given).
@@ -292,7 +317,7 @@ def finetune_classifier(log=print, **options) -> dict:
     "trainable_parameters", "seconds"}. Bad input raises ValueError or OSError (no data
     and no network: OSError saying what to pass) before any training.
     """
-    from ..model import GPTModel
+    from ..lora import apply_lora
     from ..optim import AdamW
 
     t_start = time.perf_counter()
@@ -300,41 +325,50 @@ def finetune_classifier(log=print, **options) -> dict:
     _check_options(o)
     use_lora = o["lora_rank"] is not None
     lora_alpha = o["lora_alpha"] if o["lora_alpha"] is not None else float(o["lora_rank"] or 0)
-    trainable = o["trainable"] or "last-block"
     lr = o["lr"] if o["lr"] is not None else (DEFAULT_LORA_LR if use_lora else DEFAULT_LR)
     say = log if log is not None else (lambda msg: None)
 
     data_path = o["data"] if o["data"] is not None else download_sms_spam()
     device = backend.set_device(o["device"])
-    model = GPTModel.from_pretrained(o["pretrained"], device=device, drop_rate=0.0)
+    model = _load_base_model(o["pretrained"], device)
     cfg = model.cfg
+    if cfg.lora_rank is not None:  # a checkpoint of a LoRA model
+        raise ValueError(
+            f"{o['pretrained']} already has LoRA adapters (rank {cfg.lora_rank}, alpha {cfg.lora_alpha:g})"
+            + ("; --lora-rank would add a second set" if use_lora else "")
+            + ": fold them into the weights first (numpygpt.merge_lora, then save_pretrained) and fine-tune that")
     data = prepare_classification_data(
         data_path, context_length=cfg.context_length, max_length=o["max_length"], batch_size=o["batch_size"],
         seed=o["seed"], label_column=o["label_column"], text_column=o["text_column"])
+    K = len(data.label_names)
 
-    # the class head (drawn from the seed), then what trains
-    model.to_classifier(len(data.label_names), readout=o["readout"], pad_id=PAD_ID, seed=o["seed"])
+    # the class head (drawn from the seed; a classifier given as --pretrained keeps its own),
+    # then what trains: LoRA adapters or --trainable
+    if not model.is_classifier:
+        model.to_classifier(K, readout=o["readout"], pad_id=PAD_ID, seed=o["seed"])
+    elif cfg.num_classes != K:
+        raise ValueError(f"{o['pretrained']} is a classifier with {cfg.num_classes} classes, the data has {K}")
     if use_lora:
-        from .. import apply_lora
-
-        apply_lora(model, o["lora_rank"], lora_alpha)
+        apply_lora(model, o["lora_rank"], lora_alpha, seed=o["seed"])
+        what = f"LoRA rank {o['lora_rank']}, alpha {lora_alpha:g}"
     else:
-        model.set_trainable(trainable)
+        model.set_trainable(o["trainable"] or "last-block")
+        what = f"--trainable {o['trainable'] or 'last-block'}"
+    cfg = model.cfg
     n_trainable, n_total = model.num_parameters(trainable_only=True), model.num_parameters()
     params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     optimizer = AdamW(params, lr=lr, weight_decay=o["weight_decay"])
 
     T = data.train.max_length
+    truncated = data.train.truncated + data.val.truncated + data.test.truncated
     say(f"device      {device} ({'CuPy' if device == 'cuda' else 'NumPy'})")
     say(f"model       {o['pretrained']}: emb_dim {cfg.emb_dim}, {cfg.n_layers} layers, {cfg.n_heads} heads, "
-        f"context {cfg.context_length}, drop_rate {cfg.drop_rate}, readout {o['readout']}")
+        f"context {cfg.context_length}, drop_rate {cfg.drop_rate}, readout {cfg.readout}")
     say(f"data        {data_path}: " + ", ".join(f"{n:,} {name}" for name, n in data.class_counts.items()))
     say("labels      " + ", ".join(f"{i} = {name}" for i, name in enumerate(data.label_names)))
     say(f"balanced    {data.balanced_per_class:,} per class; split {len(data.train):,} train, {len(data.val):,} "
         f"validation, {len(data.test):,} test; padded to {T} tokens"
-        + (f" ({data.train.truncated + data.val.truncated + data.test.truncated:,} texts truncated)"
-           if data.val.truncated or data.test.truncated or data.train.truncated else ""))
-    what = (f"LoRA rank {o['lora_rank']}, alpha {lora_alpha:g}" if use_lora else f"--trainable {trainable}")
+        + (f" ({truncated:,} texts truncated)" if truncated else ""))
     say(f"trainable   {n_trainable:,} of {n_total:,} parameters ({what})")
     say(f"plan        {o['epochs']} epochs of {len(data.train_loader):,} steps (batch {o['batch_size']}), "
         f"AdamW lr {lr:g}, weight decay {o['weight_decay']:g}; evaluation every {o['eval_freq']} steps "
@@ -359,7 +393,8 @@ def finetune_classifier(log=print, **options) -> dict:
     say("")
     say(f"accuracy    training {accuracy['train'] * 100:.2f}%, validation {accuracy['val'] * 100:.2f}%, "
         f"test {accuracy['test'] * 100:.2f}%")
-    say(f"model       {out} (numpygpt classify --model {out} \"some text\")")
+    say(f"model       {out} (numpygpt classify --model {out} \"some text\")"
+        + (f"; adapters alone in {os.path.join(out, LORA_FILE)}" if use_lora else ""))
     say(f"plots       {loss_plot}, {accuracy_plot}")
     say(f"time        {seconds:.0f} s")
     return {"model": model, "data": data, "history": history, "accuracy": accuracy, "out": out,
