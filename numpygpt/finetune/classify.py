@@ -110,7 +110,9 @@ def train_classifier(model, train_loader, val_loader, optimizer, num_epochs: int
     history = _new_history()
     loss_fn = CrossEntropyLoss()
     total_steps = num_epochs * steps_per_epoch
-    bar = tqdm(total=total_steps, disable=not progress, unit="step", dynamic_ncols=True, file=sys.stderr)
+    interactive = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()  # a log file: redraw seldom
+    bar = tqdm(total=total_steps, disable=not progress, unit="step", dynamic_ncols=True,
+               mininterval=0.5 if interactive else 30.0, file=sys.stderr)
     try:
         for epoch in range(num_epochs):
             model.train()
