@@ -45,6 +45,9 @@ def save_checkpoint(path, model, optimizer=None, step: int = 0, extra: dict | No
     directory is created if needed. Atomic: on any error the temporary file is removed
     and an existing ``path`` is untouched.
     """
+    from .lora import check_unmerged
+
+    check_unmerged(model, "save a checkpoint")  # merged weights plus adapters would count them twice
     path = os.fspath(path)
     tensors = {}
     for name, p in model.named_parameters():

@@ -527,6 +527,7 @@ def gradcheck_checks(seed: int = 0) -> list:
     from .model import FeedForward, GPTModel, OutputHead, TransformerBlock
     from .nn import (CrossEntropyLoss, Dropout, Embedding, GELU, LayerNorm, Linear, MultiHeadAttention,
                      Parameter, Softmax)
+    from .gradcheck_finetune import finetune_gradcheck_checks
 
     F64 = "float64"
     rng = numpy.random.default_rng(seed)
@@ -583,7 +584,7 @@ def gradcheck_checks(seed: int = 0) -> list:
         ("CrossEntropyLoss", loss_check),
         ("GPTModel + loss (untied)", model_check(False)),
         ("GPTModel + loss (tied)", model_check(True)),
-    ]
+    ] + finetune_gradcheck_checks(seed)
 
 
 def run_gradcheck(args: argparse.Namespace) -> int:
