@@ -132,10 +132,25 @@ def check_unmerged(model, action: str) -> None:
         raise ValueError(f"cannot {action} while LoRA is merged into the weights: call unmerge_lora(model) first")
 
 
+def _saved_alone(model) -> list:
+    """(name, Parameter) that save_lora writes: the adapters, and a classifier's head (drawn
+    by to_classifier, so no pretrained file has it)."""
+    head = [("score.weight", model.score.weight), ("score.bias", model.score.bias)] if model.is_classifier else []
+    return lora_parameters(model) + head
+
+
+def _saved_alone_shapes(cfg) -> dict:
+    shapes = lora_tensor_shapes(cfg)
+    if cfg.num_classes is not None:
+        shapes.update({"score.weight": (cfg.emb_dim, cfg.num_classes), "score.bias": (cfg.num_classes,)})
+    return shapes
+
+
 def save_lora(model, path) -> None:
-    """Write the adapters alone (``*.lora_A``, ``*.lora_B``) to a safetensors file, with the
-    rank, alpha and model config in its metadata. Atomic: written to a temporary file and
-    renamed."""
+    """Write the adapters (``*.lora_A``, ``*.lora_B``) to a small safetensors file, with the
+    rank, alpha and model config in its metadata. A classifier's head (``score.weight``,
+    ``score.bias``) goes in too: to_classifier drew it, no pretrained file holds it. Atomic:
+    written to a temporary file and renamed."""
     from .pretrained import _write_safetensors
 
     _require_lora(model)
@@ -144,14 +159,15 @@ def save_lora(model, path) -> None:
             "config": model.cfg.to_dict()}
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    _write_safetensors(path, lora_parameters(model), metadata={"numpygpt": json.dumps(meta)})
+    _write_safetensors(path, _saved_alone(model), metadata={"numpygpt": json.dumps(meta)})
 
 
 def load_lora(model, path):
-    """Load adapters saved by ``save_lora`` into ``model``. A model without adapters gets
-    them first (``apply_lora`` with the file's rank and alpha); one with adapters must have
-    the same rank and alpha. Every name and shape is checked before anything changes.
-    Returns the model."""
+    """Load adapters saved by ``save_lora`` into ``model`` (typically the pretrained model,
+    after ``to_classifier`` with the same number of classes for a classifier, whose head
+    is loaded too). A model without adapters gets them first (``apply_lora`` with the
+    file's rank and alpha); one with adapters must have the same rank and alpha. Every
+    name and shape is checked before anything changes. Returns the model."""
     path = os.fspath(path)
     try:
         with safe_open(path, framework="numpy") as f:
@@ -173,10 +189,10 @@ def load_lora(model, path):
         raise ValueError(f"{path} holds rank {rank}, alpha {alpha} adapters; the model has rank "
                          f"{model.cfg.lora_rank}, alpha {model.cfg.lora_alpha}")
     check_unmerged(model, "load adapters")
-    _check_shapes(path, lora_tensor_shapes(model.cfg.replace(lora_rank=rank, lora_alpha=alpha)), tensors)
+    _check_shapes(path, _saved_alone_shapes(model.cfg.replace(lora_rank=rank, lora_alpha=alpha)), tensors)
     if not layers:
         apply_lora(model, rank, alpha)
-    params = dict(lora_parameters(model))
+    params = dict(_saved_alone(model))
     for name, p in params.items():
         p.data = backend.to_device(tensors[name], dtype=p.dtype, device_name=backend.device_of(p.data)).copy()
         p.grad = None
@@ -184,7 +200,7 @@ def load_lora(model, path):
 
 
 def _check_shapes(path: str, expected: dict, tensors: dict) -> None:
-    problems = [f"missing {n}" for n in expected if n not in tensors]
+    problems = [f"missing {n}" for n in expected if n not in tensors]  # e.g. a classifier's file for an LM
     problems += [f"unexpected {n}" for n in tensors if n not in expected]
     problems += [f"{n} has shape {tuple(tensors[n].shape)}, the model needs {s}"
                  for n, s in expected.items() if n in tensors and tuple(tensors[n].shape) != s]

@@ -187,20 +187,19 @@ def test_merged_model_saves_as_a_plain_pretrained_model(tmp_path):
 
 def test_adapters_save_and_load_alone_and_in_a_checkpoint(device, tmp_path):
     rng = np.random.default_rng(1)
-    base = GPTModel(tiny(), seed=0).eval().to_classifier(2, readout="last_non_pad", seed=1)
-    base.save_pretrained(tmp_path / "base")
-    model = GPTModel.from_pretrained(tmp_path / "base")
+    GPTModel(tiny(), seed=0).save_pretrained(tmp_path / "base")  # a pretrained language model
+    model = GPTModel.from_pretrained(tmp_path / "base").to_classifier(2, readout="last_non_pad", seed=1)
     apply_lora(model, rank=4, alpha=8, seed=0)
     random_adapters(model, rng, scale=0.1)
     idx = to_dev(rng.integers(0, 128, (2, 6)))
     expected = to_host(model(idx))
 
     save_lora(model, tmp_path / "adapters.safetensors")
-    adapter_bytes = sum(p.size for _, p in lora_parameters(model)) * 4
-    assert (tmp_path / "adapters.safetensors").stat().st_size < adapter_bytes + 8192  # adapters only
-    fresh = GPTModel.from_pretrained(tmp_path / "base")
+    saved = sum(p.size for _, p in lora_parameters(model)) + model.score.weight.size + model.score.bias.size
+    assert (tmp_path / "adapters.safetensors").stat().st_size < saved * 4 + 8192  # adapters and head only
+    fresh = GPTModel.from_pretrained(tmp_path / "base").to_classifier(2, readout="last_non_pad", seed=99)
     load_lora(fresh, tmp_path / "adapters.safetensors")  # applies LoRA with the file's rank and alpha
-    np.testing.assert_array_equal(to_host(fresh(idx)), expected)
+    np.testing.assert_array_equal(to_host(fresh(idx)), expected)  # the head came from the file too
     assert fresh.num_parameters(trainable_only=True) == model.num_parameters(trainable_only=True)
 
     save_checkpoint(tmp_path / "ck.safetensors", model)
