@@ -7,6 +7,7 @@ from hypothesis import given, strategies as st
 from numpygpt import backend
 from numpygpt.checkpoint import load_checkpoint, save_checkpoint
 from numpygpt.config import GPTConfig, count_parameters
+from numpygpt.generate import generate
 from numpygpt.gradcheck import check_layer, check_model_loss
 from numpygpt.model import GPTModel
 from numpygpt.nn import CrossEntropyLoss, SequenceReadout, no_grad
@@ -123,6 +124,8 @@ def test_to_classifier_keeps_the_body_and_reads_one_position(device, tied):
 
 def test_to_classifier_bad_input():
     model = GPTModel(tiny(), seed=0)
+    with pytest.raises(ValueError, match="is a classifier"):
+        generate(GPTModel(tiny(), seed=0).to_classifier(2), np.array([[1, 2]]), 3)
     with pytest.raises(ValueError, match="num_classes must be at least 2"):
         model.to_classifier(1)
     with pytest.raises(ValueError, match="readout must be one of"):
