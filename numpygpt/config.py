@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass, field
 
 
@@ -28,23 +29,42 @@ class GPTConfig:
     lora_alpha: float | None = None
 
     def __post_init__(self):
+        # types first: a string "32" or a float 2.7 is refused, never converted or truncated
+        for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            setattr(self, name, int(value))
+        for name in ("drop_rate", "layer_norm_eps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+            setattr(self, name, float(value))
+        for name in ("qkv_bias", "tie_weights"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.emb_dim % self.n_heads != 0:
             raise ValueError(f"emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads})")
-        for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if not 0.0 <= self.drop_rate < 1.0:
             raise ValueError(f"drop_rate must be in [0, 1), got {self.drop_rate}")
+        if not self.layer_norm_eps > 0.0:
+            raise ValueError(f"layer_norm_eps must be > 0, got {self.layer_norm_eps}")
         if self.dtype not in ("float32", "float64"):
-            raise ValueError(f"dtype must be float32 or float64, got {self.dtype!r}")
-        if self.num_classes is not None and int(self.num_classes) < 2:
-            raise ValueError(f"num_classes must be at least 2, got {self.num_classes}")
+            raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
+        # fine-tuning: a classifier head, LoRA adapters
+        if self.num_classes is not None and (not _is_int(self.num_classes) or self.num_classes < 2):
+            raise ValueError(f"num_classes must be an integer of at least 2 (or None), got {self.num_classes!r}")
         if self.readout not in READOUTS:
             raise ValueError(f"readout must be one of {', '.join(READOUTS)}, got {self.readout!r}")
+        if not _is_int(self.pad_id) or self.pad_id < 0:
+            raise ValueError(f"pad_id must be a token id (an integer >= 0), got {self.pad_id!r}")
         if (self.lora_rank is None) != (self.lora_alpha is None):
             raise ValueError("lora_rank and lora_alpha are given together or not at all")
-        if self.lora_rank is not None and (int(self.lora_rank) < 1 or not float(self.lora_alpha) > 0):
-            raise ValueError(f"LoRA needs rank >= 1 and alpha > 0, got rank {self.lora_rank}, alpha {self.lora_alpha}")
+        if self.lora_rank is not None and (not _is_int(self.lora_rank) or self.lora_rank < 1):
+            raise ValueError(f"LoRA rank must be a positive integer, got {self.lora_rank!r}")
+        if self.lora_alpha is not None and (isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, numbers.Real)
+                                            or not math.isfinite(self.lora_alpha) or not self.lora_alpha > 0):
+            raise ValueError(f"LoRA alpha must be a positive number, got {self.lora_alpha!r}")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "GPTConfig":
@@ -62,6 +82,8 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "GPTConfig":
+        if not isinstance(d, dict):
+            raise ValueError(f"a GPTConfig is read from a dict, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -71,6 +93,10 @@ class GPTConfig:
     @property
     def head_dim(self) -> int:
         return self.emb_dim // self.n_heads
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 READOUTS = ("last", "last_non_pad")

@@ -22,6 +22,7 @@ import os
 from safetensors import safe_open
 
 from . import backend
+from .fileio import write_safetensors
 from .nn import LoRALinear, LoRAOutputHead, LowRankAdapter
 
 __all__ = ["apply_lora", "merge_lora", "unmerge_lora", "save_lora", "load_lora", "lora_layers",
@@ -151,15 +152,13 @@ def save_lora(model, path) -> None:
     rank, alpha and model config in its metadata. A classifier's head (``score.weight``,
     ``score.bias``) goes in too: to_classifier drew it, no pretrained file holds it. Atomic:
     written to a temporary file and renamed."""
-    from .pretrained import _write_safetensors
-
     _require_lora(model)
     check_unmerged(model, "save the adapters")
     meta = {"format": LORA_FORMAT, "rank": model.cfg.lora_rank, "alpha": model.cfg.lora_alpha,
             "config": model.cfg.to_dict()}
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    _write_safetensors(path, _saved_alone(model), metadata={"numpygpt": json.dumps(meta)})
+    write_safetensors(path, [(n, p.data) for n, p in _saved_alone(model)], metadata={"numpygpt": json.dumps(meta)})
 
 
 def load_lora(model, path):

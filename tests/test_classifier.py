@@ -126,8 +126,11 @@ def test_to_classifier_bad_input():
     model = GPTModel(tiny(), seed=0)
     with pytest.raises(ValueError, match="is a classifier"):
         generate(GPTModel(tiny(), seed=0).to_classifier(2), np.array([[1, 2]]), 3)
-    with pytest.raises(ValueError, match="num_classes must be at least 2"):
-        model.to_classifier(1)
+    for bad in (1, 0, 2.5, "2", True):
+        with pytest.raises(ValueError, match="num_classes must be an integer of at least 2"):
+            model.to_classifier(bad)
+    with pytest.raises(ValueError, match="pad_id must be a token id"):
+        model.to_classifier(2, pad_id=-1)
     with pytest.raises(ValueError, match="readout must be one of"):
         model.to_classifier(2, readout="mean")
     assert model.cfg.num_classes is None and model.lm_head is not None  # nothing changed

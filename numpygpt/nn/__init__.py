@@ -1,6 +1,6 @@
 """Layers with hand-written forward and backward passes."""
 
-from .module import Module, Parameter, no_grad, is_grad_enabled
+from .module import Module, Parameter, eval_mode, no_grad, is_grad_enabled
 from .linear import Linear, OutputHead
 from .embedding import Embedding
 from .normalization import LayerNorm
@@ -12,7 +12,7 @@ from .readout import SequenceReadout
 from .lora import LoRALinear, LoRAOutputHead, LowRankAdapter
 
 __all__ = [
-    "Module", "Parameter", "no_grad", "is_grad_enabled", "Linear", "OutputHead", "Embedding", "LayerNorm",
+    "Module", "Parameter", "eval_mode", "no_grad", "is_grad_enabled", "Linear", "OutputHead", "Embedding", "LayerNorm",
     "GELU", "Softmax", "Dropout", "MultiHeadAttention", "KVCache", "causal_mask", "CrossEntropyLoss",
     "SequenceReadout", "LoRALinear", "LoRAOutputHead", "LowRankAdapter",
 ]
