@@ -370,7 +370,7 @@ def finetune_classifier(log=print, **options) -> dict:
     say("labels      " + ", ".join(f"{i} = {name}" for i, name in enumerate(data.label_names)))
     say(f"balanced    {data.balanced_per_class:,} per class; split {len(data.train):,} train, {len(data.val):,} "
         f"validation, {len(data.test):,} test; padded to {T} tokens"
-        + (f" ({truncated:,} texts truncated)" if truncated else ""))
+        + (f" ({truncated:,} longer text{'s' if truncated > 1 else ''} truncated)" if truncated else ""))
     say(f"trainable   {n_trainable:,} of {n_total:,} parameters ({what})")
     say(f"plan        {o['epochs']} epochs of {len(data.train_loader):,} steps (batch {o['batch_size']}), "
         f"AdamW lr {lr:g}, weight decay {o['weight_decay']:g}; evaluation every {o['eval_freq']} steps "
