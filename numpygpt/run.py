@@ -61,7 +61,6 @@ TRAIN_DEFAULTS = dict(
 )
 
 
-
 def _say(msg: str = "") -> None:
     print(msg, flush=True)
 
@@ -85,9 +84,9 @@ def _read_checkpoint(path):
         raise RunError(f"cannot load checkpoint {path!r}: {type(e).__name__}: {e}") from e
 
 
-def _apply_checkpoint(saved, model, optimizer=None, restore_rng: bool = True) -> None:
+def _apply_checkpoint(saved, model, optimizer) -> None:
     try:
-        saved.apply(model, optimizer, restore_rng=restore_rng)
+        saved.apply(model, optimizer)
     except ValueError as e:
         raise RunError(f"cannot load checkpoint {saved.path!r}: {e}") from e
 
