@@ -197,6 +197,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _ignore_late_signals() -> None:
+    """The run is saved (or abandoned) and the process is leaving: a Ctrl-C now would only
+    turn the exit into a traceback."""
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def run_cli(fn) -> int:
     """Run ``fn()`` turning user-facing failures into a message and an exit code."""
     from .train import TrainingDivergedError, TrainingInterrupted
