@@ -31,7 +31,7 @@ from .classify_data import PAD_ID, download_sms_spam, prepare_classification_dat
 __all__ = [
     "calc_accuracy_loader", "predict", "train_classifier", "plot_classifier_history",
     "finetune_classifier", "FINETUNE_CLASSIFY_DEFAULTS", "save_classifier", "load_classifier",
-    "classify_text", "CLASSIFIER_FILE",
+    "classify_text", "classify_texts", "CLASSIFIER_FILE", "LORA_FILE",
 ]
 
 CLASSIFIER_FILE = "classifier.json"  # next to config.json + model.safetensors: labels and padding
@@ -256,6 +256,16 @@ def classify_text(model, text: str, label_names=None, max_length: int | None = N
 
     class_id = int(predict(model, numpy.asarray(inputs, dtype=numpy.int64))[0])  # (1, T) -> (1,)
     return label_names[class_id] if label_names is not None else class_id
+
+
+def classify_texts(model_dir, texts, device: str = "auto", log=print) -> list:
+    """``numpygpt classify``: the label of each text by the classifier in ``model_dir``,
+    printed one a line (``log=None``: silent)."""
+    model, info = load_classifier(model_dir, device=backend.set_device(device))
+    labels = [classify_text(model, text, **info) for text in texts]
+    if log is not None:
+        log("\n".join(map(str, labels)))
+    return labels
 
 
 # -- the command ------------------------------------------------------------------------------------
