@@ -129,6 +129,23 @@ def test_pretrained_may_be_a_checkpoint_but_not_one_with_lora(pretrained, data_f
     assert_one_line_error(capsys, "already has LoRA adapters (rank 2, alpha 4)", "a second set")
 
 
+def test_the_example_script_is_the_command(pretrained, data_file, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, str(root / "examples" / "finetune_classifier.py"), "--data", str(data_file),
+                             "--pretrained", str(pretrained), "--out", str(tmp_path / "ex"), "--device", "cpu",
+                             "--epochs", "1", "--no-progress"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "trainable   12,834 of " in result.stdout and "accuracy    training" in result.stdout
+    assert (tmp_path / "ex" / "classifier.json").is_file()
+    bad = subprocess.run([sys.executable, str(root / "examples" / "finetune_classifier.py"), "--lora-rank", "0"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip() == "numpygpt: error: --lora-rank must be a positive integer, got 0"
+
+
 # -- bad input: one line on stderr, exit code 2 -------------------------------------------------------
 
 @pytest.mark.parametrize("name, content, extra, needles", [
