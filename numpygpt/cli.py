@@ -298,7 +298,7 @@ def main(argv=None) -> int:
         return run_cli(lambda: run_training(given))
     if args.command == "generate":
         return run_cli(lambda: run_generate_args(args))
-    if args.command == "finetune":
+    if args.command == "finetune" and args.task == "classify":
         given = {k: v for k, v in vars(args).items() if k not in ("command", "task")}
         return run_cli(lambda: run_finetune_classify(given))
     if args.command == "classify":

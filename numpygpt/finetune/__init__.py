@@ -1,5 +1,5 @@
-"""Fine-tuning tasks built on the model and the training loop (imported by nothing below them).
+"""Fine-tuning tasks on top of a pretrained GPT (the book's chapters 6 and 7).
 
-    numpygpt.finetune.classify_data   labelled texts: read, balance, split, tokenise and pad
-    numpygpt.finetune.classify        the classifier's loop, accuracy, plots, the commands
+Each task is its own module (``numpygpt.finetune.instruct``, ...) with its data, collate
+function, loop and metrics; nothing below this package imports it.
 """
