@@ -116,7 +116,7 @@ def test_python_api_lora_model_saves_merged_and_loads_with_the_same_outputs(pret
     assert classify_text(loaded, "star moon", **info) == classify_text(model, "star moon", **info)
 
 
-def test_pretrained_may_be_a_checkpoint_but_not_one_with_lora(pretrained, data_file, tmp_path, capsys):
+def test_pretrained_may_be_a_checkpoint_or_a_classifier_but_not_lora(pretrained, data_file, tmp_path, capsys):
     from numpygpt import apply_lora
     from numpygpt.checkpoint import save_checkpoint
 
@@ -124,6 +124,15 @@ def test_pretrained_may_be_a_checkpoint_but_not_one_with_lora(pretrained, data_f
     save_checkpoint(tmp_path / "plain.safetensors", model)
     assert finetune(tmp_path / "plain.safetensors", data_file, tmp_path / "o", "--epochs", "1") == 0
     assert "trainable" in capsys.readouterr().out
+    # a classifier this command wrote trains on with its own head ...
+    head = GPTModel.from_pretrained(str(tmp_path / "o")).score.weight.data
+    assert finetune(tmp_path / "o", data_file, tmp_path / "o3", "--epochs", "1", "--lr", "0") == 0
+    np.testing.assert_array_equal(GPTModel.from_pretrained(str(tmp_path / "o3")).score.weight.data, head)
+    # ... but not on data with another number of classes
+    three = tmp_path / "three.txt"
+    three.write_text("".join(f"{c}\tword {i}\n" for i in range(30) for c in "abc"), encoding="utf-8")
+    assert finetune(tmp_path / "o", three, tmp_path / "o4") == 2
+    assert_one_line_error(capsys, "is a classifier with 2 classes, the data has 3")
     save_checkpoint(tmp_path / "lora.safetensors", apply_lora(model, 2, 4.0))
     assert finetune(tmp_path / "lora.safetensors", data_file, tmp_path / "o2", "--lora-rank", "4") == 2
     assert_one_line_error(capsys, "already has LoRA adapters (rank 2, alpha 4)", "a second set")
