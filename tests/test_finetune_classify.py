@@ -191,6 +191,14 @@ def test_bad_options(pretrained, data_file, tmp_path, capsys, extra, needle):
     assert_one_line_error(capsys, needle)
 
 
+def test_an_unusable_out_fails_before_training(pretrained, data_file, tmp_path, capsys):
+    (tmp_path / "file").write_text("not a directory")
+    assert finetune(pretrained, data_file, tmp_path / "file" / "out") == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("numpygpt: error: ") and captured.err.count("\n") == 1
+    assert "--out: cannot create" in captured.err and "Ep 1" not in captured.out  # no step was taken
+
+
 def test_missing_files(pretrained, data_file, tmp_path, capsys):
     assert finetune(pretrained, tmp_path / "nope.txt", tmp_path / "out") == 2
     assert_one_line_error(capsys, "--data", "does not exist")

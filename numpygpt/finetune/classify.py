@@ -371,6 +371,14 @@ def finetune_classifier(log=print, **options) -> dict:
     params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     optimizer = AdamW(params, lr=lr, weight_decay=o["weight_decay"])
 
+    out = o["out"]
+    try:  # now, so an unusable --out fails before the training, not after it
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"--out: cannot create {out!r}: {e.strerror or e}") from e
+    if not os.access(out, os.W_OK):
+        raise PermissionError(f"--out: cannot write to {out!r}")
+
     T = data.train.max_length
     truncated = data.train.truncated + data.val.truncated + data.test.truncated
     say(f"device      {device} ({'CuPy' if device == 'cuda' else 'NumPy'})")
@@ -394,8 +402,6 @@ def finetune_classifier(log=print, **options) -> dict:
                 for name, loader in (("train", data.train_loader), ("val", data.val_loader),
                                      ("test", data.test_loader))}
 
-    out = o["out"]
-    os.makedirs(out, exist_ok=True)
     save_classifier(model, out, data.label_names, T)
     loss_plot, accuracy_plot = os.path.join(out, "loss.png"), os.path.join(out, "accuracy.png")
     plot_classifier_history(history, loss_plot, accuracy_plot)
