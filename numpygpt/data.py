@@ -115,10 +115,15 @@ class DataLoader:
 
     Each iteration is independent, so a loader can be iterated inside a loop over
     itself (the book estimates the training loss that way).
+
+    ``collate_fn(items) -> (inputs, targets)`` builds a batch from the list of
+    ``dataset[i]`` items, for items of different lengths (the instruction data's
+    padding collate); without it, a dataset's ``get_batch`` or a stack of its
+    (inputs, targets) pairs is used.
     """
 
     def __init__(self, dataset, batch_size: int, shuffle: bool = True,
-                 drop_last: bool = True, seed: int = 0):
+                 drop_last: bool = True, seed: int = 0, collate_fn=None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.dataset = dataset
@@ -126,6 +131,7 @@ class DataLoader:
         self.shuffle = bool(shuffle)
         self.drop_last = bool(drop_last)
         self.seed = int(seed)
+        self.collate_fn = collate_fn
         self.epoch = 0  # the epoch the next iter() will use
 
     def __len__(self) -> int:
@@ -158,6 +164,8 @@ class DataLoader:
             yield self._batch(order[b * B : (b + 1) * B])
 
     def _batch(self, indices):
+        if self.collate_fn is not None:
+            return self.collate_fn([self.dataset[int(i)] for i in indices])
         if hasattr(self.dataset, "get_batch"):
             return self.dataset.get_batch(indices)
         # Any other dataset of (x, y) pairs: a loop over the batch, not over tokens.
