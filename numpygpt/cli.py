@@ -608,17 +608,99 @@ def run_gradcheck(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+# -- instruction fine-tuning (numpygpt.finetune.instruct and .judge do the work) ----------------------
+
+def _add_finetune_instruct_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pretrained", default="gpt2-medium", metavar="DIR_OR_NAME",
+                   help="GPT-2 weights to start from: a Hugging Face directory or gpt2 / gpt2-medium / ... (default %(default)s)")
+    p.add_argument("--data", metavar="JSON", help="instruction data, a JSON list of {instruction, input, output} "
+                   "(default: the book's instruction-data.json, downloaded once)")
+    p.add_argument("--out", default="runs/instruct", metavar="DIR", help="(default %(default)s)")
+    p.add_argument("--batch-size", type=_positive_int, default=8, metavar="B", help="(default %(default)s)")
+    p.add_argument("--epochs", type=_positive_int, default=2, help="(default %(default)s)")
+    p.add_argument("--max-steps", type=_positive_int, help="stop after this many optimiser steps")
+    p.add_argument("--lr", type=_nonneg_float, default=5e-5, help="AdamW learning rate (default %(default)g)")
+    p.add_argument("--weight-decay", type=_nonneg_float, default=0.1, help="(default %(default)g)")
+    p.add_argument("--eval-freq", type=_positive_int, default=5, help="evaluate every N steps (default %(default)s)")
+    p.add_argument("--eval-iter", type=_positive_int, default=5, help="batches per evaluation (default %(default)s)")
+    p.add_argument("--seed", type=int, default=123, help="(default %(default)s)")
+    p.add_argument("--drop-rate", type=_drop_rate, default=0.0, help="(default %(default)s)")
+    p.add_argument("--mask-instruction", action="store_true",
+                   help="train on the response only (the prompt's targets are ignored)")
+    p.add_argument("--lora-rank", type=_positive_int, help="train LoRA adapters of this rank instead of every weight")
+    p.add_argument("--lora-alpha", type=_nonneg_float, help="LoRA scale alpha (default: the rank)")
+    p.add_argument("--allowed-max-length", type=_positive_int, default=1024, metavar="T",
+                   help="cut longer training texts to T tokens (default %(default)s, at most the model's context)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=256, help="response length limit (default %(default)s)")
+    p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto", help="(default %(default)s)")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="(default %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _add_chat_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("instruction", help="what the model should do")
+    p.add_argument("--model", required=True, metavar="DIR", help="a fine-tuned model (finetune instruct's OUT/model)")
+    p.add_argument("--input", default="", help="the instruction's input, if it has one")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=256, help="(default %(default)s)")
+    p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto", help="(default %(default)s)")
+
+
+def _add_score_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", help="responses JSON (finetune instruct's OUT/test-responses.json)")
+    p.add_argument("--judge-model", default="llama3", help="(default %(default)s)")
+    p.add_argument("--judge-url", default="http://localhost:11434", help="Ollama-compatible server (default %(default)s)")
+    p.add_argument("--out", metavar="JSON", help="where the scores go (default: FILE with -scores before .json)")
+    p.add_argument("--key", default="model_response", help="the entry field to score (default %(default)s)")
+    p.add_argument("--timeout", type=_nonneg_float, default=120.0, help="seconds per answer (default %(default)g)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_finetune_task(args: argparse.Namespace):
+    """Run ``finetune instruct``, ``chat`` or ``score-responses``: bad input is exit code 2,
+    a judge that cannot be asked exit code 1, each one line."""
+    from .backend import DeviceError
+    from .finetune import instruct, judge
+
+    try:
+        if args.command == "chat":
+            model = instruct.load_for_chat(args.model, device=args.device)
+            print(instruct.chat(model, args.instruction, args.input, args.max_new_tokens), flush=True)
+            return 0
+        if args.command == "score-responses":
+            judge.score_file(args.file, args.judge_model, args.judge_url, args.out, args.key, args.timeout,
+                             progress=not args.no_progress, log=_say)
+            return 0
+        opts = {k: v for k, v in vars(args).items() if k not in ("command", "task", "no_progress")}
+        instruct.finetune_instruct(**opts, progress=not args.no_progress, log=_say)
+        return 0
+    except judge.JudgeError as e:
+        raise CLIError(str(e), code=1) from e
+    except (ValueError, OSError, DeviceError) as e:
+        raise CLIError(str(e)) from e
+
+
 # -- entry points -----------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="numpygpt", description="GPT-2 in NumPy/CuPy with hand-written backward passes.")
-    sub = parser.add_subparsers(dest="command", metavar="{train,generate,gradcheck}", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="{train,generate,gradcheck,finetune,chat,score-responses}",
+                                required=True)
     _add_train_args(sub.add_parser("train", help="train a model (a small one on Python's manual by default)",
                                    description="Train a GPT model.", argument_default=argparse.SUPPRESS))
     _add_generate_args(sub.add_parser("generate", help="continue a prompt with a trained or pretrained model",
                                       description="Generate text from a checkpoint or GPT-2 weights."))
     _add_gradcheck_args(sub.add_parser("gradcheck", help="check every backward pass against finite differences",
                                        description="Check every layer's backward pass against finite differences."))
+    tasks = sub.add_parser("finetune", help="fine-tune a pretrained GPT-2 for a task",
+                           description="Fine-tune a pretrained GPT-2 for a task.").add_subparsers(
+                               dest="task", metavar="{instruct}", required=True)
+    _add_finetune_instruct_args(tasks.add_parser(
+        "instruct", help="follow instructions (the book's chapter 7)",
+        description="Instruction fine-tuning: the book's chapter-7 recipe by default."))
+    _add_chat_args(sub.add_parser("chat", help="answer one instruction with an instruction-tuned model",
+                                  description="Answer one instruction with an instruction-tuned model."))
+    _add_score_args(sub.add_parser("score-responses", help="score responses with a judge model (Ollama API)",
+                                   description="Score a responses file with a judge model (Ollama's /api/chat)."))
     return parser
 
 
@@ -647,6 +729,8 @@ def main(argv=None) -> int:
         return run_cli(lambda: run_training(given))
     if args.command == "generate":
         return run_cli(lambda: run_generate(args))
+    if args.command in ("finetune", "chat", "score-responses"):
+        return run_cli(lambda: run_finetune_task(args))
     return run_cli(lambda: run_gradcheck(args))
 
 
