@@ -116,7 +116,7 @@ def test_missing_data_offline_says_what_to_pass(tmp_path, pretrained, monkeypatc
         raise URLError("no network")
 
     monkeypatch.setenv("NUMPYGPT_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr("numpygpt.pretrained.download_file", offline)
+    monkeypatch.setattr("numpygpt.download.download_file", offline)
     rc = main(["finetune", "instruct", "--pretrained", str(pretrained), "--out", str(tmp_path / "out"),
                "--device", "cpu", "--no-progress"])
     assert rc == 2

@@ -105,7 +105,7 @@ def download_book_data(cache_dir=None) -> str:
     """The book's instruction-data.json (1,100 entries), downloaded once into the cache.
 
     Offline, the error says how to pass a local copy instead."""
-    from ..pretrained import default_cache_dir, download_file
+    from ..download import default_cache_dir, download_file
 
     directory = os.fspath(cache_dir) if cache_dir is not None else default_cache_dir()
     path = os.path.join(directory, "instruction-data.json")
@@ -245,9 +245,9 @@ def generate_response(model, entry: dict, tokenizer=None, max_new_tokens: int = 
 
 def write_json(path, obj) -> None:
     """Write ``obj`` as indented JSON, atomically (temporary file, then rename)."""
-    from ..pretrained import _atomic_file
+    from ..fileio import atomic_write
 
-    with _atomic_file(os.fspath(path)) as (fh, _):
+    with atomic_write(path) as fh:
         fh.write((json.dumps(obj, indent=4, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
@@ -292,8 +292,8 @@ def finetune_instruct(pretrained: str = "gpt2-medium", data=None, out: str = "ru
     ``model_response``). Returns {"model", "history", "train", "test", "val", "responses",
     "paths"}.
     """
+    from ..model import GPTModel
     from ..optim import AdamW
-    from ..pretrained import from_pretrained
     from ..tokenizer import get_tokenizer
     from ..train import evaluate_model, plot_losses, train_model
     from ..data import DataLoader
@@ -313,7 +313,7 @@ def finetune_instruct(pretrained: str = "gpt2-medium", data=None, out: str = "ru
         raise ValueError(f"{data_path}: {len(entries)} entries leave no validation entries "
                          "(the split is 85% train, 10% test, the rest validation)")
 
-    model = from_pretrained(pretrained, dtype=dtype, device=device, drop_rate=drop_rate, tie_weights=False)
+    model = GPTModel.from_pretrained(pretrained, dtype=dtype, device=device, drop_rate=drop_rate, tie_weights=False)
     n_total = model.num_parameters()
     if lora_rank is not None:
         from ..nn.lora import apply_lora
@@ -384,9 +384,9 @@ def save_finetuned(model, directory) -> None:
 
 def load_for_chat(model_dir, device: str = "auto", dtype: str = "float32"):
     """A fine-tuned model directory (``finetune_instruct``'s ``model/``), in eval mode."""
-    from ..pretrained import from_pretrained
+    from ..model import GPTModel
 
-    return from_pretrained(model_dir, dtype=dtype, device=backend.set_device(device))
+    return GPTModel.from_pretrained(model_dir, dtype=dtype, device=backend.set_device(device))
 
 
 def chat(model, instruction: str, input: str = "", max_new_tokens: int = 256, tokenizer=None) -> str:
