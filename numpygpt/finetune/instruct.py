@@ -316,10 +316,10 @@ def finetune_instruct(pretrained: str = "gpt2-medium", data=None, out: str = "ru
     model = GPTModel.from_pretrained(pretrained, dtype=dtype, device=device, drop_rate=drop_rate, tie_weights=False)
     n_total = model.num_parameters()
     if lora_rank is not None:
-        from ..nn.lora import apply_lora
+        from ..lora import apply_lora
 
         model.freeze()
-        apply_lora(model, lora_rank, lora_alpha if lora_alpha is not None else lora_rank)
+        apply_lora(model, lora_rank, lora_alpha if lora_alpha is not None else lora_rank, seed=seed)
     n_trainable = model.num_parameters(trainable_only=True)
     cfg = model.cfg
     max_length = min(allowed_max_length, cfg.context_length)
