@@ -76,17 +76,6 @@ def synthetic_batch(B: int, T: int, seed: int = 0):
     return collate_instructions([rng.integers(0, 50256, size=n) for n in lengths])
 
 
-def mem_available_gib() -> float:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable"):
-                    return int(line.split()[1]) / 2**20
-    except OSError:
-        pass
-    return float("nan")
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", help="the book's instruction-data.json: time its first training batch")
@@ -113,7 +102,7 @@ def main(argv=None) -> int:
     # arrays a block) with the logits and their softmax and gradient (3 (B, T, V) arrays)
     activations = 4 * B * T * (40 * cfg.n_layers * cfg.emb_dim + 3 * cfg.vocab_size)
     need = len(impls) * (n_params * BYTES_PER_PARAM + activations) / 2**30
-    free = mem_available_gib()
+    free = common.meminfo_gib("MemAvailable")
     print(f"threads: {args.threads}; {openblas_kernel()}; torch: "
           f"{common.torch_description() if 'torch eager' in impls else 'not used'}", file=sys.stderr)
     print(f"{args.preset}: {n_params:,} parameters (untied head, qkv_bias); batch {B} x {T}, "
