@@ -243,6 +243,15 @@ def generate_response(model, entry: dict, tokenizer=None, max_new_tokens: int = 
     return extract_response(tokenizer.decode(new_ids.tolist()))
 
 
+def progress_bar(items, desc: str, enabled: bool = True, **kw):
+    """A tqdm bar over ``items`` on stderr, redrawn seldom when stderr is a log file."""
+    from tqdm.auto import tqdm
+
+    interactive = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
+    return tqdm(items, desc=desc, unit="entry", disable=not enabled, file=sys.stderr,
+                mininterval=0.5 if interactive else 30.0, **kw)
+
+
 def write_json(path, obj) -> None:
     """Write ``obj`` as indented JSON, atomically (temporary file, then rename)."""
     from ..fileio import atomic_write
@@ -256,10 +265,8 @@ def generate_responses(model, entries: list, path=None, tokenizer=None, max_new_
     """Each entry with the model's greedy response added under ``key``. With ``path``, the
     list so far is rewritten there (atomically) after every entry, so an interrupted run
     keeps what it had."""
-    from tqdm.auto import tqdm
-
     done = []
-    for entry in tqdm(entries, desc="responses", unit="entry", disable=not progress, file=sys.stderr):
+    for entry in progress_bar(entries, "responses", progress):
         done.append({**entry, key: generate_response(model, entry, tokenizer, max_new_tokens)})
         if path is not None:
             write_json(path, done)
@@ -351,8 +358,9 @@ def finetune_instruct(pretrained: str = "gpt2-medium", data=None, out: str = "ru
     say(f"parameters  {n_total:,}" + (f"; trainable {n_trainable:,} (LoRA rank {lora_rank})" if lora_rank else ""))
     say(f"data        {data_path}: {len(entries):,} entries: train {len(train_data):,}, "
         f"test {len(test_data):,}, val {len(val_data):,}")
-    say(f"plan        {epochs} epochs of {len(train_loader):,} steps, batch {batch_size}, AdamW lr {lr:g}, "
-        f"weight decay {weight_decay:g}" + (", instruction masked" if mask_instruction else ""))
+    total = epochs * len(train_loader) if max_steps is None else min(max_steps, epochs * len(train_loader))
+    say(f"plan        {total:,} steps ({epochs} epochs of {len(train_loader):,}), batch {batch_size}, "
+        f"AdamW lr {lr:g}, weight decay {weight_decay:g}" + (", instruction masked" if mask_instruction else ""))
     train_loss, val_loss = evaluate_model(model, train_loader, val_loader, eval_iter)
     say(f"before      train loss {train_loss:.3f}, val loss {val_loss:.3f}")
 

@@ -20,12 +20,11 @@ from __future__ import annotations
 import json
 import os
 import socket
-import sys
 from urllib.error import HTTPError, URLError
 from urllib.parse import urlsplit
 from urllib.request import ProxyHandler, Request, build_opener
 
-from .instruct import format_input, validate_entries, write_json
+from .instruct import format_input, progress_bar, validate_entries, write_json
 
 __all__ = ["JudgeError", "judge_prompt", "chat_request", "query_judge", "parse_score", "load_responses",
            "score_responses", "DEFAULT_JUDGE_URL"]
@@ -143,12 +142,10 @@ def score_responses(entries: list, judge_model: str = "llama3", judge_url: str =
     are rewritten there after every answer; entries already in that file (same
     instruction, input, output and response, at the same place) are not asked again.
     """
-    from tqdm.auto import tqdm
-
     entries = validate_entries(entries, "responses")
     scored = _previous_scores(out_path, entries, key) if out_path is not None else []
-    for entry in tqdm(entries[len(scored):], desc="scoring", unit="entry", disable=not progress,
-                      file=sys.stderr, initial=len(scored), total=len(entries)):
+    for entry in progress_bar(entries[len(scored):], "scoring", progress, initial=len(scored),
+                              total=len(entries)):
         try:
             reply = query_judge(judge_prompt(entry, key), judge_model, judge_url, timeout)
         except JudgeError as e:
