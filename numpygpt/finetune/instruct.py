@@ -34,7 +34,7 @@ __all__ = [
     "PREAMBLE", "BOOK_DATA_URL", "format_input", "format_example", "validate_entries",
     "load_instruction_data", "split_data", "Example", "InstructionDataset", "collate_instructions",
     "extract_response", "generate_response", "generate_responses", "write_json", "finetune_instruct",
-    "load_for_chat", "chat",
+    "load_for_chat", "chat", "download_book_data", "save_finetuned",
 ]
 
 PREAMBLE = ("Below is an instruction that describes a task. "
