@@ -5,6 +5,7 @@ HTTP server on 127.0.0.1). Bad data files are one line on stderr and exit code 2
 
 import json
 
+import numpy as np
 import pytest
 
 from numpygpt import GPTConfig, GPTModel
@@ -139,3 +140,27 @@ def test_chat_with_a_missing_model_is_a_one_line_error(tmp_path, capsys):
     # pretrained's own message: one error line, then how to fetch weights without network
     assert err.startswith("numpygpt: error: ") and "is not a directory" in err.splitlines()[0]
     assert "Traceback" not in err
+
+
+def test_lora_trains_adapters_only_and_saves_a_plain_merged_model(tmp_path, pretrained, capsys):
+    from numpygpt import backend, count_parameters
+
+    entries = [{"instruction": i, "input": "", "output": o} for i, o in PAIRS] * 4
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(entries))
+    out = tmp_path / "out"
+    rc = main(["finetune", "instruct", "--pretrained", str(pretrained), "--data", str(data), "--out", str(out),
+               "--batch-size", "2", "--max-steps", "2", "--eval-iter", "1", "--lr", "1e-2", "--lora-rank", "4",
+               "--lora-alpha", "8", "--max-new-tokens", "2", "--device", "cpu", "--no-progress"])
+    assert rc == 0
+    base = GPTModel.from_pretrained(pretrained, tie_weights=False)
+    adapters = count_parameters(base.cfg.replace(lora_rank=4, lora_alpha=8), trainable="lora")
+    assert f"trainable {adapters:,} (LoRA rank 4)" in capsys.readouterr().out  # blocks and the untied head
+    assert (out / "lora-adapters.safetensors").is_file()
+    # model/ is a plain GPT-2 whose weights moved by a rank-4 update at most; wte stayed frozen
+    saved = GPTModel.from_pretrained(out / "model")
+    assert saved.cfg.lora_rank is None and not saved.cfg.tie_weights
+    for name in ("h.0.mlp.c_fc.weight", "lm_head.weight"):
+        W0, W1 = (backend.to_host(dict(m.named_parameters())[name].data) for m in (base, saved))
+        assert not np.array_equal(W0, W1) and np.linalg.matrix_rank(W1 - W0, tol=1e-6) <= 4, name
+    np.testing.assert_array_equal(backend.to_host(saved.wte.weight.data), backend.to_host(base.wte.weight.data))

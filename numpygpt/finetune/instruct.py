@@ -295,9 +295,9 @@ def finetune_instruct(pretrained: str = "gpt2-medium", data=None, out: str = "ru
     ``lora_rank`` trains LoRA adapters (scale ``lora_alpha``) instead of every weight.
 
     Writes into ``out``: ``loss.png``, ``history.json``, ``model/`` (the fine-tuned model,
-    ``save_pretrained``) and ``test-responses.json`` (the test entries with their greedy
-    ``model_response``). Returns {"model", "history", "train", "test", "val", "responses",
-    "paths"}.
+    ``save_pretrained``; LoRA adapters merged, and alone in ``lora-adapters.safetensors``) and
+    ``test-responses.json`` (the test entries with their greedy ``model_response``).
+    Returns {"model", "history", "train", "test", "val", "responses", "paths"}.
     """
     from ..model import GPTModel
     from ..optim import AdamW
@@ -325,7 +325,6 @@ def finetune_instruct(pretrained: str = "gpt2-medium", data=None, out: str = "ru
     if lora_rank is not None:
         from ..lora import apply_lora
 
-        model.freeze()
         apply_lora(model, lora_rank, lora_alpha if lora_alpha is not None else lora_rank, seed=seed)
     n_trainable = model.num_parameters(trainable_only=True)
     cfg = model.cfg
@@ -374,17 +373,28 @@ def finetune_instruct(pretrained: str = "gpt2-medium", data=None, out: str = "ru
     write_json(paths["history"], history)
 
     # saved before the (long) generation, so an interrupted generation loses no training
-    save_finetuned(model, paths["model"])
-    say(f"model       {paths['model']}")
+    if lora_rank is not None:
+        paths["adapters"] = os.path.join(out, "lora-adapters.safetensors")
+    save_finetuned(model, paths["model"], paths.get("adapters"))
+    say(f"model       {paths['model']}" + (f" (LoRA merged; adapters alone in {paths['adapters']})"
+                                           if lora_rank is not None else ""))
     responses = generate_responses(model, test_data, paths["responses"], tokenizer, max_new_tokens, progress)
     say(f"responses   {paths['responses']} ({len(responses)} test entries)")
     return {"model": model, "history": history, "train": train_data, "test": test_data, "val": val_data,
             "responses": responses, "paths": paths}
 
 
-def save_finetuned(model, directory) -> None:
-    """``save_pretrained``, with LoRA adapters folded into their weights first when present,
-    so the directory is a plain GPT-2 that ``from_pretrained`` and ``chat`` read."""
+def save_finetuned(model, directory, adapters_path=None) -> None:
+    """``save_pretrained``. A model with LoRA adapters has them written alone to
+    ``adapters_path`` (``save_lora``; skipped when None) and then folded into its weights
+    (``merge_lora``; the model stays merged, which also makes generation cheaper), so the
+    directory is a plain GPT-2 that ``from_pretrained`` and ``chat`` read."""
+    from ..lora import is_merged, lora_layers, merge_lora, save_lora
+
+    if lora_layers(model) and not is_merged(model):
+        if adapters_path is not None:
+            save_lora(model, adapters_path)
+        merge_lora(model)
     model.save_pretrained(directory)
 
 
