@@ -39,22 +39,12 @@ common.early_threads()
 
 import numpy as np  # noqa: E402  (after early_threads: BLAS starts with the thread count)
 
+from bench_finetune_step import openblas_kernel  # noqa: E402
 from bench_train_step import MAX_LOAD, measure_interleaved, numpygpt_stepper, torch_stepper  # noqa: E402
 from numpygpt import GPTConfig, GPTModel, count_parameters  # noqa: E402
 from numpygpt.finetune.instruct import collate_instructions  # noqa: E402
 
 BYTES_PER_PARAM = 16  # float32 weight, gradient and AdamW's two moments
-
-
-def openblas_kernel() -> str:
-    """The BLAS library, version and CPU kernel threadpoolctl reports (or why it cannot)."""
-    try:
-        import threadpoolctl
-    except ImportError:
-        return "unknown (threadpoolctl not installed)"
-    blas = [d for d in threadpoolctl.threadpool_info() if d.get("user_api") == "blas"]
-    return "; ".join(f"{d.get('internal_api')} {d.get('version')} kernel {d.get('architecture')}, "
-                     f"{d.get('num_threads')} threads" for d in blas) or "no BLAS found"
 
 
 def book_batch(path: str, B: int):
