@@ -299,11 +299,11 @@ def finetune_instruct(pretrained: str = "gpt2-medium", data=None, out: str = "ru
     ``test-responses.json`` (the test entries with their greedy ``model_response``).
     Returns {"model", "history", "train", "test", "val", "responses", "paths"}.
     """
+    from ..data import DataLoader
     from ..model import GPTModel
     from ..optim import AdamW
     from ..tokenizer import get_tokenizer
     from ..train import evaluate_model, plot_losses, train_model
-    from ..data import DataLoader
 
     def say(msg: str = "") -> None:
         if log is not None:
