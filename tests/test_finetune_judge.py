@@ -197,3 +197,5 @@ def test_responses_file_without_responses_is_refused(tmp_path, capsys):
     path.write_text(json.dumps([{"instruction": "a", "input": "", "output": "b"}]))
     assert main(["score-responses", str(path), "--judge-url", "http://127.0.0.1:9", "--no-progress"]) == 2
     assert "entry 0 has no 'model_response'" in one_line_error(capsys)
+    assert main(["score-responses", str(path), "--timeout", "0", "--no-progress"]) == 2
+    assert "timeout must be more than 0 seconds" in one_line_error(capsys)

@@ -186,6 +186,8 @@ def score_file(path, judge_model: str = "llama3", judge_url: str = DEFAULT_JUDGE
     """``numpygpt score-responses``: score a responses file, print the average and how many
     answers could not be read. Scores go to ``out_path`` (default: the file's name with
     ``-scores`` before ``.json``) as they come."""
+    if not timeout > 0:
+        raise ValueError(f"the judge's timeout must be more than 0 seconds, got {timeout:g}")
     entries = load_responses(path, key)
     if out_path is None:
         stem, ext = os.path.splitext(os.fspath(path))
