@@ -5,6 +5,8 @@ import json
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from numpygpt import CrossEntropyLoss, GPTConfig, GPTModel, backend, no_grad
 from numpygpt.data import DataLoader
@@ -138,6 +140,36 @@ def test_collate_masks_the_instruction():
     # without the flag, Example items collate like their ids
     unmasked = collate_instructions(batch)
     assert unmasked[1].tolist() == collate_instructions([A, B, C])[1].tolist()
+
+
+def book_collate(batch, pad_id, ignore_index, allowed_max_length, mask_instruction):
+    """The book's custom_collate_fn (with exercise 7.2's masking), row by row in plain lists."""
+    L = max(len(ex.token_ids) for ex in batch) + 1
+    inputs, targets = [], []
+    for ex in batch:
+        padded = list(ex.token_ids) + [pad_id] * (L - len(ex.token_ids))
+        x, y = padded[:-1], padded[1:]
+        pads = [j for j, t in enumerate(y) if t == pad_id]
+        for j in pads[1:]:
+            y[j] = ignore_index
+        if mask_instruction:
+            y[:ex.prompt_length - 1] = [ignore_index] * len(y[:ex.prompt_length - 1])
+        if allowed_max_length is not None:
+            x, y = x[:allowed_max_length], y[:allowed_max_length]
+        inputs.append(x)
+        targets.append(y)
+    return inputs, targets
+
+
+@given(lengths=st.lists(st.integers(1, 12), min_size=1, max_size=5), data=st.data(),
+       allowed=st.one_of(st.none(), st.integers(1, 15)), mask=st.booleans())
+def test_collate_matches_the_books_row_by_row(lengths, data, allowed, mask):
+    rng = np.random.default_rng(len(lengths) * 100 + sum(lengths))
+    batch = [Example(rng.integers(0, 99, n), data.draw(st.integers(1, n))) for n in lengths]
+    inputs, targets = collate_instructions(batch, pad_id=99, ignore_index=-7, allowed_max_length=allowed,
+                                           mask_instruction=mask)
+    ref_inputs, ref_targets = book_collate(batch, 99, -7, allowed, mask)
+    assert inputs.tolist() == ref_inputs and targets.tolist() == ref_targets
 
 
 def test_collate_options_and_errors():
