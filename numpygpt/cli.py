@@ -6,6 +6,7 @@
     numpygpt generate --checkpoint runs/train/checkpoint.safetensors --prompt "The for statement"
     numpygpt generate --model gpt2 --prompt "Every effort moves you" --temperature 0.8 --top-k 40
     numpygpt gradcheck                  # finite-difference check of every layer's backward
+    numpygpt walkthrough                # one backward pass of a tiny GPT, op by op (docs/backward.md)
 
 ``examples/train_gpt.py`` and ``examples/generate.py`` run the same code
 (``train_main`` and ``generate_main``). Mistakes in the arguments are argparse usage
@@ -19,6 +20,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import sys
 import time
 
@@ -44,6 +46,7 @@ SMALL_MODEL = dict(emb_dim=128, n_layers=4, n_heads=4, context_length=128, drop_
                    tie_weights=True, qkv_bias=False)
 DEFAULT_MAX_STEPS = 200  # used when neither --max-steps nor --epochs is given
 DEFAULT_PROMPT = "The for statement is used to"  # fits the default corpus
+GENERIC_PROMPT = "Every effort moves you"  # the book's, for any other model
 
 MODEL_KEYS = ("preset", "emb_dim", "n_layers", "n_heads", "context_length", "drop_rate",
               "tie_weights", "qkv_bias")
@@ -55,7 +58,7 @@ TRAIN_DEFAULTS = dict(
     weight_decay=0.1, warmup_steps=None, schedule="cosine", grad_clip=1.0, grad_accum=1,
     eval_freq=25, eval_iter=5, train_ratio=0.9, seed=123, device="auto", out="runs/train",
     resume=None, init_from=None, prompt=None, sample_tokens=30, checkpoint_every=100,
-    no_progress=False,
+    no_progress=False, greedy=False, temperature=None, top_k=None,
 )
 
 
@@ -85,6 +88,29 @@ def _drop_rate(s: str) -> float:
     if not 0.0 <= v < 1.0:
         raise argparse.ArgumentTypeError(f"must be in [0, 1), got {s}")
     return v
+
+
+def _add_sampling_args(p) -> None:
+    from .generate import SAMPLING_DEFAULTS as S
+
+    p.add_argument("--greedy", action="store_true", help="always take the most likely token (temperature 0)")
+    p.add_argument("--temperature", type=_nonneg_float,
+                   help=f"sampling temperature; 0 is greedy (default {S['temperature']})")
+    p.add_argument("--top-k", type=_positive_int, help=f"sample only from the k most likely tokens (default {S['top_k']})")
+
+
+def _sampling(greedy: bool, temperature, top_k, seed) -> dict:
+    """generate()'s keyword arguments: SAMPLING_DEFAULTS where not given, greedy if asked."""
+    from .generate import SAMPLING_DEFAULTS as S
+
+    if greedy or temperature == 0:
+        return dict(temperature=0.0)
+    return dict(temperature=S["temperature"] if temperature is None else temperature,
+                top_k=S["top_k"] if top_k is None else top_k, seed=S["seed"] if seed is None else seed)
+
+
+def _sampling_flags(temperature, top_k=None, seed=None) -> str:
+    return "--greedy" if not temperature else f"--temperature {temperature:g} --top-k {top_k} --seed {seed}"
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -136,6 +162,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     run.add_argument("--eval-iter", type=_positive_int, help=f"batches per evaluation (default {D['eval_iter']})")
     run.add_argument("--prompt", help="start of the samples printed after each epoch ('' for none)")
     run.add_argument("--sample-tokens", type=_positive_int, help=f"tokens per sample (default {D['sample_tokens']})")
+    _add_sampling_args(run)
     run.add_argument("--device", choices=("cpu", "cuda", "auto"), help="cpu (NumPy), cuda (CuPy) or auto (default)")
     run.add_argument("--out", metavar="DIR", help=f"where the checkpoint, plot and history go (default {D['out']})")
     run.add_argument("--checkpoint-every", type=_positive_int, metavar="N",
@@ -425,6 +452,7 @@ def run_training(given: dict) -> dict:
     _say()
 
     prompt = _default_prompt(opts, text)
+    sampling = _sampling(opts["greedy"], opts["temperature"], opts["top_k"], opts["seed"])
     cli_options = {k: opts[k] for k in TRAIN_DEFAULTS}
     cli_options["resume"] = None
     # the options as given, not the derived step count, so a later --max-steps can extend the run
@@ -435,6 +463,7 @@ def run_training(given: dict) -> dict:
         grad_accum_steps=opts["grad_accum"], max_grad_norm=opts["grad_clip"] or None, scheduler=scheduler,
         checkpoint_path=ckpt_path, checkpoint_every=opts["checkpoint_every"], resume_state=resume_state,
         progress=not opts["no_progress"], sample_tokens=opts["sample_tokens"], max_steps=total,
+        sampling=sampling,
         extra={"cli_options": cli_options, "tokenizer": "gpt2"},
     )
 
@@ -456,6 +485,9 @@ def run_training(given: dict) -> dict:
     _say(f"loss plot   {plot_path}")
     _say(f"history     {history_path}")
     _say(f"time        {seconds:.0f} s")
+    if prompt:
+        _say(f"sample more numpygpt generate --checkpoint {shlex.quote(ckpt_path)} --prompt {shlex.quote(prompt)} "
+             f"--max-new-tokens {opts['sample_tokens']} {_sampling_flags(**sampling)}")
     return {"history": history, "model": model, "checkpoint": ckpt_path, "plot": plot_path,
             "history_path": history_path, "seconds": seconds, "final_losses": final}
 
@@ -467,13 +499,12 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--checkpoint", metavar="PATH", help="a checkpoint written by `numpygpt train`")
     src.add_argument("--model", metavar="DIR_OR_NAME",
                      help="GPT-2 weights in the Hugging Face layout: a directory, or gpt2 / gpt2-medium / ...")
-    p.add_argument("--prompt", default="Every effort moves you", help="text to continue (default: %(default)r)")
+    p.add_argument("--prompt", help=f"text to continue (default: {DEFAULT_PROMPT!r} for a model trained on the "
+                                    f"default corpus, else {GENERIC_PROMPT!r})")
     p.add_argument("--max-new-tokens", type=_positive_int, default=50, help="(default %(default)s)")
-    p.add_argument("--temperature", type=_nonneg_float, default=0.0,
-                   help="0 picks the most likely token every time (default %(default)s)")
-    p.add_argument("--top-k", type=_positive_int, help="sample only from the k most likely tokens")
+    _add_sampling_args(p)
     p.add_argument("--top-p", type=_fraction_or_one, help="sample from the smallest set with this much probability")
-    p.add_argument("--seed", type=int, help="seed for sampling")
+    p.add_argument("--seed", type=int, help="seed for sampling (default 123)")
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto", help="(default %(default)s)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                    help="dtype for --model weights (default %(default)s)")
@@ -488,18 +519,29 @@ def _fraction_or_one(s: str) -> float:
 
 
 def run_generate(args: argparse.Namespace) -> str:
-    from .generate import generate_text
+    from .generate import describe_sampling, generate_text
 
     device = _set_device(args.device)
+    default_corpus_run = False
     if args.checkpoint:
-        model = _load_checkpoint(args.checkpoint, device=device)["model"]
+        loaded = _load_checkpoint(args.checkpoint, device=device)
+        model = loaded["model"]
+        options = (loaded.get("extra") or {}).get("cli_options") or {}
+        default_corpus_run = "data" in options and options["data"] is None
     else:
         model = _from_pretrained(args.model, dtype=args.dtype, device=device)
     model.eval()
-    if not args.prompt:
+    prompt = args.prompt if args.prompt is not None else DEFAULT_PROMPT if default_corpus_run else GENERIC_PROMPT
+    if not prompt:
         raise CLIError("--prompt must not be empty")
-    text = generate_text(model, args.prompt, args.max_new_tokens, temperature=args.temperature,
-                         top_k=args.top_k, top_p=args.top_p, seed=args.seed, use_cache=not args.no_cache)
+    sampling = _sampling(args.greedy, args.temperature, args.top_k, args.seed)
+    if sampling["temperature"] and args.top_p is not None:
+        sampling["top_p"] = args.top_p
+    # the settings go to stderr, so that stdout is the text alone
+    how = "greedy decoding" if not sampling["temperature"] else \
+        f"sampling with {describe_sampling(**sampling)} (--greedy for greedy decoding)"
+    print(f"numpygpt: {how}", file=sys.stderr, flush=True)
+    text = generate_text(model, prompt, args.max_new_tokens, use_cache=not args.no_cache, **sampling)
     print(text, flush=True)
     return text
 
@@ -612,13 +654,17 @@ def run_gradcheck(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="numpygpt", description="GPT-2 in NumPy/CuPy with hand-written backward passes.")
-    sub = parser.add_subparsers(dest="command", metavar="{train,generate,gradcheck}", required=True)
+    from . import walkthrough
+
+    sub = parser.add_subparsers(dest="command", metavar="{train,generate,gradcheck,walkthrough}", required=True)
     _add_train_args(sub.add_parser("train", help="train a model (a small one on Python's manual by default)",
                                    description="Train a GPT model.", argument_default=argparse.SUPPRESS))
     _add_generate_args(sub.add_parser("generate", help="continue a prompt with a trained or pretrained model",
                                       description="Generate text from a checkpoint or GPT-2 weights."))
     _add_gradcheck_args(sub.add_parser("gradcheck", help="check every backward pass against finite differences",
                                        description="Check every layer's backward pass against finite differences."))
+    walkthrough.add_arguments(sub.add_parser("walkthrough", help="print one backward pass of a tiny GPT, op by op",
+                                             description=walkthrough.DESCRIPTION))
     return parser
 
 
@@ -647,6 +693,10 @@ def main(argv=None) -> int:
         return run_cli(lambda: run_training(given))
     if args.command == "generate":
         return run_cli(lambda: run_generate(args))
+    if args.command == "walkthrough":
+        from .walkthrough import run
+
+        return run(args)
     return run_cli(lambda: run_gradcheck(args))
 
 

@@ -16,6 +16,7 @@ index matrix, never a Python loop over tokens.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -205,12 +206,54 @@ def create_dataloader(text: str, batch_size: int = 4, max_length: int = 256,
     return DataLoader(dataset, batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed)
 
 
-def default_corpus() -> str:
+def tidy_whitespace(text: str) -> str:
+    """Reflow a plain-text manual so that whitespace costs few tokens.
+
+    GPT-2's BPE gives every space of an indentation its own token and every line break
+    one more: in Python's reference manual (``default_corpus``), hard-wrapped at 72
+    characters and indented by 3 to 15 spaces, 18% of the 139k tokens are single spaces
+    and 7% are newlines, many in the middle of a sentence. A small model trained on that
+    spends its capacity, and its samples, on whitespace. So, paragraph by paragraph
+    (paragraphs are separated by blank lines):
+
+    - heading underlines (a line of one repeated ``* = - ~ ^ + #``) are dropped;
+    - a paragraph whose first line is not indented by 3 or more spaces is prose or a
+      list item: its lines are joined with single spaces into one line;
+    - an indented paragraph is code or grammar: its lines are kept, the paragraph's
+      common indentation is removed, and what indentation remains becomes one tab per
+      4 spaces (rounded up), so nested code keeps its shape in one token per level;
+    - runs of spaces inside a line become one space, and paragraphs are separated by
+      one blank line.
+
+    The words are untouched. On the manual: 139k -> 111k tokens (single-space tokens
+    from 25k to none, line breaks from 9.1k to 7.7k, plus 0.7k tabs).
+    """
+    paragraphs = []
+    for block in re.split(r"\n[ \t]*\n", text):
+        lines = [line.rstrip() for line in block.split("\n") if line.strip() and not _RULE.match(line)]
+        if not lines:
+            continue
+        indents = [len(line) - len(line.lstrip(" ")) for line in lines]
+        if indents[0] < 3:  # prose or a list item: one line
+            paragraphs.append(" ".join(" ".join(line.split()) for line in lines))
+        else:  # code or grammar: keep the lines and their relative indentation
+            base = min(indents)
+            paragraphs.append("\n".join("\t" * -(-(indent - base) // 4) + " ".join(line.split())
+                                        for indent, line in zip(indents, lines)))
+    return "\n\n".join(paragraphs) + "\n"
+
+
+_RULE = re.compile(r"^\s*([*=\-~^+#])\1{2,}\s*$")  # a heading underline
+
+
+def default_corpus(tidy: bool = True) -> str:
     """A training text that needs no download: Python's own reference-manual topics.
 
     ``pydoc_data.topics`` ships with CPython (it is what ``help("if")`` prints), about
     0.5 MB of English prose and code examples. Keys are sorted so the text is the same
-    on every machine with the same Python.
+    on every machine with the same Python. ``tidy`` (the default) passes it through
+    ``tidy_whitespace``, which removes the indentation and hard line wraps that would
+    otherwise be a quarter of its tokens; ``tidy=False`` gives the text as pydoc has it.
     """
     try:
         from pydoc_data.topics import topics
@@ -219,7 +262,8 @@ def default_corpus() -> str:
             "default_corpus() needs the standard library's pydoc_data package, which this "
             "Python lacks; pass a text file instead (load_text(path))"
         ) from e
-    return "\n\n".join(topics[key] for key in sorted(topics))
+    text = "\n\n".join(topics[key] for key in sorted(topics))
+    return tidy_whitespace(text) if tidy else text
 
 
 def load_text(path) -> str:

@@ -12,7 +12,8 @@ One optimiser step is::
     clip_grad_norm (optional); lr = scheduler(step) (optional); optimizer.step()
 
 Every ``eval_freq`` steps the mean loss over ``eval_iter`` training and validation
-batches is logged, and each epoch ends with a greedy sample from ``start_context``.
+batches is logged, and each epoch ends with a sample from ``start_context`` (greedy
+unless ``sampling`` is given).
 A non-finite loss stops the run with ``TrainingDivergedError`` before the weights are
 touched and before any checkpoint is written, so the last checkpoint is a good one.
 
@@ -118,19 +119,22 @@ def perplexity(loss: float) -> float:
     return math.exp(loss) if loss < 700.0 else float("inf")
 
 
-def _sample(model, start_context: str, max_new_tokens: int, tokenizer=None) -> str:
-    """A greedy continuation of ``start_context`` (eval mode, no gradients), one line."""
-    from .generate import generate_text
+def _sample(model, start_context: str, max_new_tokens: int, tokenizer=None, sampling=None) -> str:
+    """A continuation of ``start_context`` (eval mode, no gradients), one line: greedy, or
+    drawn with ``sampling`` (``generate``'s temperature, top_k, top_p, seed), prefixed
+    with the settings in parentheses so that it can be reproduced."""
+    from .generate import describe_sampling, generate_text
+
+    sampling = dict(sampling or {})
 
     was_training = model.training
     model.eval()
     try:
         with no_grad():
-            text = generate_text(model, start_context, max_new_tokens, tokenizer=tokenizer,
-                                 temperature=0.0)
+            text = generate_text(model, start_context, max_new_tokens, tokenizer=tokenizer, **sampling)
     finally:
         model.train(was_training)
-    return text.replace("\n", " ")  # compact print format, as in the book
+    return f"({describe_sampling(**sampling)}) " + text.replace("\n", " ")  # one line, as in the book
 
 
 # -- the loop ------------------------------------------------------------------------------
@@ -160,7 +164,7 @@ def train_model(model, train_loader, val_loader, optimizer, num_epochs: int, eva
                 grad_accum_steps: int = 1, max_grad_norm: float | None = None, scheduler=None,
                 checkpoint_path=None, checkpoint_every: int | None = None, resume_state=None,
                 progress: bool = True, sample_tokens: int = 50, log=print,
-                max_steps: int | None = None, extra: dict | None = None) -> dict:
+                max_steps: int | None = None, extra: dict | None = None, sampling: dict | None = None) -> dict:
     """Train ``model`` and return the history dict (see ``new_history`` for its keys).
 
     num_epochs: passes over ``train_loader``; ``max_steps`` stops earlier (optimiser steps).
@@ -173,6 +177,8 @@ def train_model(model, train_loader, val_loader, optimizer, num_epochs: int, eva
     resume_state: ``load_checkpoint(path, model, optimizer)``'s result: continue that run.
     log: where messages go; the default ``print`` is routed through tqdm.write so the
         progress bar stays intact. extra: more JSON-able entries for the checkpoint.
+    sampling: how the samples of ``start_context`` are decoded (``generate``'s temperature,
+        top_k, top_p, seed); None is greedy, as in the book.
     """
     if num_epochs < 0 or eval_freq < 1 or eval_iter < 1 or grad_accum_steps < 1:
         raise ValueError("need num_epochs >= 0, eval_freq >= 1, eval_iter >= 1 and grad_accum_steps >= 1")
@@ -281,7 +287,7 @@ def train_model(model, train_loader, val_loader, optimizer, num_epochs: int, eva
 
             if batch + grad_accum_steps > n_batches:  # the epoch is over
                 if start_context:
-                    emit(f"Ep {epoch + 1} sample: {_sample(model, start_context, sample_tokens, tokenizer)}")
+                    emit(f"Ep {epoch + 1} sample: {_sample(model, start_context, sample_tokens, tokenizer, sampling)}")
                 epoch, batch, batches = epoch + 1, 0, None
 
             if checkpoint_path is not None and checkpoint_every and global_step % checkpoint_every == 0:
@@ -292,7 +298,7 @@ def train_model(model, train_loader, val_loader, optimizer, num_epochs: int, eva
     if start_context and batch > 0 and global_step > 0:
         # stopped inside an epoch (max_steps): still show what the model does now
         emit(f"Ep {epoch + 1} sample (step {global_step}): "
-             f"{_sample(model, start_context, sample_tokens, tokenizer)}")
+             f"{_sample(model, start_context, sample_tokens, tokenizer, sampling)}")
     history.update(global_step=global_step, tokens_seen=tokens_seen, epoch=epoch, batch_in_epoch=batch)
     if checkpoint_path is not None and last_saved != global_step:
         save()

@@ -1,0 +1,113 @@
+"""The quick start's first run: the default corpus is tidied (indentation and hard wraps
+would be a quarter of its tokens), and the default model, trained briefly, prints a sampled
+continuation made of varied words from its corpus, with the settings that reproduce it."""
+
+import contextlib
+import io
+import re
+import shlex
+
+import pytest
+
+from numpygpt.cli import DEFAULT_PROMPT, SMALL_MODEL, _sampling, main, run_training
+from numpygpt.data import default_corpus, tidy_whitespace
+from numpygpt.generate import SAMPLING_DEFAULTS, describe_sampling, generate_text
+from numpygpt.nn import no_grad
+from numpygpt.tokenizer import text_to_token_ids
+
+MANUAL = """The "assert" statement
+**********************
+
+Assert statements are a convenient way to insert debugging
+assertions into a program:
+
+   assert_stmt ::= "assert" expression ["," expression]
+
+The simple form is equivalent to
+
+   if __debug__:
+       if not expression: raise AssertionError
+
+* A list item that wraps
+  onto a second line.
+"""
+
+
+def test_tidy_whitespace_reflows_prose_and_keeps_code_lines():
+    tidy = tidy_whitespace(MANUAL)
+    assert tidy == (
+        'The "assert" statement\n\n'
+        "Assert statements are a convenient way to insert debugging assertions into a program:\n\n"
+        'assert_stmt ::= "assert" expression ["," expression]\n\n'
+        "The simple form is equivalent to\n\n"
+        "if __debug__:\n\tif not expression: raise AssertionError\n\n"
+        "* A list item that wraps onto a second line.\n"
+    )
+
+
+def test_the_tidy_default_corpus_spends_few_tokens_on_whitespace():
+    raw, tidy = default_corpus(tidy=False), default_corpus()
+    assert tidy == tidy_whitespace(raw)
+    assert "  " not in tidy and not re.search(r"^ ", tidy, re.M)
+    assert set(_words(tidy)) == set(_words(raw))  # every word is kept
+    n_raw, n_tidy = len(text_to_token_ids(raw)), len(text_to_token_ids(tidy))
+    assert n_tidy < 0.85 * n_raw
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[A-Za-z_]+", text)
+
+
+@pytest.fixture(scope="module")
+def briefly_trained(tmp_path_factory):
+    """`numpygpt train` with its defaults (corpus, model shape, lr, schedule, sampling), but
+    40 steps of 2 windows instead of the full run. Returns (result, what it printed)."""
+    out = tmp_path_factory.mktemp("first_run")
+    given = dict(max_steps=40, batch_size=2, eval_freq=1000, eval_iter=1, device="cpu", out=str(out),
+                 no_progress=True, checkpoint_every=10**6)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        result = run_training(given)
+    return result, printed.getvalue()
+
+
+def test_the_default_model_trained_briefly_samples_varied_words_of_its_corpus(briefly_trained):
+    result, _ = briefly_trained
+    cfg = result["model"].cfg
+    assert {k: getattr(cfg, k) for k in SMALL_MODEL} == SMALL_MODEL  # the default shape, not a smaller one
+    vocabulary = set(_words(default_corpus()))
+    model = result["model"].eval()
+    for seed in (1, 2, 3, 4, 5):  # not one lucky seed
+        with no_grad():
+            text = generate_text(model, DEFAULT_PROMPT, 30, **_sampling(False, None, None, seed))
+        words = _words(text[len(DEFAULT_PROMPT):])
+        assert len(words) >= 10, text  # words, not whitespace or punctuation
+        assert len(set(words)) / len(words) >= 0.5, text  # not a few words over and over
+        assert sum(w in vocabulary for w in words) / len(words) >= 0.9, text  # the corpus's words
+
+
+def test_the_run_prints_its_sample_with_the_settings_that_reproduce_it(briefly_trained, capsys):
+    result, printed = briefly_trained
+    settings = describe_sampling(**SAMPLING_DEFAULTS)
+    assert settings == "temperature 0.8, top-k 40, seed 123"
+    last_sample = [line for line in printed.splitlines() if " sample " in line][-1]
+    assert f"({settings}) {DEFAULT_PROMPT}" in last_sample
+    command = [line for line in printed.splitlines() if line.startswith("sample more")][-1]
+    argv = shlex.split(command[len("sample more"):])
+    assert argv[:3] == ["numpygpt", "generate", "--checkpoint"] and "--temperature" in argv
+
+    # `numpygpt generate` on the checkpoint, with that command line, prints that sample;
+    # with no options at all too (a default-corpus checkpoint gets the default prompt)
+    for args in (argv[2:], ["--checkpoint", result["checkpoint"], "--max-new-tokens", "30"]):
+        assert main(["generate", *args, "--device", "cpu"]) == 0
+        out, err = capsys.readouterr()
+        assert last_sample.endswith(out.strip().replace("\n", " ")), (last_sample, out)
+        assert f"sampling with {settings}" in err and "--greedy" in err
+
+    # greedy is one flag away
+    assert main(["generate", "--checkpoint", result["checkpoint"], "--max-new-tokens", "30", "--greedy",
+                 "--device", "cpu"]) == 0
+    out, err = capsys.readouterr()
+    with no_grad():
+        assert out.strip() == generate_text(result["model"].eval(), DEFAULT_PROMPT, 30).strip()
+    assert "greedy decoding" in err
