@@ -41,10 +41,13 @@ class CLIError(Exception):
 # The model that `numpygpt train` builds when no --preset is given: small enough to learn
 # visibly in a few minutes on two CPU cores. Most of its time goes to the 50257-way
 # output layer, so the head shares the token embedding (half the embedding parameters
-# and optimiser work) and the blocks stay narrow.
+# and optimiser work) and the blocks stay narrow. A model this small, trained this
+# briefly, takes a higher peak learning rate than the presets' default.
 SMALL_MODEL = dict(emb_dim=128, n_layers=4, n_heads=4, context_length=128, drop_rate=0.0,
                    tie_weights=True, qkv_bias=False)
-DEFAULT_MAX_STEPS = 200  # used when neither --max-steps nor --epochs is given
+SMALL_MODEL_LR = 3e-3  # the default --lr for SMALL_MODEL; DEFAULT_LR for presets and pretrained weights
+DEFAULT_LR = 1e-3
+DEFAULT_MAX_STEPS = 400  # used when neither --max-steps nor --epochs is given
 DEFAULT_PROMPT = "The for statement is used to"  # fits the default corpus
 GENERIC_PROMPT = "Every effort moves you"  # the book's, for any other model
 
@@ -54,9 +57,9 @@ MODEL_KEYS = ("preset", "emb_dim", "n_layers", "n_heads", "context_length", "dro
 TRAIN_DEFAULTS = dict(
     data=None, preset=None, emb_dim=None, n_layers=None, n_heads=None, context_length=None,
     drop_rate=None, tie_weights=None, qkv_bias=None, dtype="float32", init="gpt2",
-    batch_size=8, stride=None, epochs=None, max_steps=None, lr=1e-3, min_lr=None,
+    batch_size=8, stride=None, epochs=None, max_steps=None, lr=None, min_lr=None,
     weight_decay=0.1, warmup_steps=None, schedule="cosine", grad_clip=1.0, grad_accum=1,
-    eval_freq=25, eval_iter=5, train_ratio=0.9, seed=123, device="auto", out="runs/train",
+    eval_freq=50, eval_iter=5, train_ratio=0.9, seed=123, device="auto", out="runs/train",
     resume=None, init_from=None, prompt=None, sample_tokens=30, checkpoint_every=100,
     no_progress=False, greedy=False, temperature=None, top_k=None,
 )
@@ -147,7 +150,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     opt.add_argument("--epochs", type=_positive_int, help="passes over the training split")
     opt.add_argument("--max-steps", type=_positive_int,
                      help=f"stop after this many optimiser steps (default {DEFAULT_MAX_STEPS} when --epochs is not given)")
-    opt.add_argument("--lr", type=_nonneg_float, help=f"peak learning rate of AdamW (default {D['lr']})")
+    opt.add_argument("--lr", type=_nonneg_float, help=f"peak learning rate of AdamW (default {SMALL_MODEL_LR:g} "
+                                                      f"for the default model, else {DEFAULT_LR:g})")
     opt.add_argument("--min-lr", type=_nonneg_float, help="final learning rate of the cosine decay (default lr/10)")
     opt.add_argument("--weight-decay", type=_nonneg_float, help=f"AdamW decoupled weight decay (default {D['weight_decay']})")
     opt.add_argument("--warmup-steps", type=int, help="linear warmup steps (default 10%% of the steps)")
@@ -392,6 +396,8 @@ def run_training(given: dict) -> dict:
 
     train_loader, val_loader, tokenizer = _build_loaders(text, opts, T)
 
+    if opts["lr"] is None:
+        opts["lr"] = SMALL_MODEL_LR if not (opts["preset"] or opts["init_from"]) else DEFAULT_LR
     optimizer = AdamW(param_groups(model, opts["weight_decay"]), lr=opts["lr"], weight_decay=opts["weight_decay"])
     resume_state = None
     if opts["resume"]:
@@ -486,7 +492,7 @@ def run_training(given: dict) -> dict:
     _say(f"history     {history_path}")
     _say(f"time        {seconds:.0f} s")
     if prompt:
-        _say(f"sample more numpygpt generate --checkpoint {shlex.quote(ckpt_path)} --prompt {shlex.quote(prompt)} "
+        _say(f"sample more python -m numpygpt generate --checkpoint {shlex.quote(ckpt_path)} --prompt {shlex.quote(prompt)} "
              f"--max-new-tokens {opts['sample_tokens']} {_sampling_flags(**sampling)}")
     return {"history": history, "model": model, "checkpoint": ckpt_path, "plot": plot_path,
             "history_path": history_path, "seconds": seconds, "final_losses": final}

@@ -10,7 +10,7 @@ import shlex
 import pytest
 
 from numpygpt.cli import DEFAULT_PROMPT, SMALL_MODEL, _sampling, main, run_training
-from numpygpt.data import default_corpus, tidy_whitespace
+from numpygpt.data import default_corpus, tidy_text
 from numpygpt.generate import SAMPLING_DEFAULTS, describe_sampling, generate_text
 from numpygpt.nn import no_grad
 from numpygpt.tokenizer import text_to_token_ids
@@ -28,26 +28,26 @@ The simple form is equivalent to
    if __debug__:
        if not expression: raise AssertionError
 
-* A list item that wraps
-  onto a second line.
+* A list item, a “starred”
+  target, wraps onto a second line.
 """
 
 
-def test_tidy_whitespace_reflows_prose_and_keeps_code_lines():
-    tidy = tidy_whitespace(MANUAL)
+def test_tidy_text_reflows_prose_and_keeps_code_lines():
+    tidy = tidy_text(MANUAL)
     assert tidy == (
         'The "assert" statement\n\n'
         "Assert statements are a convenient way to insert debugging assertions into a program:\n\n"
         'assert_stmt ::= "assert" expression ["," expression]\n\n'
         "The simple form is equivalent to\n\n"
         "if __debug__:\n\tif not expression: raise AssertionError\n\n"
-        "* A list item that wraps onto a second line.\n"
+        '* A list item, a "starred" target, wraps onto a second line.\n'
     )
 
 
 def test_the_tidy_default_corpus_spends_few_tokens_on_whitespace():
     raw, tidy = default_corpus(tidy=False), default_corpus()
-    assert tidy == tidy_whitespace(raw)
+    assert tidy == tidy_text(raw)
     assert "  " not in tidy and not re.search(r"^ ", tidy, re.M)
     assert set(_words(tidy)) == set(_words(raw))  # every word is kept
     n_raw, n_tidy = len(text_to_token_ids(raw)), len(text_to_token_ids(tidy))
@@ -94,11 +94,11 @@ def test_the_run_prints_its_sample_with_the_settings_that_reproduce_it(briefly_t
     assert f"({settings}) {DEFAULT_PROMPT}" in last_sample
     command = [line for line in printed.splitlines() if line.startswith("sample more")][-1]
     argv = shlex.split(command[len("sample more"):])
-    assert argv[:3] == ["numpygpt", "generate", "--checkpoint"] and "--temperature" in argv
+    assert argv[:5] == ["python", "-m", "numpygpt", "generate", "--checkpoint"] and "--temperature" in argv
 
     # `numpygpt generate` on the checkpoint, with that command line, prints that sample;
     # with no options at all too (a default-corpus checkpoint gets the default prompt)
-    for args in (argv[2:], ["--checkpoint", result["checkpoint"], "--max-new-tokens", "30"]):
+    for args in (argv[4:], ["--checkpoint", result["checkpoint"], "--max-new-tokens", "30"]):
         assert main(["generate", *args, "--device", "cpu"]) == 0
         out, err = capsys.readouterr()
         assert last_sample.endswith(out.strip().replace("\n", " ")), (last_sample, out)
