@@ -3,34 +3,43 @@
     save_checkpoint("runs/ckpt.safetensors", model, opt, step=step, extra={"epoch": 2})
     ck = load_checkpoint("runs/ckpt.safetensors", optimizer=opt)   # ck["model"], ck["step"], ...
 
+    saved = read_checkpoint(path)             # read and checked once, nothing applied yet
+    model = saved.build_model(device="cpu")   # ... then applied: model, optimiser, RNG
+    saved.apply(model, optimizer)
+
 Layout of the file:
 
 * tensors ``model.<parameter name>`` (host copies, in the model's dtype) and
   ``optim.<name>`` for each array of ``optimizer.state_dict()["tensors"]``;
 * metadata key ``"numpygpt"``: a JSON string with the format version, the model config,
-  the step, the optimiser's hyperparameters, the dropout RNG state and the caller's
-  ``extra`` (data-loader position, epoch, tokens seen, loss history...).
+  the step, the optimiser's hyperparameters, the dropout RNG state, the caller's
+  ``extra`` (the training position and history: ``numpygpt.train.TrainState``) and a
+  CRC-32 of every tensor's bytes (``checksums``), verified at load. Files written
+  before checksums existed (same format version 1) load unverified.
 
 safetensors holds plain arrays and strings, so opening a checkpoint cannot run code, as
-unpickling a file can. The file is written to a temporary file in the same directory,
-flushed to disk and renamed over ``path``: a crash mid-save leaves the previous
-checkpoint as it was.
+unpickling a file can. Writing goes through ``numpygpt.fileio``: a temporary file in the
+same directory, fsync'ed and renamed over ``path``, so a crash mid-save leaves the
+previous checkpoint as it was.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
+import zlib
+from dataclasses import dataclass, field
 
 import numpy as np
-import safetensors.numpy as st_numpy  # looked up at call time, so tests can make it fail
 from safetensors import safe_open
 
 from . import backend
 from .config import GPTConfig
+from .fileio import write_safetensors
+from .model import GPTModel
+from .pretrained import hf_tensor_shapes
 
-__all__ = ["save_checkpoint", "load_checkpoint", "FORMAT_VERSION"]
+__all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint", "Checkpoint", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
 META_KEY = "numpygpt"
@@ -45,16 +54,13 @@ def save_checkpoint(path, model, optimizer=None, step: int = 0, extra: dict | No
     directory is created if needed. Atomic: on any error the temporary file is removed
     and an existing ``path`` is untouched.
     """
-    path = os.fspath(path)
-    tensors = {}
-    for name, p in model.named_parameters():
-        tensors[MODEL_PREFIX + name] = np.ascontiguousarray(backend.to_host(p.data))
+    tensors = [(MODEL_PREFIX + name, p.data) for name, p in model.named_parameters()]
     hyper = None
     if optimizer is not None:
         sd = optimizer.state_dict()
         hyper = sd["hyper"]
-        for name, arr in sd["tensors"].items():
-            tensors[OPTIM_PREFIX + name] = np.ascontiguousarray(backend.to_host(arr))
+        tensors += [(OPTIM_PREFIX + name, arr) for name, arr in sd["tensors"].items()]
+    tensors = [(name, np.ascontiguousarray(backend.to_host(a))) for name, a in tensors]
     meta = {
         "format": "numpygpt-checkpoint",
         "version": FORMAT_VERSION,
@@ -63,67 +69,97 @@ def save_checkpoint(path, model, optimizer=None, step: int = 0, extra: dict | No
         "optimizer": hyper,
         "rng_state": backend.get_rng_state(),
         "extra": {} if extra is None else extra,
+        "checksums": {name: _checksum(a) for name, a in tensors},  # verified at load
     }
     try:
         meta_json = json.dumps(meta)
     except (TypeError, ValueError) as e:
         raise TypeError(f"save_checkpoint: extra must be JSON-serialisable ({e})") from e
+    write_safetensors(path, tensors, metadata={META_KEY: meta_json})
 
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        st_numpy.save_file(tensors, tmp, metadata={META_KEY: meta_json})
-        _fsync_file(tmp)
-        os.chmod(tmp, _default_file_mode())  # mkstemp makes it owner-only
-        os.replace(tmp, path)
-    except BaseException:
+
+@dataclass
+class Checkpoint:
+    """A checkpoint read into host memory and checked, not yet applied to anything."""
+
+    path: str
+    config: GPTConfig
+    step: int
+    extra: dict
+    rng_state: dict
+    optimizer_hyper: dict | None
+    model_tensors: dict = field(repr=False)  # parameter name -> host array
+    optim_tensors: dict = field(repr=False)  # optimiser tensor name -> host array
+
+    def build_model(self, device: str | None = None) -> GPTModel:
+        """A GPTModel of the saved config holding the saved weights, on ``device``."""
+        with backend.device(device or backend.get_device()):
+            model = GPTModel(self.config, init=False)
+        self.apply(model, restore_rng=False)
+        return model
+
+    def apply(self, model, optimizer=None, restore_rng: bool = True) -> None:
+        """Load the weights (and the optimiser state, and the dropout RNG) into ``model``
+        (and ``optimizer``). Raises ValueError if they do not fit; then nothing changed."""
+        if optimizer is not None and self.optimizer_hyper is None:
+            raise ValueError(f"{self.path}: an optimizer was given but the checkpoint holds no optimizer state")
+        before = model.state_dict()  # the arrays themselves: loading replaces, never overwrites, them
         try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(directory)  # make the rename itself durable
+            model.load_state_dict(self.model_tensors)
+        except ValueError as e:
+            raise ValueError(f"checkpoint {self.path} does not fit the model: {e}") from e
+        if optimizer is not None:
+            try:
+                optimizer.load_state_dict({"hyper": self.optimizer_hyper, "tensors": self.optim_tensors})
+            except (ValueError, KeyError, TypeError) as e:
+                for name, p in model.named_parameters():  # leave the model as it was
+                    p.data = before[name]
+                raise ValueError(f"checkpoint {self.path}: its optimizer state does not fit the optimizer: {e}") from e
+        if restore_rng:
+            backend.set_rng_state(self.rng_state)
 
 
-def _fsync_file(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def read_checkpoint(path) -> Checkpoint:
+    """Read and check a checkpoint written by ``save_checkpoint`` (ValueError saying why not).
+
+    The order bounds what a damaged or crafted file can cost: the metadata is parsed and
+    checked, then the model config it claims is compared with the tensor table of the
+    header (names and shapes, no data read), and only then are the tensors read, each
+    verified against its stored checksum.
+    """
+    path = os.fspath(path)
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(directory: str) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. Windows cannot open a directory; the rename is done anyway
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _default_file_mode() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def _read(path: str):
-    """(metadata dict, {name: host array}) of a numpygpt checkpoint, or a ValueError saying why not."""
-    try:
-        with safe_open(path, framework="numpy") as f:
-            raw_meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        f = safe_open(path, framework="numpy")
     except (FileNotFoundError, IsADirectoryError, PermissionError):
         raise
     except Exception as e:  # safetensors' own error type: bad header, truncated data...
         raise ValueError(f"{path} is not a readable checkpoint: corrupt, truncated or not safetensors ({e})") from e
+    with f:
+        meta = _check_metadata(path, f.metadata() or {})
+        try:
+            config = GPTConfig.from_dict(meta["config"])
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: the checkpoint's model config is invalid ({e})") from e
+        keys = list(f.keys())
+        odd = [k for k in keys if not k.startswith((MODEL_PREFIX, OPTIM_PREFIX))]
+        if odd:
+            raise ValueError(f"{path}: unexpected tensors {odd[:5]} in the checkpoint")
+        _check_tensor_table(path, config, f, [k for k in keys if k.startswith(MODEL_PREFIX)])
+        try:
+            tensors = {k: f.get_tensor(k) for k in keys}
+        except Exception as e:
+            raise ValueError(f"{path}: cannot read the tensors: truncated or corrupt ({e})") from e
+    _verify_checksums(path, meta.get("checksums"), tensors)
+    return Checkpoint(
+        path=path, config=config, step=meta["step"], extra=meta["extra"], rng_state=meta["rng_state"],
+        optimizer_hyper=meta.get("optimizer"),
+        model_tensors={k[len(MODEL_PREFIX):]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)},
+        optim_tensors={k[len(OPTIM_PREFIX):]: v for k, v in tensors.items() if k.startswith(OPTIM_PREFIX)},
+    )
+
+
+def _check_metadata(path: str, raw_meta: dict) -> dict:
+    """The parsed ``numpygpt`` metadata, every field the loader uses checked for its type."""
     if META_KEY not in raw_meta:
         raise ValueError(f"{path} is a safetensors file but not a numpygpt checkpoint (no {META_KEY!r} metadata)")
     try:
@@ -141,10 +177,64 @@ def _read(path: str):
     for key in ("config", "step", "rng_state", "extra"):
         if key not in meta:
             raise ValueError(f"{path}: the checkpoint's metadata lacks {key!r}")
-    odd = [k for k in tensors if not k.startswith((MODEL_PREFIX, OPTIM_PREFIX))]
-    if odd:
-        raise ValueError(f"{path}: unexpected tensors {odd[:5]} in the checkpoint")
-    return meta, tensors
+    step = meta["step"]
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"{path}: the checkpoint's step must be an integer >= 0, got {step!r}")
+    if not isinstance(meta["extra"], dict):
+        raise ValueError(f"{path}: the checkpoint's 'extra' must be an object, got {type(meta['extra']).__name__}")
+    if meta.get("optimizer") is not None and not isinstance(meta["optimizer"], dict):
+        raise ValueError(f"{path}: the checkpoint's optimizer state must be an object")
+    if meta.get("checksums") is not None and not isinstance(meta["checksums"], dict):
+        raise ValueError(f"{path}: the checkpoint's checksums must be an object")
+    try:
+        backend.check_rng_state(meta["rng_state"])
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
+    return meta
+
+
+def _check_tensor_table(path: str, config: GPTConfig, f, model_keys: list) -> None:
+    """The model tensors the header lists must be exactly those ``config`` needs. The
+    count is compared first, so a config claiming 100,000 layers costs nothing."""
+    C, L = config.emb_dim, config.n_layers
+    per_block = 11 + (1 if config.qkv_bias else 0)  # ln_1 2, c_attn 1 (+ bias), c_proj 2, ln_2 2, mlp 4
+    expected_count = 4 + L * per_block + (0 if config.tie_weights else 1)
+    if len(model_keys) != expected_count:
+        raise ValueError(
+            f"{path}: the metadata describes a model of {expected_count} tensors (n_layers={L}, emb_dim={C}), "
+            f"but the file holds {len(model_keys)} model tensors"
+        )
+    expected = {MODEL_PREFIX + k: v for k, v in hf_tensor_shapes(config).items()}
+    problems = []
+    for key in model_keys:
+        got = tuple(f.get_slice(key).get_shape())
+        if key not in expected:
+            problems.append(f"unknown tensor {key!r}")
+        elif got != tuple(expected[key]):
+            problems.append(f"tensor {key!r} has shape {got}, the config needs {tuple(expected[key])}")
+    if problems:
+        raise ValueError(f"{path}: the tensors do not match the model config in the metadata: "
+                         + "; ".join(problems[:5]))
+
+
+def _checksum(host_array) -> str:
+    """CRC-32 of the array's bytes as written (C order, little-endian)."""
+    a = np.ascontiguousarray(host_array)
+    a = a.astype(a.dtype.newbyteorder("<"), copy=False)
+    return f"crc32:{zlib.crc32(a.reshape(-1).view(np.uint8)):08x}"
+
+
+def _verify_checksums(path: str, checksums, tensors: dict) -> None:
+    """Checkpoints written before checksums were stored have none: they load unverified."""
+    if checksums is None:
+        return
+    missing = [k for k in tensors if k not in checksums]
+    if missing:
+        raise ValueError(f"{path}: no checksum stored for tensor {missing[0]!r}")
+    for name, arr in tensors.items():
+        if _checksum(arr) != checksums[name]:
+            raise ValueError(f"{path}: tensor {name!r} is damaged: its data do not match the checksum "
+                             "stored when it was saved")
 
 
 def load_checkpoint(path, model=None, optimizer=None, device: str | None = None,
@@ -162,45 +252,18 @@ def load_checkpoint(path, model=None, optimizer=None, device: str | None = None,
     Raises ValueError for a corrupt or foreign file and for a model or optimiser that
     does not fit; then neither the model nor the optimiser is changed.
     """
-    from .model import GPTModel
-
-    path = os.fspath(path)
-    meta, tensors = _read(path)
-    try:
-        config = GPTConfig.from_dict(meta["config"])
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{path}: the checkpoint's model config is invalid ({e})") from e
-    hyper = meta.get("optimizer")
-    if optimizer is not None and hyper is None:
-        raise ValueError(f"{path}: an optimizer was given but the checkpoint holds no optimizer state")
-
-    model_sd = {k[len(MODEL_PREFIX):]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)}
-    optim_sd = {k[len(OPTIM_PREFIX):]: v for k, v in tensors.items() if k.startswith(OPTIM_PREFIX)}
+    saved = read_checkpoint(path)
     if model is None:
         with backend.device(device or backend.get_device()):
-            model = GPTModel(config, init=False)
+            model = GPTModel(saved.config, init=False)
     elif device is not None:
         model.to(device)
-
-    before = model.state_dict()  # the arrays themselves: loading replaces, never overwrites, them
-    try:
-        model.load_state_dict(model_sd)
-    except ValueError as e:
-        raise ValueError(f"checkpoint {path} does not fit the model: {e}") from e
-    if optimizer is not None:
-        try:
-            optimizer.load_state_dict({"hyper": hyper, "tensors": optim_sd})
-        except (ValueError, KeyError, TypeError) as e:
-            for name, p in model.named_parameters():  # leave the model as it was
-                p.data = before[name]
-            raise ValueError(f"checkpoint {path}: its optimizer state does not fit the optimizer: {e}") from e
-    if restore_rng:
-        backend.set_rng_state(meta["rng_state"])
+    saved.apply(model, optimizer, restore_rng)
     return {
         "model": model,
-        "config": config,
-        "step": int(meta["step"]),
-        "extra": meta["extra"],
-        "rng_state": meta["rng_state"],
-        "optimizer_hyper": hyper,
+        "config": saved.config,
+        "step": saved.step,
+        "extra": saved.extra,
+        "rng_state": saved.rng_state,
+        "optimizer_hyper": saved.optimizer_hyper,
     }
