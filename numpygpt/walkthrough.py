@@ -36,7 +36,7 @@ from .nn import CrossEntropyLoss, Module, MultiHeadAttention, no_grad
 
 __all__ = ["Step", "trace_backward", "check_step", "walkthrough", "format_walkthrough", "main"]
 
-COMPOSITES = (GPTModel, TransformerBlock, MultiHeadAttention, FeedForward)
+COMPOSITES = (TransformerBlock, MultiHeadAttention, FeedForward)  # modules made of traced modules
 DEFAULT_TEXT = "The for statement is used to iterate over the elements of a sequence"
 
 
@@ -46,7 +46,7 @@ class Step:
 
     name: str                  # dotted name in the model ('h.0.mlp.c_fc'), 'loss' for the loss
     module: Module
-    depth: int                 # nesting level: blocks are 0, their layers 1, attention's 2
+    depth: int                 # nesting: the dots in its name (h.0 is 1, h.0.attn.c_proj 3)
     args: tuple                # what forward was called with (copies)
     kwargs: dict
     rng_state: dict            # dropout generator before forward, to replay its masks
@@ -122,10 +122,9 @@ def trace_backward(model: GPTModel, loss_fn: CrossEntropyLoss, idx, targets):
     finally:
         for module, _, _ in originals:  # back to the class's own methods
             del module.forward, module.backward
-    ordered = sorted(steps.values(), key=lambda s: s.order)
-    # the loss's "input gradient" is dlogits; its dout is dL/dL = 1
-    ordered[0].dout = numpy.asarray(1.0, dtype=ordered[0].dx.dtype)
-    return float(loss), ordered
+    loss_step = steps[id(loss_fn)]  # its "input gradient" is dlogits, its dout dL/dL = 1
+    loss_step.dout = numpy.asarray(1.0, dtype=loss_step.dx.dtype)
+    return float(loss), sorted(steps.values(), key=lambda s: s.order)
 
 
 def _coords(a: numpy.ndarray, n: int, rng) -> numpy.ndarray:
@@ -213,7 +212,8 @@ def _residual_lines(steps: list[Step]) -> dict:
         ln_2, ln_1 = by_name[s.name + ".ln_2"], by_name[s.name + ".ln_1"]
         dx1 = s.dout + ln_2.dx
         dx0 = dx1 + ln_1.dx
-        assert numpy.allclose(dx0, s.dx), "the block's dx is not the sum of its residual paths"
+        if not numpy.allclose(dx0, s.dx):
+            raise RuntimeError(f"{s.name}: the block's dx is not the sum of its residual paths")
         for ln, stream, out in ((ln_2, s.dout, dx1), (ln_1, dx1, dx0)):
             lines[ln.name] = (f"+ residual of {s.name}: the stream's gradient ({_norm(stream):.3e}) passes "
                               f"straight through, plus {ln.name}'s dx ({_norm(ln.dx):.3e}) = {_norm(out):.3e}")
@@ -243,6 +243,8 @@ def format_walkthrough(result: dict) -> str:
         if what == "begins":
             lines.append(f"{label} backward begins")
             continue
+        if s.name.endswith(".attn.attn_dropout"):
+            lines.append(f"{pad}(y = A' v, inside the attention's backward: dA' = dy v^T, dv = A'^T dy)")
         err = errors.get(s.name)
         err_txt = f"{max(err.values()):8.1e}" if err else f"{'-':>8}"
         dx_norm = f"{_norm(s.dx):9.3e}" if s.dx is not None else f"{'-':>9}"
@@ -254,6 +256,9 @@ def format_walkthrough(result: dict) -> str:
                      f"{_norm(s.dout):9.3e} {dx_norm} {err_txt}  {grads}")
         if s.name in residual:
             lines.append(f"{pad}{residual[s.name]}")
+        if s.name.endswith(".attn.softmax"):
+            lines.append(f"{pad}(S = q k^T / sqrt(hs) + mask: dq = dS k / sqrt(hs), dk = dS^T q / sqrt(hs); "
+                         "the masked entries' dS is exactly 0)")
     worst = max((max(e.values()) for e in errors.values() if e), default=float("nan"))
     lines += ["", f"worst fd error over all {len(errors)} ops: {worst:.1e}"]
     return "\n".join(lines)
