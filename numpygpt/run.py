@@ -1,4 +1,4 @@
-"""What ``numpygpt train`` and ``numpygpt generate`` do, callable from Python with the same
+"""What ``numpygpt train``, ``generate`` and ``gradcheck`` do, callable from Python with the same
 names: a notebook user and a command-line user run the same code.
 
     result = run_training({"data": "book.txt", "max_steps": 100})   # options as parse_train_args gives them
@@ -28,7 +28,8 @@ from .optim import AdamW, CosineWithWarmup, param_groups
 from .train import (TrainingInterrupted, TrainOptions, TrainState, evaluate_model, perplexity, plot_losses,
                     stop_on_signals, train_model)
 
-__all__ = ["run_training", "run_generate", "RunError", "TRAIN_DEFAULTS", "DEFAULT_MAX_STEPS", "sampling_options"]
+__all__ = ["run_training", "run_generate", "run_gradcheck", "RunError", "TRAIN_DEFAULTS", "DEFAULT_MAX_STEPS",
+           "sampling_options"]
 
 
 class RunError(Exception):
@@ -89,7 +90,6 @@ def _sampling_flags(temperature, top_k=None, seed=None, top_p=None) -> str:
     return f"--temperature {temperature:g} --top-k {top_k} --seed {seed}" + (f" --top-p {top_p:g}" if top_p else "")
 
 
-
 def _say(msg: str = "") -> None:
     print(msg, flush=True)
 
@@ -113,9 +113,9 @@ def _read_checkpoint(path):
         raise RunError(f"cannot load checkpoint {path!r}: {type(e).__name__}: {e}") from e
 
 
-def _apply_checkpoint(saved, model, optimizer=None, restore_rng: bool = True) -> None:
+def _apply_checkpoint(saved, model, optimizer) -> None:
     try:
-        saved.apply(model, optimizer, restore_rng=restore_rng)
+        saved.apply(model, optimizer)
     except ValueError as e:
         raise RunError(f"cannot load checkpoint {saved.path!r}: {e}") from e
 
@@ -408,3 +408,14 @@ def _build_from_checkpoint(saved, device: str):
         return saved.build_model(device)
     except ValueError as e:
         raise RunError(f"cannot load checkpoint {saved.path!r}: {e}") from e
+
+
+def run_gradcheck(seed: int = 0, tol: float = 1e-6, verbose: bool = False, device: str = "cpu") -> int:
+    """Everything ``numpygpt gradcheck`` does: every check of ``gradcheck.gradcheck_checks``
+    on ``device``, a table printed; returns 0 if all are within ``tol``, else 1."""
+    from .gradcheck import run_gradchecks
+
+    device = _set_device(device)
+    with backend.device(device):
+        failed = run_gradchecks(seed=seed, tol=tol, verbose=verbose, device=device)
+    return 1 if failed else 0
