@@ -41,7 +41,7 @@ def test_tidy_text_reflows_prose_and_keeps_code_lines():
         "Assert statements are a convenient way to insert debugging assertions into a program:\n\n"
         'assert_stmt ::= "assert" expression ["," expression]\n\n'
         "The simple form is equivalent to\n\n"
-        "if __debug__:\n\tif not expression: raise AssertionError\n\n"
+        "if __debug__:\nif not expression: raise AssertionError\n\n"
         '* A list item, a "starred" target, wraps onto a second line.\n'
     )
 
