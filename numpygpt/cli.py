@@ -159,7 +159,11 @@ def parse_train_args(argv) -> dict:
 # -- train: the run -----------------------------------------------------------------------------
 
 def _say(msg: str = "") -> None:
-    print(msg, flush=True)
+    from .distributed import current
+
+    comm = current()
+    if comm is None or comm.is_main:  # under mpiexec rank 0 alone reports
+        print(msg, flush=True)
 
 
 def _set_device(name: str) -> str:
@@ -319,7 +323,7 @@ def run_training(given: dict) -> dict:
     Returns {"history", "model", "checkpoint", "plot", "history_path", "seconds", "final_losses"}
     (the last step's (train, val) losses when the schedule of evaluations missed it, else None).
     """
-    from . import backend
+    from . import backend, distributed
     from .optim import AdamW, CosineWithWarmup, param_groups
     from .train import evaluate_model, perplexity, plot_losses, train_model
 
@@ -327,6 +331,7 @@ def run_training(given: dict) -> dict:
     unknown = set(given) - set(TRAIN_DEFAULTS)
     if unknown:
         raise TypeError(f"unknown training options: {sorted(unknown)}")
+    comm = distributed.init()  # MPI under mpiexec, else this process alone
     if given.get("resume") and given.get("init_from"):
         raise CLIError("--resume and --init-from exclude each other")
     stored, model = {}, None
@@ -339,7 +344,9 @@ def run_training(given: dict) -> dict:
                   if k in TRAIN_DEFAULTS and k not in ("resume", "init_from", "no_progress")}
         del first
     opts = {**TRAIN_DEFAULTS, **stored, **given}
+    comm.check_batch_size(opts["batch_size"])
     device = _set_device(opts["device"])
+    comm.use_device(device)
 
     text, data_desc = _load_text(opts)
 
@@ -409,7 +416,10 @@ def run_training(given: dict) -> dict:
 
     n_train, n_val = len(train_loader.dataset.token_ids), len(val_loader.dataset.token_ids)
     B = opts["batch_size"]
+    ranks = comm.describe() if comm.world_size > 1 else None  # every rank takes part
     _say(f"device      {device} ({'CuPy' if device == 'cuda' else 'NumPy'})")
+    if ranks:
+        _say(f"ranks       {ranks}")
     where = (f" (resumed from {opts['resume']})" if opts["resume"]
              else f" (from {opts['init_from']})" if opts["init_from"] else "")
     _say(f"model       {_describe_config(cfg)}{where}")
@@ -418,7 +428,8 @@ def run_training(given: dict) -> dict:
     _say(f"tokens      train {n_train:,} ({len(train_loader.dataset):,} windows of {T}), "
          f"val {n_val:,} ({len(val_loader.dataset):,} windows)")
     _say(f"plan        {total:,} steps ({total / steps_per_epoch:.2f} epochs of {steps_per_epoch:,} steps), "
-         f"{opts['grad_accum']} x {B} x {T} tokens a step; {lr_desc}")
+         f"{opts['grad_accum']} x {B} x {T} tokens a step"
+         + (f" ({B // comm.world_size} rows a rank)" if comm.world_size > 1 else "") + f"; {lr_desc}")
     if resume_state is not None:
         _say(f"resuming    at step {resume_state['step']:,}")
     _say(f"output      {out}")
@@ -439,11 +450,13 @@ def run_training(given: dict) -> dict:
     )
 
     final = None
-    if history["global_step"] and (not history["track_steps"] or history["track_steps"][-1] != history["global_step"]):
-        final = evaluate_model(model, train_loader, val_loader, opts["eval_iter"])
-    plot_losses(history, plot_path)
-    with open(history_path, "w") as f:
-        json.dump(history, f, indent=1)
+    if comm.is_main:  # under mpiexec the others wait at the barrier below
+        if history["global_step"] and (not history["track_steps"] or history["track_steps"][-1] != history["global_step"]):
+            final = evaluate_model(model, train_loader, val_loader, opts["eval_iter"])
+        plot_losses(history, plot_path)
+        with open(history_path, "w") as f:
+            json.dump(history, f, indent=1)
+    comm.barrier()
     seconds = time.perf_counter() - t_start
     _say()
     if history["val_losses"]:
@@ -623,17 +636,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_cli(fn) -> int:
-    """Run ``fn()`` turning user-facing failures into a message and an exit code."""
+    """Run ``fn()`` turning user-facing failures into a message and an exit code.
+
+    Under mpiexec every rank prints its own line, naming itself. A DistributedError or a
+    diverged loss reaches every rank at the same point, so each simply exits; a CLIError
+    may be one rank's alone (a file missing on one machine), so it aborts all the ranks
+    rather than leave the others waiting in the next all-reduce.
+    """
+    from .distributed import DistributedError, current
     from .train import TrainingDivergedError
 
     try:
         result = fn()
-    except CLIError as e:
-        print(f"numpygpt: error: {e}", file=sys.stderr)
-        return e.code
-    except TrainingDivergedError as e:
-        print(f"numpygpt: error: {e}", file=sys.stderr)
-        return 1
+    except (CLIError, DistributedError, TrainingDivergedError) as e:
+        comm = current()
+        many = comm is not None and comm.world_size > 1
+        where = f" (rank {comm.rank} of {comm.world_size})" if many else ""
+        sys.stderr.write(f"numpygpt: error{where}: {e}\n")  # one write: ranks' lines do not interleave
+        sys.stderr.flush()
+        code = 1 if isinstance(e, TrainingDivergedError) else getattr(e, "code", 2)
+        if many and isinstance(e, CLIError):
+            comm.abort(code)
+        return code
     except KeyboardInterrupt:
         print("numpygpt: interrupted", file=sys.stderr)
         return 130

@@ -42,7 +42,7 @@ import numpy
 
 from . import backend
 
-__all__ = ["Communicator", "MPICommunicator", "GradientBuckets", "DistributedError", "init", "get",
+__all__ = ["Communicator", "MPICommunicator", "GradientBuckets", "DistributedError", "init", "get", "current",
            "launched_world_size", "blas_threads_for", "dropout_seed"]
 
 
@@ -266,6 +266,17 @@ class Communicator:
     def restart_dropout_streams(self, step: int) -> None:
         """Give each rank > 0 its own dropout mask stream (rank 0 keeps the run's)."""
 
+    def begin_training(self, model, batch_size: int | None = None, step: int = 0, plan=None) -> None:
+        """Before the first step (of a run or of a resumed one): the batch splits evenly,
+        every rank has the same ``plan`` and bit-identical weights, else DistributedError
+        on every rank; then ranks > 0 draw their own dropout masks from here on."""
+        if batch_size is not None:
+            self.check_batch_size(batch_size)
+        if plan is not None:
+            self.check_same(plan, "the training plan")
+        self.check_same_weights(model)
+        self.restart_dropout_streams(step)
+
 
 class MPICommunicator(Communicator):
     """N ranks over MPI: ``comm`` is an mpi4py communicator (COMM_WORLD by default)."""
@@ -481,6 +492,11 @@ def init(environ=None) -> Communicator:
 def get() -> Communicator:
     """The communicator ``init`` set up (setting it up if nobody has)."""
     return init()
+
+
+def current() -> Communicator | None:
+    """The communicator ``init`` set up, or None before it has been called."""
+    return _comm
 
 
 def _install_abort_hook(comm: MPICommunicator) -> None:

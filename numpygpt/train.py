@@ -160,7 +160,7 @@ def train_model(model, train_loader, val_loader, optimizer, num_epochs: int, eva
                 grad_accum_steps: int = 1, max_grad_norm: float | None = None, scheduler=None,
                 checkpoint_path=None, checkpoint_every: int | None = None, resume_state=None,
                 progress: bool = True, sample_tokens: int = 50, log=print,
-                max_steps: int | None = None, extra: dict | None = None) -> dict:
+                max_steps: int | None = None, extra: dict | None = None, comm=None) -> dict:
     """Train ``model`` and return the history dict (see ``new_history`` for its keys).
 
     num_epochs: passes over ``train_loader``; ``max_steps`` stops earlier (optimiser steps).
@@ -173,6 +173,10 @@ def train_model(model, train_loader, val_loader, optimizer, num_epochs: int, eva
     resume_state: ``load_checkpoint(path, model, optimizer)``'s result: continue that run.
     log: where messages go; the default ``print`` is routed through tqdm.write so the
         progress bar stays intact. extra: more JSON-able entries for the checkpoint.
+    comm: a ``distributed.Communicator`` (default ``distributed.init()``: MPI under
+        mpiexec, else this process alone). Each rank trains on its share of every batch
+        and the gradients are summed over the ranks before clipping; rank 0 alone logs,
+        evaluates, samples and saves (the others wait at the next all-reduce).
     """
     if num_epochs < 0 or eval_freq < 1 or eval_iter < 1 or grad_accum_steps < 1:
         raise ValueError("need num_epochs >= 0, eval_freq >= 1, eval_iter >= 1 and grad_accum_steps >= 1")
@@ -191,7 +195,13 @@ def train_model(model, train_loader, val_loader, optimizer, num_epochs: int, eva
 
     from tqdm.auto import tqdm
 
+    from . import distributed
+
+    comm = distributed.init() if comm is None else comm
+
     def emit(msg: str) -> None:
+        if not comm.is_main:
+            return
         if log is print:
             tqdm.write(msg)  # prints above the bar instead of through it
         elif log is not None:
@@ -204,11 +214,16 @@ def train_model(model, train_loader, val_loader, optimizer, num_epochs: int, eva
     tokens_seen = history["tokens_seen"]
     epoch, batch = history["epoch"], history["batch_in_epoch"]
     last_saved = global_step if resume_state is not None else None
+    comm.begin_training(model, batch_size=getattr(train_loader, "batch_size", None), step=global_step,
+                        plan=(n_batches, grad_accum_steps, total_steps, epoch, batch))
 
     def save() -> None:
         from .checkpoint import save_checkpoint
 
         nonlocal last_saved
+        if not comm.is_main:
+            last_saved = global_step
+            return
         history.update(global_step=global_step, tokens_seen=tokens_seen, epoch=epoch, batch_in_epoch=batch)
         state = dict(extra or {})
         state.update(
@@ -227,7 +242,7 @@ def train_model(model, train_loader, val_loader, optimizer, num_epochs: int, eva
     model.train()
     # When stderr is a log file rather than a terminal, redraw seldom: each redraw is a line.
     interactive = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
-    bar = tqdm(total=total_steps, initial=min(global_step, total_steps), disable=not progress,
+    bar = tqdm(total=total_steps, initial=min(global_step, total_steps), disable=not (progress and comm.is_main),
                unit="step", dynamic_ncols=True, mininterval=0.5 if interactive else 30.0,
                file=sys.stderr)
     batches = None
@@ -243,11 +258,17 @@ def train_model(model, train_loader, val_loader, optimizer, num_epochs: int, eva
             loss_sum, step_tokens = None, 0
             for _ in range(grad_accum_steps):
                 x, y = next(batches)
-                loss = calc_loss_batch(model, loss_fn, x, y)
-                model.backward(loss_fn.backward(1.0 / grad_accum_steps))
-                loss_sum = loss if loss_sum is None else loss_sum + loss
                 step_tokens += int(x.size)
-            step_loss = float(loss_sum) / grad_accum_steps  # the one host sync of the step
+                # this rank's rows; weight: their share of the batch's counted targets (1 alone)
+                x, y, weight = comm.shard(x, y, loss_fn.ignore_index)
+                if weight == 0.0:
+                    continue  # every target of my rows is ignored: I add nothing
+                loss = calc_loss_batch(model, loss_fn, x, y)
+                model.backward(loss_fn.backward(weight / grad_accum_steps))
+                loss = loss if weight == 1.0 else loss * weight
+                loss_sum = loss if loss_sum is None else loss_sum + loss
+            # gradients and loss summed over the ranks; the one host sync of the step
+            step_loss = comm.sum_gradients(model, 0.0 if loss_sum is None else loss_sum) / grad_accum_steps
             if not _is_finite(step_loss):
                 raise _diverged("loss", step_loss, global_step + 1, epoch, checkpoint_path, last_saved)
             if max_grad_norm is not None:
@@ -268,7 +289,7 @@ def train_model(model, train_loader, val_loader, optimizer, num_epochs: int, eva
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{optimizer.lr:.2e}", refresh=False)
 
-            if (global_step - 1) % eval_freq == 0:
+            if comm.is_main and (global_step - 1) % eval_freq == 0:
                 train_loss, val_loss = evaluate_model(model, train_loader, val_loader, eval_iter)
                 ppl = perplexity(val_loss)
                 history["train_losses"].append(train_loss)
@@ -280,7 +301,7 @@ def train_model(model, train_loader, val_loader, optimizer, num_epochs: int, eva
                      f"val loss {val_loss:.3f}, val perplexity {ppl:.1f}")
 
             if batch + grad_accum_steps > n_batches:  # the epoch is over
-                if start_context:
+                if start_context and comm.is_main:
                     emit(f"Ep {epoch + 1} sample: {_sample(model, start_context, sample_tokens, tokenizer)}")
                 epoch, batch, batches = epoch + 1, 0, None
 
@@ -289,7 +310,8 @@ def train_model(model, train_loader, val_loader, optimizer, num_epochs: int, eva
     finally:
         bar.close()
 
-    if start_context and batch > 0 and global_step > 0:
+    comm.check_same_weights(model)  # still in step (a no-op for one process)
+    if start_context and batch > 0 and global_step > 0 and comm.is_main:
         # stopped inside an epoch (max_steps): still show what the model does now
         emit(f"Ep {epoch + 1} sample (step {global_step}): "
              f"{_sample(model, start_context, sample_tokens, tokenizer)}")
