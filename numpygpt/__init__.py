@@ -4,12 +4,12 @@ from . import backend
 from .config import GPTConfig, PRESETS, count_parameters
 from .model import FeedForward, GPTModel, OutputHead, TransformerBlock
 from .nn import (CrossEntropyLoss, Dropout, Embedding, GELU, KVCache, LayerNorm, Linear, Module,
-                 MultiHeadAttention, Parameter, Softmax, no_grad)
+                 MultiHeadAttention, Parameter, Softmax, eval_mode, no_grad)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "backend", "GPTConfig", "PRESETS", "count_parameters", "GPTModel", "TransformerBlock", "FeedForward",
     "OutputHead", "CrossEntropyLoss", "Dropout", "Embedding", "GELU", "KVCache", "LayerNorm", "Linear",
-    "Module", "MultiHeadAttention", "Parameter", "Softmax", "no_grad",
+    "Module", "MultiHeadAttention", "Parameter", "Softmax", "eval_mode", "no_grad",
 ]

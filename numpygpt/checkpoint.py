@@ -3,34 +3,39 @@
     save_checkpoint("runs/ckpt.safetensors", model, opt, step=step, extra={"epoch": 2})
     ck = load_checkpoint("runs/ckpt.safetensors", optimizer=opt)   # ck["model"], ck["step"], ...
 
+    saved = read_checkpoint(path)             # read and checked once, nothing applied yet
+    model = saved.build_model(device="cpu")   # ... then applied: model, optimiser, RNG
+    saved.apply(model, optimizer)
+
 Layout of the file:
 
 * tensors ``model.<parameter name>`` (host copies, in the model's dtype) and
   ``optim.<name>`` for each array of ``optimizer.state_dict()["tensors"]``;
 * metadata key ``"numpygpt"``: a JSON string with the format version, the model config,
   the step, the optimiser's hyperparameters, the dropout RNG state and the caller's
-  ``extra`` (data-loader position, epoch, tokens seen, loss history...).
+  ``extra`` (the training position and history: ``numpygpt.train.TrainState``).
 
 safetensors holds plain arrays and strings, so opening a checkpoint cannot run code, as
-unpickling a file can. The file is written to a temporary file in the same directory,
-flushed to disk and renamed over ``path``: a crash mid-save leaves the previous
-checkpoint as it was.
+unpickling a file can. Writing goes through ``numpygpt.fileio``: a temporary file in the
+same directory, fsync'ed and renamed over ``path``, so a crash mid-save leaves the
+previous checkpoint as it was.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
+from dataclasses import dataclass, field
 
 import numpy as np
-import safetensors.numpy as st_numpy  # looked up at call time, so tests can make it fail
 from safetensors import safe_open
 
 from . import backend
 from .config import GPTConfig
+from .fileio import write_safetensors
+from .model import GPTModel
 
-__all__ = ["save_checkpoint", "load_checkpoint", "FORMAT_VERSION"]
+__all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint", "Checkpoint", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
 META_KEY = "numpygpt"
@@ -45,16 +50,12 @@ def save_checkpoint(path, model, optimizer=None, step: int = 0, extra: dict | No
     directory is created if needed. Atomic: on any error the temporary file is removed
     and an existing ``path`` is untouched.
     """
-    path = os.fspath(path)
-    tensors = {}
-    for name, p in model.named_parameters():
-        tensors[MODEL_PREFIX + name] = np.ascontiguousarray(backend.to_host(p.data))
+    tensors = [(MODEL_PREFIX + name, p.data) for name, p in model.named_parameters()]
     hyper = None
     if optimizer is not None:
         sd = optimizer.state_dict()
         hyper = sd["hyper"]
-        for name, arr in sd["tensors"].items():
-            tensors[OPTIM_PREFIX + name] = np.ascontiguousarray(backend.to_host(arr))
+        tensors += [(OPTIM_PREFIX + name, arr) for name, arr in sd["tensors"].items()]
     meta = {
         "format": "numpygpt-checkpoint",
         "version": FORMAT_VERSION,
@@ -68,54 +69,53 @@ def save_checkpoint(path, model, optimizer=None, step: int = 0, extra: dict | No
         meta_json = json.dumps(meta)
     except (TypeError, ValueError) as e:
         raise TypeError(f"save_checkpoint: extra must be JSON-serialisable ({e})") from e
+    write_safetensors(path, tensors, metadata={META_KEY: meta_json})
 
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        st_numpy.save_file(tensors, tmp, metadata={META_KEY: meta_json})
-        _fsync_file(tmp)
-        os.chmod(tmp, _default_file_mode())  # mkstemp makes it owner-only
-        os.replace(tmp, path)
-    except BaseException:
+
+@dataclass
+class Checkpoint:
+    """A checkpoint read into host memory and checked, not yet applied to anything."""
+
+    path: str
+    config: GPTConfig
+    step: int
+    extra: dict
+    rng_state: dict
+    optimizer_hyper: dict | None
+    model_tensors: dict = field(repr=False)  # parameter name -> host array
+    optim_tensors: dict = field(repr=False)  # optimiser tensor name -> host array
+
+    def build_model(self, device: str | None = None) -> GPTModel:
+        """A GPTModel of the saved config holding the saved weights, on ``device``."""
+        with backend.device(device or backend.get_device()):
+            model = GPTModel(self.config, init=False)
+        self.apply(model, restore_rng=False)
+        return model
+
+    def apply(self, model, optimizer=None, restore_rng: bool = True) -> None:
+        """Load the weights (and the optimiser state, and the dropout RNG) into ``model``
+        (and ``optimizer``). Raises ValueError if they do not fit; then nothing changed."""
+        if optimizer is not None and self.optimizer_hyper is None:
+            raise ValueError(f"{self.path}: an optimizer was given but the checkpoint holds no optimizer state")
+        before = model.state_dict()  # the arrays themselves: loading replaces, never overwrites, them
         try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(directory)  # make the rename itself durable
+            model.load_state_dict(self.model_tensors)
+        except ValueError as e:
+            raise ValueError(f"checkpoint {self.path} does not fit the model: {e}") from e
+        if optimizer is not None:
+            try:
+                optimizer.load_state_dict({"hyper": self.optimizer_hyper, "tensors": self.optim_tensors})
+            except (ValueError, KeyError, TypeError) as e:
+                for name, p in model.named_parameters():  # leave the model as it was
+                    p.data = before[name]
+                raise ValueError(f"checkpoint {self.path}: its optimizer state does not fit the optimizer: {e}") from e
+        if restore_rng:
+            backend.set_rng_state(self.rng_state)
 
 
-def _fsync_file(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(directory: str) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. Windows cannot open a directory; the rename is done anyway
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _default_file_mode() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def _read(path: str):
-    """(metadata dict, {name: host array}) of a numpygpt checkpoint, or a ValueError saying why not."""
+def read_checkpoint(path) -> Checkpoint:
+    """Read and check a checkpoint written by ``save_checkpoint`` (ValueError saying why not)."""
+    path = os.fspath(path)
     try:
         with safe_open(path, framework="numpy") as f:
             raw_meta = f.metadata() or {}
@@ -144,7 +144,16 @@ def _read(path: str):
     odd = [k for k in tensors if not k.startswith((MODEL_PREFIX, OPTIM_PREFIX))]
     if odd:
         raise ValueError(f"{path}: unexpected tensors {odd[:5]} in the checkpoint")
-    return meta, tensors
+    try:
+        config = GPTConfig.from_dict(meta["config"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: the checkpoint's model config is invalid ({e})") from e
+    return Checkpoint(
+        path=path, config=config, step=int(meta["step"]), extra=meta["extra"], rng_state=meta["rng_state"],
+        optimizer_hyper=meta.get("optimizer"),
+        model_tensors={k[len(MODEL_PREFIX):]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)},
+        optim_tensors={k[len(OPTIM_PREFIX):]: v for k, v in tensors.items() if k.startswith(OPTIM_PREFIX)},
+    )
 
 
 def load_checkpoint(path, model=None, optimizer=None, device: str | None = None,
@@ -162,45 +171,18 @@ def load_checkpoint(path, model=None, optimizer=None, device: str | None = None,
     Raises ValueError for a corrupt or foreign file and for a model or optimiser that
     does not fit; then neither the model nor the optimiser is changed.
     """
-    from .model import GPTModel
-
-    path = os.fspath(path)
-    meta, tensors = _read(path)
-    try:
-        config = GPTConfig.from_dict(meta["config"])
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{path}: the checkpoint's model config is invalid ({e})") from e
-    hyper = meta.get("optimizer")
-    if optimizer is not None and hyper is None:
-        raise ValueError(f"{path}: an optimizer was given but the checkpoint holds no optimizer state")
-
-    model_sd = {k[len(MODEL_PREFIX):]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)}
-    optim_sd = {k[len(OPTIM_PREFIX):]: v for k, v in tensors.items() if k.startswith(OPTIM_PREFIX)}
+    saved = read_checkpoint(path)
     if model is None:
         with backend.device(device or backend.get_device()):
-            model = GPTModel(config, init=False)
+            model = GPTModel(saved.config, init=False)
     elif device is not None:
         model.to(device)
-
-    before = model.state_dict()  # the arrays themselves: loading replaces, never overwrites, them
-    try:
-        model.load_state_dict(model_sd)
-    except ValueError as e:
-        raise ValueError(f"checkpoint {path} does not fit the model: {e}") from e
-    if optimizer is not None:
-        try:
-            optimizer.load_state_dict({"hyper": hyper, "tensors": optim_sd})
-        except (ValueError, KeyError, TypeError) as e:
-            for name, p in model.named_parameters():  # leave the model as it was
-                p.data = before[name]
-            raise ValueError(f"checkpoint {path}: its optimizer state does not fit the optimizer: {e}") from e
-    if restore_rng:
-        backend.set_rng_state(meta["rng_state"])
+    saved.apply(model, optimizer, restore_rng)
     return {
         "model": model,
-        "config": config,
-        "step": int(meta["step"]),
-        "extra": meta["extra"],
-        "rng_state": meta["rng_state"],
-        "optimizer_hyper": hyper,
+        "config": saved.config,
+        "step": saved.step,
+        "extra": saved.extra,
+        "rng_state": saved.rng_state,
+        "optimizer_hyper": saved.optimizer_hyper,
     }

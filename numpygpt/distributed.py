@@ -213,12 +213,13 @@ class Communicator:
                 f"the batch of {batch_size} rows does not split evenly over {self.world_size} ranks: "
                 f"use a --batch-size that is a multiple of {self.world_size}")
 
-    def shard(self, inputs, targets, ignore_index: int = -100):
-        """(my inputs, my targets, my weight) of a global batch (B, T).
+    def shard(self, inputs, targets, ignore_index: int | None = -100):
+        """(my inputs, my targets, my weight) of a global batch (B, ...).
 
         The weight n_r / n (my counted targets over the whole batch's) makes the sum over
         ranks of weight * my mean loss the mean loss of the whole batch; with one process
-        the batch is all mine and the weight is 1.
+        the batch is all mine and the weight is 1. ``ignore_index`` None: every target
+        counts (a loss without one).
         """
         if self.world_size == 1:
             return inputs, targets, 1.0
@@ -226,10 +227,12 @@ class Communicator:
         self.check_batch_size(B)
         rows = slice(self.rank * (B // self.world_size), (self.rank + 1) * (B // self.world_size))
         xp = backend.array_module(targets)
+        mine = targets[rows]
+        if ignore_index is None:
+            return inputs[rows], mine, 1.0 / self.world_size
         n_all = int(xp.count_nonzero(targets != ignore_index))
         if n_all == 0:
             raise DistributedError("every target of the batch equals ignore_index: the mean loss is undefined")
-        mine = targets[rows]
         n_mine = int(xp.count_nonzero(mine != ignore_index))
         return inputs[rows], mine, n_mine / n_all
 

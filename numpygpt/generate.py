@@ -29,7 +29,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import backend
-from .nn.module import no_grad
+from .nn.module import eval_mode, no_grad
 
 __all__ = ["generate", "generate_text", "sample_next", "top_k_filter", "top_p_filter"]
 
@@ -131,11 +131,6 @@ def _prompt_array(idx, device_name: str):
     return backend.to_device(host, dtype="int64", device_name=device_name)
 
 
-def _set_modes(model, modes) -> None:
-    for m, mode in modes:
-        m.training = mode
-
-
 def generate(model, idx, max_new_tokens: int, context_size: int | None = None,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              eos_id: int | None = None, seed=None, use_cache: bool = True):
@@ -174,33 +169,28 @@ def generate(model, idx, max_new_tokens: int, context_size: int | None = None,
     rng = np.random.default_rng(seed)
     finished = np.zeros(B, dtype=bool)
 
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with no_grad():
-            caches = None
-            for _ in range(max_new_tokens):
-                L = seq.shape[1]
-                if use_cache and L <= context_size:
-                    # the sequence still fits: positions 0..L-1 are those of the uncached window
-                    if caches is None:
-                        caches = model.new_kv_caches()
-                        logits = model(seq, caches)  # prefill: (B, L, V)
-                    else:
-                        logits = model(seq[:, -1:], caches)  # one new position: (B, 1, V)
+    with eval_mode(model), no_grad():
+        caches = None
+        for _ in range(max_new_tokens):
+            L = seq.shape[1]
+            if use_cache and L <= context_size:
+                # the sequence still fits: positions 0..L-1 are those of the uncached window
+                if caches is None:
+                    caches = model.new_kv_caches()
+                    logits = model(seq, caches)  # prefill: (B, L, V)
                 else:
-                    # the window slides (or no cache): every token changes position, recompute
-                    caches = None
-                    logits = model(seq[:, -context_size:])  # (B, min(L, context_size), V)
-                nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p, rng)  # (B,) host
-                if eos_id is not None:
-                    finished |= nxt == eos_id
-                    if finished.all():
-                        break  # the book's rule: the eos token itself is not appended
-                    nxt[finished] = eos_id  # pad rows that are done
-                seq = xp.concatenate([seq, backend.to_device(nxt[:, None], dtype="int64", device_name=dev)], axis=1)
-    finally:
-        _set_modes(model, modes)
+                    logits = model(seq[:, -1:], caches)  # one new position: (B, 1, V)
+            else:
+                # the window slides (or no cache): every token changes position, recompute
+                caches = None
+                logits = model(seq[:, -context_size:])  # (B, min(L, context_size), V)
+            nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p, rng)  # (B,) host
+            if eos_id is not None:
+                finished |= nxt == eos_id
+                if finished.all():
+                    break  # the book's rule: the eos token itself is not appended
+                nxt[finished] = eos_id  # pad rows that are done
+            seq = xp.concatenate([seq, backend.to_device(nxt[:, None], dtype="int64", device_name=dev)], axis=1)
     return seq
 
 

@@ -139,3 +139,98 @@ def report(errors: dict, tol: float = 1e-6) -> str:
     for name, err in sorted(errors.items(), key=lambda kv: -kv[1]):
         lines.append(f"{'FAIL' if err > tol else 'ok  '}  {err:9.2e}  {name}")
     return "\n".join(lines)
+
+
+# -- the checks that ``numpygpt gradcheck`` runs ---------------------------------------
+
+def gradcheck_checks(seed: int = 0) -> list:
+    """[(name, thunk -> {tensor: relative error})]: each layer and a tiny model, float64.
+
+    Weights are redrawn larger than GPT-2's 0.02 so every gradient is far from zero;
+    dropout masks are held fixed by reseeding before each forward pass. A new layer adds
+    one entry to the list at the end (the helpers above it draw inputs and weights).
+    """
+    from .config import GPTConfig
+    from .model import FeedForward, GPTModel, OutputHead, TransformerBlock
+    from .nn import (CrossEntropyLoss, Dropout, Embedding, GELU, LayerNorm, Linear, MultiHeadAttention,
+                     Parameter, Softmax)
+
+    F64 = "float64"
+    rng = numpy.random.default_rng(seed)
+
+    def dev(a, dtype=F64):
+        return backend.to_device(numpy.asarray(a), dtype=dtype)
+
+    def randn(*shape):
+        return dev(rng.standard_normal(shape))
+
+    def randomized(layer, scale=0.5):
+        for p in layer.parameters():
+            p.data = randn(*p.shape) * scale
+        return layer
+
+    def fixed_masks():
+        backend.manual_seed(seed)
+
+    B, T, C, NH, V = 2, 5, 8, 2, 11
+    cfg = GPTConfig(vocab_size=V, context_length=8, emb_dim=C, n_heads=NH, n_layers=2, drop_rate=0.2,
+                    qkv_bias=True, dtype=F64)
+
+    def model_check(tied: bool):
+        def run():
+            model = randomized(GPTModel(cfg.replace(tie_weights=tied), seed=seed), scale=0.3)
+            idx = dev(rng.integers(0, V, (B, T)), None)
+            targets = rng.integers(0, V, (B, T))
+            targets[0, 0] = -100  # an ignored position
+            return check_model_loss(model, CrossEntropyLoss(), idx, dev(targets, None), eps=1e-5,
+                                    before_forward=fixed_masks)
+        return run
+
+    def loss_check():
+        targets = rng.integers(0, V, (B, T))
+        targets[1, 2] = -100
+        return check_layer(CrossEntropyLoss(), randn(B, T, V) * 2, dev(targets, None),
+                           input_names=["logits", "targets"])
+
+    return [
+        ("Linear", lambda: check_layer(randomized(Linear(C, 3 * C, dtype=F64)), randn(B, T, C))),
+        ("Embedding (repeated ids)", lambda: check_layer(randomized(Embedding(4, C, dtype=F64)),
+                                                         dev(rng.integers(0, 4, (B, T)), None), max_coords=None)),
+        ("LayerNorm", lambda: check_layer(randomized(LayerNorm(C, dtype=F64)), randn(B, T, C))),
+        ("GELU", lambda: check_layer(GELU(), randn(B, T, C) * 2)),
+        ("Softmax", lambda: check_layer(Softmax(axis=-1), randn(B, T, C) * 2)),
+        ("Dropout (fixed mask)", lambda: check_layer(Dropout(0.3), randn(B, T, C), before_forward=fixed_masks)),
+        ("MultiHeadAttention", lambda: check_layer(
+            randomized(MultiHeadAttention(C, C, NH, dropout=0.2, qkv_bias=True, dtype=F64)), randn(B, T, C),
+            before_forward=fixed_masks)),
+        ("FeedForward", lambda: check_layer(randomized(FeedForward(C, dtype=F64)), randn(B, T, C))),
+        ("TransformerBlock", lambda: check_layer(randomized(TransformerBlock(cfg)), randn(B, T, C),
+                                                 before_forward=fixed_masks)),
+        ("OutputHead", lambda: check_layer(OutputHead(Parameter(randn(V, C) * 0.5)), randn(B, T, C))),
+        ("CrossEntropyLoss", loss_check),
+        ("GPTModel + loss (untied)", model_check(False)),
+        ("GPTModel + loss (tied)", model_check(True)),
+    ]
+
+
+def run_gradchecks(seed: int = 0, tol: float = 1e-6, verbose: bool = False, device: str = "cpu", out=None) -> int:
+    """Run every check of ``gradcheck_checks`` and print a table (or pass each line to
+    ``out``); returns how many failed."""
+    if out is None:
+        def out(line):
+            print(line, flush=True)
+    checks = gradcheck_checks(seed)
+    failed = 0
+    out(f"gradient checks: centred differences in float64 on {device}, tolerance {tol:g}")
+    out(f"{'check':<28} {'worst rel. error':>16}  {'in tensor':<22} result")
+    for name, run in checks:
+        errors = run()
+        worst_name, worst = max(errors.items(), key=lambda kv: kv[1])
+        ok = worst <= tol
+        failed += not ok
+        out(f"{name:<28} {worst:>16.2e}  {worst_name:<22} {'ok' if ok else 'FAIL'}")
+        if verbose or not ok:
+            out("    " + report(errors, tol).replace("\n", "\n    "))
+    total = len(checks)
+    out(f"{total - failed}/{total} checks within tolerance" + ("" if failed else ": all backward passes agree"))
+    return failed

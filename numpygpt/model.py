@@ -12,10 +12,19 @@ from __future__ import annotations
 
 import math
 
-from . import backend
+from . import backend, pretrained
 from .config import GPTConfig
 from .nn import Dropout, Embedding, GELU, KVCache, LayerNorm, Linear, Module, MultiHeadAttention, Parameter
 from .nn.module import skip_init
+
+
+INIT_SCHEMES = ("gpt2", "pytorch")
+
+
+def _put_host(p: Parameter, w) -> None:
+    """Give ``p`` the host array ``w`` (drawn in float32), in p's dtype on p's device."""
+    p.data = backend.to_device(w, dtype=p.dtype, device_name=backend.device_of(p.data))
+    p.grad = None
 
 
 class FeedForward(Module):
@@ -48,10 +57,9 @@ class TransformerBlock(Module):
         self.ln_2 = LayerNorm(C, eps=cfg.layer_norm_eps, dtype=cfg.dtype)
         self.mlp = FeedForward(C, dtype=cfg.dtype)
         self.drop_mlp = Dropout(cfg.drop_rate)
-        self.context_length = cfg.context_length
 
     def forward(self, x, kv_cache: KVCache | None = None):
-        x = x + self.drop_attn(self.attn(self.ln_1(x), kv_cache, self.context_length))
+        x = x + self.drop_attn(self.attn(self.ln_1(x), kv_cache))
         x = x + self.drop_mlp(self.mlp(self.ln_2(x)))
         return x
 
@@ -90,9 +98,10 @@ class OutputHead(Module):
 class GPTModel(Module):
     """GPT-2. ``logits = model(idx)``; ``model.backward(dlogits)`` fills every ``.grad``."""
 
-    def __init__(self, cfg: GPTConfig, seed: int | None = 0, init: bool = True):
-        """Build the model; ``init=False`` skips drawing random weights (all zeros, LayerNorm
-        scale ones), for when a checkpoint's weights are loaded next."""
+    def __init__(self, cfg: GPTConfig, seed: int | None = 0, init: bool | str = True):
+        """Build the model with ``init_weights(seed)``; ``init`` may name the scheme
+        ("gpt2", the default, or "pytorch"); ``init=False`` skips drawing random weights
+        (all zeros, LayerNorm scale ones), for when a checkpoint's weights are loaded next."""
         self.cfg = cfg
         dt = cfg.dtype
         with skip_init():  # one seeded draw for the whole model, in init_weights
@@ -106,60 +115,100 @@ class GPTModel(Module):
         else:
             self.lm_head = OutputHead(Parameter(backend.xp.zeros((cfg.vocab_size, cfg.emb_dim), dtype=dt)))
         if init:
-            self.init_weights(seed)
+            self.init_weights(seed, scheme="gpt2" if init is True else init)
 
     # -- initialisation --------------------------------------------------------------
 
-    def init_weights(self, seed: int | None = 0) -> None:
-        """GPT-2's initialisation: weights ~ N(0, 0.02), residual projections (attn.c_proj,
-        mlp.c_proj) scaled by 1/sqrt(2 n_layers), biases 0, LayerNorm scale 1 and shift 0.
+    def init_weights(self, seed: int | None = 0, scheme: str = "gpt2") -> None:
+        """Draw fresh weights. Every scheme sets biases to 0 and LayerNorm to scale 1, shift 0.
+
+        ``"gpt2"``: GPT-2's initialisation: weights ~ N(0, 0.02), residual projections
+        (attn.c_proj, mlp.c_proj) scaled by 1/sqrt(2 n_layers).
+
+        ``"pytorch"``: how the book's PyTorch GPTModel starts out: PyTorch's default
+        ``nn.Embedding`` (N(0, 1)) and ``nn.Linear`` (weight and bias U(+-1/sqrt(fan_in)))
+        initialisations. GPT-2's N(0, 0.02) makes the token and position embeddings 50
+        times smaller, so the residual stream starts out dominated by the blocks; with the
+        book's short constant-lr chapter-5 run that model stalls near loss 6 (PyTorch
+        itself does the same from the same weights), while from these weights it
+        memorises the story as the book shows.
 
         Drawn on the host from one seeded generator in float32 and then moved, so one
         seed gives the same weights on NumPy and CuPy, and in float32 and float64.
         """
+        if scheme not in INIT_SCHEMES:
+            raise ValueError(f"unknown initialisation scheme {scheme!r}: choose from {', '.join(INIT_SCHEMES)}")
         rng = backend.host_rng(seed)
-        resid_std = 0.02 / math.sqrt(2 * self.cfg.n_layers)
         xp = backend.array_module(self.wte.weight.data)
+        resid_std = 0.02 / math.sqrt(2 * self.cfg.n_layers)
         for name, p in self.named_parameters():
             if name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or name == "ln_f.weight":
-                p.data = xp.ones(p.shape, dtype=p.dtype)
+                p.data, p.grad = xp.ones(p.shape, dtype=p.dtype), None
             elif name.endswith(".bias"):
-                p.data = xp.zeros(p.shape, dtype=p.dtype)
-            else:
-                std = resid_std if name.endswith("c_proj.weight") else 0.02
+                p.data, p.grad = xp.zeros(p.shape, dtype=p.dtype), None
+            elif scheme == "gpt2":
                 w = rng.standard_normal(p.shape, dtype="float32")
-                w *= std
-                p.data = backend.to_device(w, dtype=p.dtype, device_name=backend.device_of(p.data))
-            p.grad = None
+                w *= resid_std if name.endswith("c_proj.weight") else 0.02
+                _put_host(p, w)
+        if scheme == "gpt2":
+            return
+
+        def uniform(p, fan_in):
+            bound = 1.0 / math.sqrt(fan_in)
+            _put_host(p, rng.uniform(-bound, bound, p.shape).astype("float32"))
+
+        seen = set()  # a tied head is the token embedding: initialise it once, as an embedding
+        for m in self.modules():
+            if isinstance(m, Embedding) and id(m.weight) not in seen:
+                seen.add(id(m.weight))
+                _put_host(m.weight, rng.standard_normal(m.weight.shape, dtype="float32"))
+            elif isinstance(m, Linear):
+                fan_in = m.weight.shape[0]  # weights are stored (in, out)
+                uniform(m.weight, fan_in)
+                if m.bias is not None:
+                    uniform(m.bias, fan_in)
+            elif isinstance(m, OutputHead) and id(m.weight) not in seen:
+                seen.add(id(m.weight))
+                uniform(m.weight, m.weight.shape[1])  # (V, C): logits = x @ W.T, fan_in C
 
     # -- forward and backward --------------------------------------------------------
 
-    def check_input(self, idx, start_pos: int = 0) -> None:
-        """Token ids must be integers in [0, V) and fit the context (CuPy would wrap)."""
-        xp = backend.array_module(idx)
+    def check_input(self, idx, start_pos: int = 0):
+        """Token ids (B, T) of an integer dtype that fit the context after ``start_pos``,
+        as an array on the model's device (a list or a host array is moved there).
+
+        The values are checked against [0, V) on the host, while the ids are still NumPy
+        (the data loader's batches, a prompt): on the device that check would cost a
+        device-to-host sync every micro-batch. Ids already on the GPU are trusted (CuPy
+        would wrap an out-of-range id instead of raising): make them from checked ids.
+        """
+        if not (hasattr(idx, "dtype") and hasattr(idx, "ndim")):
+            idx = backend.to_host(idx)
         V, T_max = self.cfg.vocab_size, self.cfg.context_length
-        if not xp.issubdtype(idx.dtype, xp.integer):
+        if idx.dtype.kind not in "iu":  # bool and float ids are refused, not truncated
             raise ValueError(f"token ids must be integers, got dtype {idx.dtype}")
         if idx.ndim != 2:
             raise ValueError(f"token ids must have shape (B, T), got {tuple(idx.shape)}")
-        T = idx.shape[1]
-        if T == 0:
-            raise ValueError("token ids are empty: T must be at least 1")
+        B, T = idx.shape
+        if B == 0 or T == 0:
+            raise ValueError(f"token ids are empty (shape {tuple(idx.shape)}): B and T must be at least 1")
         if start_pos + T > T_max:
             raise ValueError(f"sequence length {start_pos + T} exceeds context_length {T_max}")
-        lo, hi = int(idx.min()), int(idx.max())
-        if lo < 0 or hi >= V:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"token id {bad} is out of range: ids must be in [0, {V}) (vocab_size={V})")
+        if not backend.is_cupy_array(idx):
+            lo, hi = int(idx.min()), int(idx.max())
+            if lo < 0 or hi >= V:
+                bad = lo if lo < 0 else hi
+                raise ValueError(f"token id {bad} is out of range: ids must be in [0, {V}) (vocab_size={V})")
+        return backend.to_device(idx, device_name=backend.device_of(self.wte.weight.data))
 
     def forward(self, idx, kv_caches: list | None = None):
-        """idx (B, T) integer token ids -> logits (B, T, V).
+        """idx (B, T) integer token ids (NumPy, CuPy or a list) -> logits (B, T, V).
 
         With ``kv_caches`` (one KVCache per block, see ``new_kv_caches``), idx holds only
         the new tokens; their positions continue after the cached ones.
         """
         start = kv_caches[0].length if kv_caches else 0
-        self.check_input(idx, start)
+        idx = self.check_input(idx, start)  # (B, T) on the model's device
         B, T = idx.shape
         xp = backend.array_module(self.wte.weight.data)
         pos = xp.arange(start, start + T)[None, :]  # (1, T)
@@ -181,7 +230,7 @@ class GPTModel(Module):
         self.wpe.backward(dx.sum(axis=0, keepdims=True))
 
     def new_kv_caches(self) -> list:
-        return [KVCache() for _ in self.h]
+        return [KVCache(self.cfg.context_length) for _ in self.h]
 
     # -- conveniences ----------------------------------------------------------------
 
@@ -203,12 +252,8 @@ class GPTModel(Module):
     def from_pretrained(cls, path_or_name: str, dtype: str = "float32", **kwargs) -> "GPTModel":
         """Load GPT-2 weights in the Hugging Face layout (config.json + model.safetensors)
         from a local directory, or by name ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl')."""
-        from .pretrained import from_pretrained
-
-        return from_pretrained(path_or_name, dtype=dtype, **kwargs)
+        return pretrained.load_pretrained(path_or_name, lambda cfg: cls(cfg, init=False), dtype=dtype, **kwargs)
 
     def save_pretrained(self, directory: str) -> None:
         """Write config.json + model.safetensors in the Hugging Face GPT-2 layout."""
-        from .pretrained import save_pretrained
-
-        save_pretrained(self, directory)
+        pretrained.save_pretrained(self, directory)

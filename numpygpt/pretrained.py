@@ -1,8 +1,12 @@
 """GPT-2 weights in the Hugging Face layout: ``config.json`` + ``model.safetensors``.
 
-    model = from_pretrained("gpt2")            # downloaded once into ~/.cache/numpygpt/gpt2
-    model = from_pretrained("/path/to/dir")    # a directory with config.json + model.safetensors
-    save_pretrained(model, "/path/to/dir")     # the same two files, readable by HF transformers
+    model = GPTModel.from_pretrained("gpt2")          # downloaded once into ~/.cache/numpygpt/gpt2
+    model = GPTModel.from_pretrained("/path/to/dir")  # a directory with config.json + model.safetensors
+    model.save_pretrained("/path/to/dir")             # the same two files, readable by HF transformers
+
+This module does not import the model: ``GPTModel.from_pretrained`` hands
+``load_pretrained`` a function that builds an empty model from a config, so the import
+goes one way, model -> pretrained.
 
 The checkpoint is a table: numpygpt's parameter names *are* the checkpoint's tensor
 names (``wte.weight``, ``h.0.attn.c_attn.weight``, ...; see ``hf_tensor_shapes``) and
@@ -21,27 +25,21 @@ from __future__ import annotations
 import json
 import os
 import re
-import struct
-import tempfile
-from contextlib import contextmanager
-from urllib.error import URLError
-from urllib.request import Request, urlopen
 
 import numpy
 from safetensors import safe_open
 
-from . import backend
+from . import backend, download
 from .config import GPTConfig
+from .fileio import SAFETENSORS_DTYPES, atomic_write, write_safetensors
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-HUB_URL = "https://huggingface.co/openai-community/{name}/resolve/main/{file}"
-HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 EOT_TOKEN_ID = 50256  # <|endoftext|> in GPT-2's tokenizer
 
 # HF files from before 2020 also hold each block's causal mask as a buffer: not weights.
 _BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
-_ST_DTYPES = {"float16": "F16", "float32": "F32", "float64": "F64"}  # what NumPy can read
+_ST_DTYPES = {k: SAFETENSORS_DTYPES[k] for k in ("float16", "float32", "float64")}  # float weights NumPy reads
 
 
 class PretrainedNotFoundError(OSError):
@@ -156,9 +154,10 @@ def config_to_hf(cfg: GPTConfig) -> dict:
 
 # -- loading --------------------------------------------------------------------------
 
-def from_pretrained(path_or_name, dtype: str = "float32", cache_dir=None, device: str | None = None,
+def load_pretrained(path_or_name, build, dtype: str = "float32", cache_dir=None, device: str | None = None,
                     drop_rate: float = 0.0):
-    """Load GPT-2 weights from a directory or by name into a GPTModel.
+    """Load GPT-2 weights from a directory or by name into the model ``build(cfg)`` makes
+    (``GPTModel.from_pretrained`` passes an empty GPTModel's constructor).
 
     ``path_or_name``: a directory holding ``config.json`` and ``model.safetensors``, or one
     of 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' (optionally 'openai-community/...'),
@@ -175,8 +174,6 @@ def from_pretrained(path_or_name, dtype: str = "float32", cache_dir=None, device
     ``drop_rate`` is 0 (inference); pass GPT-2's 0.1 to fine-tune with dropout. The model
     is returned in eval mode; call ``model.train()`` before fine-tuning with dropout.
     """
-    from .model import GPTModel  # model.py imports this module lazily; keep it that way
-
     directory = _resolve(path_or_name, cache_dir)
     hf = _read_config(directory)
     cfg = config_from_hf(hf, dtype=dtype, drop_rate=drop_rate)
@@ -184,7 +181,7 @@ def from_pretrained(path_or_name, dtype: str = "float32", cache_dir=None, device
     with safe_open(os.path.join(directory, WEIGHTS_FILE), framework="numpy") as f:
         keys, cfg = _plan(f, cfg)
         with backend.device(target):
-            model = GPTModel(cfg, init=False)  # zeros: no random draw for weights about to be replaced
+            model = build(cfg)  # zeros: no random draw for weights about to be replaced
         _check_model_matches_table(model)
         for name, p in model.named_parameters():
             arr = backend.to_device(f.get_tensor(keys[name]), dtype=cfg.dtype, device_name=target)
@@ -264,10 +261,6 @@ def _read_config(directory: str) -> dict:
 
 # -- finding and downloading ----------------------------------------------------------
 
-def default_cache_dir() -> str:
-    return os.environ.get("NUMPYGPT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "numpygpt")
-
-
 def _resolve(path_or_name, cache_dir) -> str:
     """The directory to load from: the path itself, or a hub model's cache (filled if needed)."""
     text = os.fspath(path_or_name)
@@ -275,36 +268,24 @@ def _resolve(path_or_name, cache_dir) -> str:
     if os.path.isdir(path):
         return path
     name = text[len("openai-community/"):] if text.startswith("openai-community/") else text
-    if name not in HUB_NAMES:
+    if name not in download.HUB_NAMES:
         raise PretrainedNotFoundError(
-            f"{text!r} is not a directory, nor one of the model names {', '.join(HUB_NAMES)}.\n"
+            f"{text!r} is not a directory, nor one of the model names {', '.join(download.HUB_NAMES)}.\n"
             + _how_to_pass_a_directory()
         )
-    directory = os.path.join(os.fspath(cache_dir) if cache_dir is not None else default_cache_dir(), name)
-    _fetch(name, directory)
-    return directory
-
-
-def _fetch(name: str, directory: str) -> None:
-    """Download whichever of config.json and model.safetensors the cache lacks."""
+    directory = os.path.join(os.fspath(cache_dir) if cache_dir is not None else download.default_cache_dir(), name)
     config_path = os.path.join(directory, CONFIG_FILE)
-    weights_path = os.path.join(directory, WEIGHTS_FILE)
-    if os.path.isfile(config_path) and os.path.isfile(weights_path):
-        return
-    os.makedirs(directory, exist_ok=True)
     try:
-        if not os.path.isfile(config_path):
-            download_file(HUB_URL.format(name=name, file=CONFIG_FILE), config_path,
-                          verify=lambda tmp: config_from_hf(_read_json(tmp)))
-        if not os.path.isfile(weights_path):
-            cfg = config_from_hf(_read_json(config_path))
-            download_file(HUB_URL.format(name=name, file=WEIGHTS_FILE), weights_path,
-                          verify=lambda tmp: _verify_weights(tmp, cfg))
-    except (URLError, OSError, ValueError) as e:
+        download.fetch_hub_files(name, directory, [
+            (CONFIG_FILE, lambda tmp: config_from_hf(_read_json(tmp))),
+            (WEIGHTS_FILE, lambda tmp: _verify_weights(tmp, config_from_hf(_read_json(config_path)))),
+        ])
+    except (OSError, ValueError) as e:  # URLError is an OSError
         raise PretrainedNotFoundError(
             f"could not download {name!r} from https://huggingface.co/openai-community/{name} "
             f"into {directory}: {e}\n" + _how_to_pass_a_directory(name)
         ) from e
+    return directory
 
 
 def _read_json(path: str) -> dict:
@@ -322,49 +303,6 @@ def _verify_weights(path: str, cfg: GPTConfig) -> None:
         _plan(f, cfg)
 
 
-def download_file(url: str, dest: str, verify=None, chunk_size: int = 1 << 20) -> None:
-    """Download ``url`` to ``dest`` with a progress bar, atomically.
-
-    The bytes go to a temporary file next to ``dest``; its size is checked against the
-    HTTP Content-Length, ``verify(tmp_path)`` may reject it, and only then is it renamed
-    to ``dest``, so an interrupted or bad download never looks like a cached file.
-    """
-    from tqdm import tqdm
-
-    request = Request(url, headers={"User-Agent": "numpygpt"})
-    with _atomic_file(dest) as (fh, tmp_path):
-        with urlopen(request, timeout=60) as response:
-            total = int(response.headers.get("Content-Length") or 0) or None
-            written = 0
-            with tqdm(total=total, unit="B", unit_scale=True, desc=os.path.basename(dest)) as bar:
-                while chunk := response.read(chunk_size):
-                    fh.write(chunk)
-                    written += len(chunk)
-                    bar.update(len(chunk))
-        if total is not None and written != total:
-            raise OSError(f"download of {url} stopped after {written} of {total} bytes")
-        fh.flush()
-        if verify is not None:
-            verify(tmp_path)
-
-
-@contextmanager
-def _atomic_file(dest: str):
-    """Yield (binary file, its path) in dest's directory; rename it to dest only on success."""
-    fd, tmp_path = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(dest)),
-                                    prefix="." + os.path.basename(dest) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            yield fh, tmp_path
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_path, dest)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.unlink(tmp_path)
-        raise
-
-
 # -- saving ---------------------------------------------------------------------------
 
 def save_pretrained(model, directory) -> None:
@@ -380,31 +318,7 @@ def save_pretrained(model, directory) -> None:
     _check_model_matches_table(model)
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
-    _write_safetensors(os.path.join(directory, WEIGHTS_FILE), list(model.named_parameters()),
-                       metadata={"format": "pt"})  # HF transformers asks for format 'pt'
-    with _atomic_file(os.path.join(directory, CONFIG_FILE)) as (fh, _):
+    write_safetensors(os.path.join(directory, WEIGHTS_FILE), [(n, p.data) for n, p in model.named_parameters()],
+                      metadata={"format": "pt"})  # HF transformers asks for format 'pt'
+    with atomic_write(os.path.join(directory, CONFIG_FILE)) as fh:
         fh.write((json.dumps(config_to_hf(model.cfg), indent=2) + "\n").encode("utf-8"))
-
-
-def _write_safetensors(path: str, named_params: list, metadata: dict) -> None:
-    """Stream parameters into a safetensors file without holding a second copy of the model.
-
-    Format: 8-byte little-endian header length N, N bytes of JSON
-    ``{name: {dtype, shape, data_offsets: [begin, end)}, "__metadata__": {...}}`` padded with
-    spaces so the data starts 8-byte aligned, then every tensor's bytes (C order,
-    little-endian) back to back.
-    """
-    header, offset = {"__metadata__": metadata}, 0
-    for name, p in named_params:
-        nbytes = p.size * p.dtype.itemsize
-        header[name] = {"dtype": _ST_DTYPES[p.dtype.name], "shape": list(p.shape),
-                        "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    blob += b" " * (-len(blob) % 8)
-    with _atomic_file(path) as (fh, _):
-        fh.write(struct.pack("<Q", len(blob)))
-        fh.write(blob)
-        for _, p in named_params:
-            a = numpy.ascontiguousarray(backend.to_host(p.data), dtype=p.dtype.newbyteorder("<"))
-            fh.write(a.reshape(-1).view(numpy.uint8))

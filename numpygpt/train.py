@@ -11,6 +11,10 @@ One optimiser step is::
         model.backward(dloss * 1/grad_accum_steps)   # grads add up to the mean's gradient
     clip_grad_norm (optional); lr = scheduler(step) (optional); optimizer.step()
 
+Under ``mpiexec -n N`` each rank runs every micro-batch on its B/N rows and the ranks'
+gradients are summed (one all-reduce, ``numpygpt.distributed``) before clipping, so N
+ranks take the step one process would; rank 0 alone logs, evaluates and saves.
+
 Every ``eval_freq`` steps the mean loss over ``eval_iter`` training and validation
 batches is logged, and each epoch ends with a greedy sample from ``start_context``.
 A non-finite loss stops the run with ``TrainingDivergedError`` before the weights are
@@ -25,15 +29,21 @@ have (on CPU; the data loader's epoch orders depend only on its seed and the epo
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import sys
+from dataclasses import dataclass, field
 
-from . import backend
-from .nn import CrossEntropyLoss, no_grad
+from . import checkpoint
+from .nn import CrossEntropyLoss, eval_mode, no_grad
+from .optim import clip_grad_norm
 
 __all__ = [
     "TrainingDivergedError",
+    "TrainOptions",
+    "TrainState",
+    "new_history",
     "calc_loss_batch",
     "calc_loss_loader",
     "evaluate_model",
@@ -55,15 +65,14 @@ class TrainingDivergedError(RuntimeError):
 # -- losses ------------------------------------------------------------------------------
 
 def calc_loss_batch(model, loss_fn, inputs, targets):
-    """Mean cross-entropy of one batch: inputs, targets (B, T) host or device ids.
+    """Mean loss of one batch: ``loss_fn(model(inputs), targets)``.
 
-    Returns the loss as a 0-d array on the model's device (no host sync here), with
+    inputs, targets: host (NumPy) or device ids, e.g. (B, T) and (B, T). Host ids are
+    checked on the host by the model and the loss and moved once, so this makes no
+    device-to-host sync. Returns the loss as a 0-d array on the model's device, with
     the loss function's cache ready for ``loss_fn.backward()`` unless under no_grad.
     """
-    device = model.device
-    inputs = backend.to_device(inputs, device_name=device)  # (B, T)
-    targets = backend.to_device(targets, device_name=device)  # (B, T)
-    logits = model(inputs)  # (B, T, V)
+    logits = model(inputs)  # (B, T, V) for a language model
     return loss_fn(logits, targets)
 
 
@@ -101,13 +110,9 @@ def evaluate_model(model, train_loader, val_loader, eval_iter: int) -> tuple[flo
     """(train loss, val loss) over ``eval_iter`` batches each, in eval mode (no dropout);
     the model goes back to the mode it was in."""
     loss_fn = CrossEntropyLoss()
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         train_loss = calc_loss_loader(model, loss_fn, train_loader, eval_iter)
         val_loss = calc_loss_loader(model, loss_fn, val_loader, eval_iter)
-    finally:
-        model.train(was_training)
     return train_loss, val_loss
 
 
@@ -122,203 +127,322 @@ def _sample(model, start_context: str, max_new_tokens: int, tokenizer=None) -> s
     """A greedy continuation of ``start_context`` (eval mode, no gradients), one line."""
     from .generate import generate_text
 
-    was_training = model.training
-    model.eval()
-    try:
-        with no_grad():
-            text = generate_text(model, start_context, max_new_tokens, tokenizer=tokenizer,
-                                 temperature=0.0)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), no_grad():
+        text = generate_text(model, start_context, max_new_tokens, tokenizer=tokenizer, temperature=0.0)
     return text.replace("\n", " ")  # compact print format, as in the book
+
+
+# -- where a run stands ---------------------------------------------------------------
+
+HISTORY_LISTS = (
+    "train_losses",        # at each evaluation: mean loss over eval_iter train batches
+    "val_losses",          # ... and over eval_iter validation batches
+    "perplexities",        # exp(val loss)
+    "track_tokens_seen",   # training tokens consumed at each evaluation
+    "track_steps",         # optimiser steps done at each evaluation
+    "step_losses",         # the training loss of every optimiser step
+    "lrs",                 # the learning rate of every optimiser step
+)
+_POSITION = ("global_step", "tokens_seen", "epoch", "batch_in_epoch")
+
+
+def new_history() -> dict:
+    """The history dict ``train_model`` returns: HISTORY_LISTS, plus where the run stands
+    (``global_step``, ``tokens_seen``, ``epoch`` in progress, ``batch_in_epoch`` consumed)."""
+    return TrainState().history_dict()
+
+
+@dataclass
+class TrainState:
+    """Where a training run stands: its position, its history, and the options it was
+    started with. A checkpoint's ``extra`` is ``to_dict()``; ``from_dict`` reads it back,
+    checking every field (ValueError naming the bad one) before anything is used.
+
+    Keys of the dict: ``global_step``, ``tokens_seen``, ``epoch``, ``batch_in_epoch``,
+    ``grad_accum_steps``, ``history`` (the lists and the position again, as
+    ``train_model`` returns it), ``loader_state`` (the DataLoader's), ``cli_options``
+    (``numpygpt train``'s options), plus any caller entries, kept in ``extra``.
+    """
+
+    global_step: int = 0       # optimiser steps done
+    tokens_seen: int = 0
+    epoch: int = 0             # the epoch in progress (= epochs completed)
+    batch_in_epoch: int = 0    # micro-batches of that epoch already consumed
+    history: dict = field(default_factory=lambda: {k: [] for k in HISTORY_LISTS})
+    grad_accum_steps: int | None = None
+    loader_state: dict | None = None
+    run_options: dict | None = None  # stored as "cli_options"
+    extra: dict = field(default_factory=dict)  # the caller's own JSON-able entries
+
+    def history_dict(self) -> dict:
+        out = {k: list(self.history.get(k, [])) for k in HISTORY_LISTS}
+        out.update({k: getattr(self, k) for k in _POSITION})
+        return out
+
+    def to_dict(self) -> dict:
+        d = dict(self.extra)
+        d.update({k: getattr(self, k) for k in _POSITION})
+        d.update(history=self.history_dict(), grad_accum_steps=self.grad_accum_steps,
+                 loader_state=self.loader_state)
+        if self.run_options is not None:
+            d["cli_options"] = dict(self.run_options)
+        return d
+
+    @classmethod
+    def from_dict(cls, d, step: int | None = None) -> "TrainState":
+        """Read ``to_dict()``'s output (a checkpoint's ``extra``); ``step``: the checkpoint's own."""
+        if not isinstance(d, dict) or "history" not in d or "epoch" not in d or "batch_in_epoch" not in d:
+            raise ValueError("the checkpoint holds no training position (epoch, batch, history): "
+                             "was it written by train_model?")
+        hist = d["history"]
+        if not isinstance(hist, dict):
+            raise ValueError(f"the checkpoint's training history is a {type(hist).__name__}, not a dict")
+        history = {}
+        for key in HISTORY_LISTS:
+            values = hist.get(key, [])
+            if not isinstance(values, list) or not all(_is_number(v) for v in values):
+                raise ValueError(f"the checkpoint's training history {key!r} is not a list of numbers")
+            history[key] = list(values)
+        position = {}
+        for key in _POSITION:
+            value = step if key == "global_step" and step is not None else d.get(key, hist.get(key, 0))
+            position[key] = _count(value, key)
+        accum = d.get("grad_accum_steps")
+        if accum is not None:
+            accum = _count(accum, "grad_accum_steps")
+        loader_state, options = d.get("loader_state"), d.get("cli_options")
+        for key, value in (("loader_state", loader_state), ("cli_options", options)):
+            if value is not None and not isinstance(value, dict):
+                raise ValueError(f"the checkpoint's {key!r} is a {type(value).__name__}, not a dict")
+        known = set(_POSITION) | {"history", "grad_accum_steps", "loader_state", "cli_options"}
+        return cls(history=history, grad_accum_steps=accum, loader_state=loader_state, run_options=options,
+                   extra={k: v for k, v in d.items() if k not in known}, **position)
+
+    @classmethod
+    def from_checkpoint(cls, ck) -> "TrainState":
+        """From ``load_checkpoint``'s dict or a ``checkpoint.Checkpoint`` (or a TrainState)."""
+        if isinstance(ck, TrainState):
+            return ck
+        if isinstance(ck, dict):
+            return cls.from_dict(ck.get("extra") or {}, step=ck.get("step"))
+        return cls.from_dict(ck.extra, step=ck.step)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _count(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"the checkpoint's {name} must be an integer >= 0, got {value!r}")
+    return value
 
 
 # -- the loop ------------------------------------------------------------------------------
 
-def new_history() -> dict:
-    return {
-        "train_losses": [],        # at each evaluation: mean loss over eval_iter train batches
-        "val_losses": [],          # ... and over eval_iter validation batches
-        "perplexities": [],        # exp(val loss)
-        "track_tokens_seen": [],   # training tokens consumed at each evaluation
-        "track_steps": [],         # optimiser steps done at each evaluation
-        "step_losses": [],         # the training loss of every optimiser step
-        "lrs": [],                 # the learning rate of every optimiser step
-        "global_step": 0,          # optimiser steps done
-        "tokens_seen": 0,
-        "epoch": 0,                # the epoch in progress (= epochs completed)
-        "batch_in_epoch": 0,       # micro-batches of that epoch already consumed
-    }
+@dataclass
+class TrainOptions:
+    """How ``train_model`` runs, beyond the book's arguments. Every field may also be
+    passed to ``train_model`` as a keyword.
 
-
-def _is_finite(x: float) -> bool:
-    return not (math.isnan(x) or math.isinf(x))
-
-
-def train_model(model, train_loader, val_loader, optimizer, num_epochs: int, eval_freq: int,
-                eval_iter: int, start_context: str | None = None, tokenizer=None,
-                grad_accum_steps: int = 1, max_grad_norm: float | None = None, scheduler=None,
-                checkpoint_path=None, checkpoint_every: int | None = None, resume_state=None,
-                progress: bool = True, sample_tokens: int = 50, log=print,
-                max_steps: int | None = None, extra: dict | None = None, comm=None) -> dict:
-    """Train ``model`` and return the history dict (see ``new_history`` for its keys).
-
-    num_epochs: passes over ``train_loader``; ``max_steps`` stops earlier (optimiser steps).
-    eval_freq, eval_iter: evaluate after step 1, 1 + eval_freq, ... over eval_iter batches.
     grad_accum_steps: micro-batches per optimiser step; an epoch has
         ``len(train_loader) // grad_accum_steps`` steps (leftover micro-batches are skipped).
     max_grad_norm: clip the global gradient norm (None: no clipping).
     scheduler: ``scheduler(step) -> lr`` for the 0-based step about to be taken.
+    max_steps: stop after this many optimiser steps (counted from the run's start).
     checkpoint_path, checkpoint_every: save every ``checkpoint_every`` steps and at the end.
-    resume_state: ``load_checkpoint(path, model, optimizer)``'s result: continue that run.
-    log: where messages go; the default ``print`` is routed through tqdm.write so the
-        progress bar stays intact. extra: more JSON-able entries for the checkpoint.
+    resume_state: continue a saved run: a TrainState, or ``load_checkpoint``'s result
+        (whose weights, optimiser state and RNG are already loaded).
+    extra: more JSON-able entries for the checkpoint (kept in ``TrainState.extra``).
+    run_options: the options of ``numpygpt train``, stored so --resume can reuse them.
+    progress: a tqdm bar on stderr. log: where messages go; the default ``print`` is
+        routed through tqdm.write so the bar stays intact; None: silent.
+    sample_tokens: length of the greedy samples from ``start_context``.
+    loss_fn: the loss (default ``CrossEntropyLoss()``); it sees ``model(x)`` and ``y``
+        as the loader yields them, so logits (B, K) with targets (B,) work as well.
+    reduce_gradients: ``reduce_gradients(model)`` runs after the backward passes of all
+        micro-batches and before clipping and the optimiser step (data parallelism:
+        average the gradients across processes there).
+    is_main_process: False on every process but one in a multi-process run: it then
+        logs nothing, draws no bar, evaluates and samples nothing, and saves nothing.
     comm: a ``distributed.Communicator`` (default ``distributed.init()``: MPI under
         mpiexec, else this process alone). Each rank trains on its share of every batch
-        and the gradients are summed over the ranks before clipping; rank 0 alone logs,
-        evaluates, samples and saves (the others wait at the next all-reduce).
+        and the gradients (and the loss) are summed over the ranks, once a step, before
+        clipping; only its rank 0 is a main process. See numpygpt/distributed.py.
     """
-    if num_epochs < 0 or eval_freq < 1 or eval_iter < 1 or grad_accum_steps < 1:
+
+    grad_accum_steps: int = 1
+    max_grad_norm: float | None = None
+    scheduler: object = None
+    max_steps: int | None = None
+    checkpoint_path: object = None
+    checkpoint_every: int | None = None
+    resume_state: object = None
+    extra: dict | None = None
+    run_options: dict | None = None
+    progress: bool = True
+    log: object = print
+    sample_tokens: int = 50
+    loss_fn: object = None
+    reduce_gradients: object = None
+    is_main_process: bool = True
+    comm: object = None
+
+
+def train_model(model, train_loader, val_loader, optimizer, num_epochs: int, eval_freq: int,
+                eval_iter: int, start_context: str | None = None, tokenizer=None,
+                options: TrainOptions | None = None, **kwargs) -> dict:
+    """Train ``model`` and return the history dict (see ``new_history`` for its keys).
+
+    num_epochs: passes over ``train_loader`` (``max_steps`` in the options stops earlier).
+    eval_freq, eval_iter: evaluate after step 1, 1 + eval_freq, ... over eval_iter batches.
+    start_context: the prompt of the greedy sample printed at the end of each epoch.
+    options: a TrainOptions; or pass its fields as keywords (``grad_accum_steps=4``...).
+    """
+    opts = dataclasses.replace(options or TrainOptions(), **kwargs)
+    if num_epochs < 0 or eval_freq < 1 or eval_iter < 1 or opts.grad_accum_steps < 1:
         raise ValueError("need num_epochs >= 0, eval_freq >= 1, eval_iter >= 1 and grad_accum_steps >= 1")
-    if checkpoint_every is not None and checkpoint_every < 1:
-        raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+    if opts.checkpoint_every is not None and opts.checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be >= 1, got {opts.checkpoint_every}")
+    accum = opts.grad_accum_steps
     n_batches = len(train_loader)
-    steps_per_epoch = n_batches // grad_accum_steps
+    steps_per_epoch = n_batches // accum
     if steps_per_epoch == 0:
         raise ValueError(
             f"the training loader has {n_batches} batches, fewer than grad_accum_steps="
-            f"{grad_accum_steps}: not even one optimiser step fits in an epoch"
+            f"{accum}: not even one optimiser step fits in an epoch"
         )
     total_steps = num_epochs * steps_per_epoch
-    if max_steps is not None:
-        total_steps = min(total_steps, int(max_steps))
+    if opts.max_steps is not None:
+        total_steps = min(total_steps, int(opts.max_steps))
+    from . import distributed
+
+    comm = opts.comm if opts.comm is not None else distributed.init()
+    main = opts.is_main_process and comm.is_main
+    checkpoint_path = opts.checkpoint_path if main else None
 
     from tqdm.auto import tqdm
 
-    from . import distributed
-
-    comm = distributed.init() if comm is None else comm
-
     def emit(msg: str) -> None:
-        if not comm.is_main:
+        if not main or opts.log is None:
             return
-        if log is print:
+        if opts.log is print:
             tqdm.write(msg)  # prints above the bar instead of through it
-        elif log is not None:
-            log(msg)
+        else:
+            opts.log(msg)
 
-    history = new_history()
-    if resume_state is not None:
-        history = _resume_history(resume_state, train_loader)
-    global_step = history["global_step"]
-    tokens_seen = history["tokens_seen"]
-    epoch, batch = history["epoch"], history["batch_in_epoch"]
-    last_saved = global_step if resume_state is not None else None
-    comm.begin_training(model, batch_size=getattr(train_loader, "batch_size", None), step=global_step,
-                        plan=(n_batches, grad_accum_steps, total_steps, epoch, batch))
+    if opts.resume_state is not None:
+        state = TrainState.from_checkpoint(opts.resume_state)
+        if state.loader_state and hasattr(train_loader, "load_state_dict"):
+            train_loader.load_state_dict(state.loader_state)  # raises if the data differ
+        last_saved = state.global_step
+    else:
+        state = TrainState()
+        last_saved = None
+    state.grad_accum_steps = accum
+    if opts.run_options is not None:
+        state.run_options = opts.run_options
+    state.extra = {**state.extra, **(opts.extra or {})}
+    history = state.history
+    comm.begin_training(model, batch_size=getattr(train_loader, "batch_size", None), step=state.global_step,
+                        plan=(n_batches, accum, total_steps, state.epoch, state.batch_in_epoch))
 
     def save() -> None:
-        from .checkpoint import save_checkpoint
-
         nonlocal last_saved
-        if not comm.is_main:
-            last_saved = global_step
-            return
-        history.update(global_step=global_step, tokens_seen=tokens_seen, epoch=epoch, batch_in_epoch=batch)
-        state = dict(extra or {})
-        state.update(
-            history=history,
-            epoch=epoch,
-            batch_in_epoch=batch,
-            tokens_seen=tokens_seen,
-            global_step=global_step,
-            grad_accum_steps=grad_accum_steps,
-            loader_state=train_loader.state_dict() if hasattr(train_loader, "state_dict") else None,
-        )
-        save_checkpoint(checkpoint_path, model, optimizer, step=global_step, extra=state)
-        last_saved = global_step
+        if hasattr(train_loader, "state_dict"):
+            state.loader_state = train_loader.state_dict()
+        checkpoint.save_checkpoint(checkpoint_path, model, optimizer, step=state.global_step, extra=state.to_dict())
+        last_saved = state.global_step
 
-    loss_fn = CrossEntropyLoss()
+    loss_fn = opts.loss_fn if opts.loss_fn is not None else CrossEntropyLoss()
     model.train()
     # When stderr is a log file rather than a terminal, redraw seldom: each redraw is a line.
     interactive = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
-    bar = tqdm(total=total_steps, initial=min(global_step, total_steps), disable=not (progress and comm.is_main),
-               unit="step", dynamic_ncols=True, mininterval=0.5 if interactive else 30.0,
-               file=sys.stderr)
+    bar = tqdm(total=total_steps, initial=min(state.global_step, total_steps), disable=not (opts.progress and main),
+               unit="step", dynamic_ncols=True, mininterval=0.5 if interactive else 30.0, file=sys.stderr)
     batches = None
     try:
-        while global_step < total_steps and epoch < num_epochs:
+        while state.global_step < total_steps and state.epoch < num_epochs:
             if batches is None:
                 if hasattr(train_loader, "set_epoch"):
-                    train_loader.set_epoch(epoch)  # so its state_dict names the epoch in progress
-                batches = _batches(train_loader, epoch, batch)
+                    train_loader.set_epoch(state.epoch)  # so its state_dict names the epoch in progress
+                batches = _batches(train_loader, state.epoch, state.batch_in_epoch)
 
-            # one optimiser step over grad_accum_steps micro-batches
-            model.zero_grad()
-            loss_sum, step_tokens = None, 0
-            for _ in range(grad_accum_steps):
-                x, y = next(batches)
-                step_tokens += int(x.size)
-                # this rank's rows; weight: their share of the batch's counted targets (1 alone)
-                x, y, weight = comm.shard(x, y, loss_fn.ignore_index)
-                if weight == 0.0:
-                    continue  # every target of my rows is ignored: I add nothing
-                loss = calc_loss_batch(model, loss_fn, x, y)
-                model.backward(loss_fn.backward(weight / grad_accum_steps))
-                loss = loss if weight == 1.0 else loss * weight
-                loss_sum = loss if loss_sum is None else loss_sum + loss
-            # gradients and loss summed over the ranks; the one host sync of the step
-            step_loss = comm.sum_gradients(model, 0.0 if loss_sum is None else loss_sum) / grad_accum_steps
-            if not _is_finite(step_loss):
-                raise _diverged("loss", step_loss, global_step + 1, epoch, checkpoint_path, last_saved)
-            if max_grad_norm is not None:
-                from .optim import clip_grad_norm
-
-                norm = clip_grad_norm(model, max_grad_norm)
-                if not _is_finite(norm):
-                    raise _diverged("gradient norm", norm, global_step + 1, epoch, checkpoint_path, last_saved)
-            if scheduler is not None:
-                optimizer.lr = scheduler(global_step)
+            step = state.global_step + 1
+            step_loss, step_tokens = _forward_backward(model, loss_fn, batches, accum, comm)
+            if opts.reduce_gradients is not None:
+                opts.reduce_gradients(model)
+            if not math.isfinite(step_loss):
+                raise _diverged("loss", step_loss, step, state.epoch, checkpoint_path, last_saved)
+            if opts.max_grad_norm is not None:
+                norm = clip_grad_norm(model, opts.max_grad_norm)
+                if not math.isfinite(norm):
+                    raise _diverged("gradient norm", norm, step, state.epoch, checkpoint_path, last_saved)
+            if opts.scheduler is not None:
+                optimizer.lr = opts.scheduler(state.global_step)
             history["lrs"].append(float(optimizer.lr))
             optimizer.step()
 
-            global_step += 1
-            batch += grad_accum_steps
-            tokens_seen += step_tokens
+            state.global_step = step
+            state.batch_in_epoch += accum
+            state.tokens_seen += step_tokens
             history["step_losses"].append(step_loss)
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{optimizer.lr:.2e}", refresh=False)
 
-            if comm.is_main and (global_step - 1) % eval_freq == 0:
+            if main and (step - 1) % eval_freq == 0:
                 train_loss, val_loss = evaluate_model(model, train_loader, val_loader, eval_iter)
                 ppl = perplexity(val_loss)
                 history["train_losses"].append(train_loss)
                 history["val_losses"].append(val_loss)
                 history["perplexities"].append(ppl)
-                history["track_tokens_seen"].append(tokens_seen)
-                history["track_steps"].append(global_step)
-                emit(f"Ep {epoch + 1} (step {global_step:6d}/{total_steps}): train loss {train_loss:.3f}, "
+                history["track_tokens_seen"].append(state.tokens_seen)
+                history["track_steps"].append(step)
+                emit(f"Ep {state.epoch + 1} (step {step:6d}/{total_steps}): train loss {train_loss:.3f}, "
                      f"val loss {val_loss:.3f}, val perplexity {ppl:.1f}")
 
-            if batch + grad_accum_steps > n_batches:  # the epoch is over
-                if start_context and comm.is_main:
-                    emit(f"Ep {epoch + 1} sample: {_sample(model, start_context, sample_tokens, tokenizer)}")
-                epoch, batch, batches = epoch + 1, 0, None
+            if state.batch_in_epoch + accum > n_batches:  # the epoch is over
+                if main and start_context:
+                    emit(f"Ep {state.epoch + 1} sample: "
+                         f"{_sample(model, start_context, opts.sample_tokens, tokenizer)}")
+                state.epoch, state.batch_in_epoch, batches = state.epoch + 1, 0, None
 
-            if checkpoint_path is not None and checkpoint_every and global_step % checkpoint_every == 0:
+            if checkpoint_path is not None and opts.checkpoint_every and step % opts.checkpoint_every == 0:
                 save()
     finally:
         bar.close()
 
-    comm.check_same_weights(model)  # still in step (a no-op for one process)
-    if start_context and batch > 0 and global_step > 0 and comm.is_main:
+    comm.check_same_weights(model)  # the ranks are still in step (a no-op for one process)
+    if main and start_context and state.batch_in_epoch > 0 and state.global_step > 0:
         # stopped inside an epoch (max_steps): still show what the model does now
-        emit(f"Ep {epoch + 1} sample (step {global_step}): "
-             f"{_sample(model, start_context, sample_tokens, tokenizer)}")
-    history.update(global_step=global_step, tokens_seen=tokens_seen, epoch=epoch, batch_in_epoch=batch)
-    if checkpoint_path is not None and last_saved != global_step:
+        emit(f"Ep {state.epoch + 1} sample (step {state.global_step}): "
+             f"{_sample(model, start_context, opts.sample_tokens, tokenizer)}")
+    if checkpoint_path is not None and last_saved != state.global_step:
         save()
-    return history
+    return state.history_dict()
+
+
+def _forward_backward(model, loss_fn, batches, accum: int, comm) -> tuple[float, int]:
+    """zero_grad, then forward and backward over ``accum`` micro-batches, each scaled by
+    1/accum so the gradients add up to the mean's. Returns (mean loss, tokens seen); the
+    loss is the step's one device-to-host sync.
+
+    With N ranks each takes its rows of every micro-batch, scaled also by its weight (its
+    share of the batch's counted targets), and ``comm.sum_gradients`` adds the ranks'
+    gradients and losses: the whole batch's mean, as one process computes it."""
+    model.zero_grad()
+    loss_sum, tokens = None, 0
+    for _ in range(accum):
+        x, y = next(batches)
+        tokens += int(x.size)
+        x, y, weight = comm.shard(x, y, getattr(loss_fn, "ignore_index", None))  # (B/N, T); 1 alone
+        if weight == 0.0:
+            continue  # every target of my rows is ignored: I add nothing
+        loss = calc_loss_batch(model, loss_fn, x, y)
+        model.backward(loss_fn.backward(weight / accum))
+        loss = loss if weight == 1.0 else loss * weight
+        loss_sum = loss if loss_sum is None else loss_sum + loss
+    return comm.sum_gradients(model, 0.0 if loss_sum is None else loss_sum) / accum, tokens
 
 
 def _diverged(what: str, value: float, step: int, epoch: int, checkpoint_path, last_saved):
@@ -330,28 +454,6 @@ def _diverged(what: str, value: float, step: int, epoch: int, checkpoint_path, l
         msg += "; no checkpoint had been written yet"
     msg += ". Try a lower learning rate or gradient clipping."
     return TrainingDivergedError(msg, step=step, loss=value)
-
-
-def _resume_history(resume_state: dict, train_loader) -> dict:
-    """The history and position stored by train_model's checkpoints, checked."""
-    extra = resume_state.get("extra") or {}
-    if "history" not in extra or "epoch" not in extra or "batch_in_epoch" not in extra:
-        raise ValueError("the checkpoint holds no training position (epoch, batch, history): "
-                         "was it written by train_model?")
-    history = new_history()
-    history.update({k: v for k, v in extra["history"].items() if k in history})
-    history.update(
-        global_step=int(resume_state.get("step", extra.get("global_step", 0))),
-        tokens_seen=int(extra.get("tokens_seen", history["tokens_seen"])),
-        epoch=int(extra["epoch"]),
-        batch_in_epoch=int(extra["batch_in_epoch"]),
-    )
-    for key, value in history.items():
-        if isinstance(value, list):
-            history[key] = list(value)
-    if extra.get("loader_state") and hasattr(train_loader, "load_state_dict"):
-        train_loader.load_state_dict(extra["loader_state"])  # raises if the data differ
-    return history
 
 
 # -- plotting ------------------------------------------------------------------------------

@@ -152,11 +152,10 @@ def test_pytorch_default_init(tied):
     import numpy as np
 
     from numpygpt import GPTConfig, GPTModel, backend
-    from numpygpt.cli import init_pytorch_defaults
 
     cfg = GPTConfig.preset("tiny", vocab_size=500, emb_dim=64, qkv_bias=True, tie_weights=tied)
     model = GPTModel(cfg, seed=0)
-    init_pytorch_defaults(model, seed=1)
+    model.init_weights(seed=1, scheme="pytorch")
     params = {n: backend.to_host(p.data) for n, p in model.named_parameters()}
     for name, w in params.items():
         if name in ("wte.weight", "wpe.weight"):
@@ -173,6 +172,6 @@ def test_pytorch_default_init(tied):
     assert params["h.0.mlp.c_proj.weight"].shape[0] == 256  # fan_in 4C: the smaller bound
     # the same seed gives the same weights
     again = GPTModel(cfg, seed=0)
-    init_pytorch_defaults(again, seed=1)
+    again.init_weights(seed=1, scheme="pytorch")
     for name, p in again.named_parameters():
         np.testing.assert_array_equal(backend.to_host(p.data), params[name])

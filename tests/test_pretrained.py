@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from numpygpt import CrossEntropyLoss, GPTConfig, GPTModel, backend, no_grad
-from numpygpt import pretrained
+from numpygpt import download, pretrained
 from numpygpt.pretrained import PretrainedNotFoundError
 
 C, NH, L, T_MAX, V = 16, 2, 2, 32, 50
@@ -29,7 +29,7 @@ def no_network(monkeypatch):
     def offline(*args, **kwargs):
         raise URLError("network disabled in tests")
 
-    monkeypatch.setattr(pretrained, "urlopen", offline)
+    monkeypatch.setattr(download, "urlopen", offline)
 
 
 # -- an independent GPT-2 in NumPy, from the checkpoint's definition -------------------
@@ -455,7 +455,7 @@ def test_no_network_tells_how_to_pass_a_directory(tmp_path, monkeypatch):
     def offline(url, dest, **kwargs):
         raise URLError("[Errno -3] Temporary failure in name resolution")
 
-    monkeypatch.setattr(pretrained, "download_file", offline)
+    monkeypatch.setattr(download, "download_file", offline)
     monkeypatch.setenv("NUMPYGPT_CACHE", str(tmp_path / "cache"))
     with pytest.raises(PretrainedNotFoundError) as e:
         GPTModel.from_pretrained("openai-community/gpt2-medium")
@@ -498,13 +498,13 @@ def test_download_into_cache_then_load_offline(tmp_path, monkeypatch):
     src = tmp_path / "src"
     _, P, cfg = make_variant(src, "plain")
     hub = FakeHub(hub_files(src))
-    monkeypatch.setattr(pretrained, "urlopen", hub)
+    monkeypatch.setattr(download, "urlopen", hub)
     model = GPTModel.from_pretrained("gpt2", cache_dir=tmp_path / "cache", dtype="float64")
     assert sorted(os.listdir(tmp_path / "cache" / "gpt2")) == ["config.json", "model.safetensors"]
     assert hub.requested == list(hub.files)
     assert all(np.array_equal(host_params(model)[n], P[n]) for n in P)
 
-    monkeypatch.setattr(pretrained, "urlopen", FakeHub({}))  # offline now: the cache suffices
+    monkeypatch.setattr(download, "urlopen", FakeHub({}))  # offline now: the cache suffices
     again = GPTModel.from_pretrained("openai-community/gpt2", cache_dir=tmp_path / "cache")
     assert again.cfg.emb_dim == C
 
@@ -521,10 +521,10 @@ def test_bad_download_is_not_cached(tmp_path, monkeypatch, fault):
     if fault == "garbage":
         files[weights_url] = b"\xff" * 64
     hub = FakeHub(files, lie=100 if fault == "truncated" else 0)
-    monkeypatch.setattr(pretrained, "urlopen", hub)
+    monkeypatch.setattr(download, "urlopen", hub)
     with pytest.raises(PretrainedNotFoundError) as e:
         GPTModel.from_pretrained("gpt2", cache_dir=tmp_path / "cache")
     msg = str(e.value)
     assert {"truncated": "bytes", "garbage": "not a valid safetensors", "wrong tensors": "'ln_f.bias'"}[fault] in msg
     left = os.listdir(tmp_path / "cache" / "gpt2")
-    assert "config.json" in left and "model.safetensors" not in left and not any(n.endswith(".tmp") for n in left)
+    assert "config.json" in left and "model.safetensors" not in left and not any(n.endswith(".numpygpt-tmp") for n in left)

@@ -1,6 +1,6 @@
 """Layers with hand-written forward and backward passes."""
 
-from .module import Module, Parameter, no_grad, is_grad_enabled
+from .module import Module, Parameter, eval_mode, no_grad, is_grad_enabled
 from .linear import Linear
 from .embedding import Embedding
 from .normalization import LayerNorm
@@ -10,6 +10,6 @@ from .attention import MultiHeadAttention, KVCache, causal_mask
 from .loss import CrossEntropyLoss
 
 __all__ = [
-    "Module", "Parameter", "no_grad", "is_grad_enabled", "Linear", "Embedding", "LayerNorm",
+    "Module", "Parameter", "eval_mode", "no_grad", "is_grad_enabled", "Linear", "Embedding", "LayerNorm",
     "GELU", "Softmax", "Dropout", "MultiHeadAttention", "KVCache", "causal_mask", "CrossEntropyLoss",
 ]

@@ -14,21 +14,25 @@ from .. import backend
 class KVCache:
     """Keys and values of the tokens seen so far, for one attention layer.
 
-    k, v: (B, NH, T_max, hs), filled up to ``length``. Generation with a cache feeds
-    only the new tokens; their queries attend to every cached key.
+    k, v: (B, NH, max_length, hs), allocated by the first ``append`` (which knows B, NH,
+    hs, the dtype and the device) and filled up to ``length``. Generation with a cache
+    feeds only the new tokens; their queries attend to every cached key.
     """
 
-    def __init__(self):
+    def __init__(self, max_length: int):
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+            raise ValueError(f"KVCache max_length must be a positive integer, got {max_length!r}")
+        self.max_length = max_length
         self.k = None
         self.v = None
         self.length = 0
 
-    def append(self, k, v, max_length: int):
+    def append(self, k, v):
         B, NH, T, hs = k.shape
         if self.k is None:
             xp = backend.array_module(k)
-            self.k = xp.empty((B, NH, max_length, hs), dtype=k.dtype)
-            self.v = xp.empty((B, NH, max_length, hs), dtype=k.dtype)
+            self.k = xp.empty((B, NH, self.max_length, hs), dtype=k.dtype)
+            self.v = xp.empty((B, NH, self.max_length, hs), dtype=k.dtype)
         end = self.length + T
         if end > self.k.shape[2]:
             raise ValueError(f"KV cache holds {self.k.shape[2]} positions; {end} were asked for")
@@ -75,7 +79,7 @@ class MultiHeadAttention(Module):
         self.attn_dropout = Dropout(dropout)
         self.c_proj = Linear(d_out, d_out, bias=True, dtype=dtype, seed=rng.integers(2**31))
 
-    def forward(self, x, kv_cache: KVCache | None = None, max_length: int | None = None):
+    def forward(self, x, kv_cache: KVCache | None = None):
         B, T, _ = x.shape
         NH, hs = self.num_heads, self.head_dim
         xp = backend.array_module(x)
@@ -83,7 +87,7 @@ class MultiHeadAttention(Module):
         qkv = qkv.reshape(B, T, 3, NH, hs).transpose(2, 0, 3, 1, 4)  # (3, B, NH, T, hs)
         q, k, v = qkv[0], qkv[1], qkv[2]  # (B, NH, T, hs) each
         if kv_cache is not None:
-            k, v = kv_cache.append(k, v, max_length)  # (B, NH, T_k, hs), T_k = cached + T
+            k, v = kv_cache.append(k, v)  # (B, NH, T_k, hs), T_k = cached + T
         T_k = k.shape[2]
         scale = 1.0 / math.sqrt(hs)
         scores = q @ k.transpose(0, 1, 3, 2)  # (B, NH, T, T_k)

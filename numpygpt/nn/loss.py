@@ -14,7 +14,7 @@ class CrossEntropyLoss(Module):
         dlogits = (p - onehot(target)) / N      (zero on ignored rows)
     which never forms the softmax's Jacobian.
 
-        loss = loss_fn(logits, targets)    # logits (B, T, V), targets (B, T)
+        loss = loss_fn(logits, targets)    # logits (B, T, V), targets (B, T); or (B, K) and (B,)
         dlogits = loss_fn.backward()       # (B, T, V); scale by an upstream dloss if given
     """
 
@@ -23,19 +23,33 @@ class CrossEntropyLoss(Module):
 
     def forward(self, logits, targets):
         xp = backend.array_module(logits)
+        if not (hasattr(targets, "dtype") and hasattr(targets, "shape")):
+            targets = backend.to_host(targets)
         V = logits.shape[-1]
         if tuple(targets.shape) != tuple(logits.shape[:-1]):
             raise ValueError(f"targets have shape {tuple(targets.shape)}; logits need {tuple(logits.shape[:-1])}")
+        if targets.dtype.kind not in "iu":  # bool and float targets are refused, not cast
+            raise ValueError(f"targets must be integer class ids, got dtype {targets.dtype}")
+        if backend.is_cupy_array(targets):
+            # already on the device: checking would cost host syncs every micro-batch, so
+            # device targets are trusted; n stays a device scalar (all ignored gives NaN)
+            t = targets.reshape(-1)
+            keep = t != self.ignore_index  # (N_all,)
+            n = keep.sum()
+        else:
+            # host targets (the data loader's): checked here, once, then moved
+            t_host = targets.reshape(-1)
+            keep_host = t_host != self.ignore_index
+            n = int(keep_host.sum())
+            if n == 0:
+                raise ValueError("every target equals ignore_index: the mean loss is undefined")
+            bad = keep_host & ((t_host < 0) | (t_host >= V))
+            if bad.any():
+                raise ValueError(f"target ids must be in [0, {V}) or equal ignore_index={self.ignore_index}; "
+                                 f"got {int(t_host[bad][0])}")
+            t = backend.to_device(t_host, device_name=backend.device_of(logits))
+            keep = backend.to_device(keep_host, device_name=backend.device_of(logits))
         z = logits.reshape(-1, V)  # (N_all, V)
-        t = targets.reshape(-1)
-        keep = t != self.ignore_index  # (N_all,)
-        n = int(keep.sum())
-        if n == 0:
-            raise ValueError("every target equals ignore_index: the mean loss is undefined")
-        bad = keep & ((t < 0) | (t >= V))
-        if bool(bad.any()):
-            raise ValueError(f"target ids must be in [0, {V}) or equal ignore_index={self.ignore_index}; "
-                             f"got {int(t[bad][0])}")
         t_safe = xp.where(keep, t, 0)
         rows = xp.arange(z.shape[0])
         # log-sum-exp with the max subtracted; p is kept for backward
@@ -44,7 +58,7 @@ class CrossEntropyLoss(Module):
         xp.exp(p, out=p)
         sumexp = p.sum(axis=-1)  # (N_all,)
         nll = xp.log(sumexp) - target_shifted  # (N_all,)
-        loss = (nll * keep).sum() / n
+        loss = (nll * keep).sum() / n  # a 0-d array on the device: no host sync
         if is_grad_enabled():  # the normalised softmax is only needed by backward
             p /= sumexp[:, None]
             self._save(p=p, t=t_safe, keep=keep, n=n, shape=logits.shape)

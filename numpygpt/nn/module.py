@@ -34,6 +34,19 @@ def is_grad_enabled() -> bool:
     return _grad_enabled
 
 
+@contextmanager
+def eval_mode(model):
+    """Inside this block ``model`` and every submodule are in eval mode (no dropout);
+    afterwards each module is back in the mode it was in, a mixed state included."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
 _init_enabled = True
 
 
@@ -67,6 +80,8 @@ class Parameter:
         self.data = data
         self.grad = None  # allocated by the first add_grad, dropped by zero_grad
         self.requires_grad = requires_grad
+        self._owns_grad = False  # grad is a buffer grad_buffer allocated (reusable), not an adopted array
+        self._spare = None  # the buffer zero_grad let go of, refilled by the next grad_buffer
 
     @property
     def shape(self):
@@ -101,7 +116,7 @@ class Parameter:
         wherever the scatter touches it, which cost ~10% of a GPT-2 training step.
         """
         if self.grad is None:
-            spare, self._spare = getattr(self, "_spare", None), None
+            spare, self._spare = self._spare, None
             if spare is not None and spare.shape == self.data.shape and spare.dtype == self.data.dtype:
                 spare.fill(0)
                 self.grad = spare
@@ -114,7 +129,7 @@ class Parameter:
         """grad = None (zero). A buffer that grad_buffer allocated (the embeddings') is
         kept and refilled by the next backward, so copy such a .grad if you keep it
         across steps."""
-        if self.grad is not None and getattr(self, "_owns_grad", False):
+        if self.grad is not None and self._owns_grad:
             self._spare = self.grad
         self._owns_grad = False
         self.grad = None

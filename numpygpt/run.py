@@ -1,0 +1,355 @@
+"""What ``numpygpt train`` and ``numpygpt generate`` do, callable from Python with the same
+names: a notebook user and a command-line user run the same code.
+
+    result = run_training({"data": "book.txt", "max_steps": 100})   # options as parse_train_args gives them
+    text = run_generate("Every effort moves you", checkpoint="runs/train/checkpoint.safetensors")
+
+``run_training`` plans the run from the options (the model: fresh, pretrained or resumed;
+the data; the optimiser and schedule; the step budget), calls ``train.train_model`` and
+writes the plot and history. Problems with the user's input raise ``RunError`` (one line
+for the command line, exit code 2). This module sits above ``train`` (the loop, which
+knows nothing about options) and below ``cli`` (argument parsing and exit codes).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+from . import backend, distributed
+from .generate import generate_text
+from .model import GPTModel
+from .optim import AdamW, CosineWithWarmup, param_groups
+from .train import TrainOptions, TrainState, evaluate_model, perplexity, plot_losses, train_model
+
+__all__ = ["run_training", "run_generate", "RunError", "TRAIN_DEFAULTS", "DEFAULT_MAX_STEPS"]
+
+
+class RunError(Exception):
+    """A problem with the user's input or files: printed as one line, exit code ``code``."""
+
+    def __init__(self, message: str, code: int = 2):
+        super().__init__(message)
+        self.code = code
+
+
+# The model that `numpygpt train` builds when no --preset is given: small enough to learn
+# visibly in a few minutes on two CPU cores. Most of its time goes to the 50257-way
+# output layer, so the head shares the token embedding (half the embedding parameters
+# and optimiser work) and the blocks stay narrow.
+SMALL_MODEL = dict(emb_dim=128, n_layers=4, n_heads=4, context_length=128, drop_rate=0.0,
+                   tie_weights=True, qkv_bias=False)
+DEFAULT_MAX_STEPS = 200  # used when neither --max-steps nor --epochs is given
+DEFAULT_PROMPT = "The for statement is used to"  # fits the default corpus
+
+MODEL_KEYS = ("preset", "emb_dim", "n_layers", "n_heads", "context_length", "drop_rate",
+              "tie_weights", "qkv_bias")
+
+TRAIN_DEFAULTS = dict(
+    data=None, preset=None, emb_dim=None, n_layers=None, n_heads=None, context_length=None,
+    drop_rate=None, tie_weights=None, qkv_bias=None, dtype="float32", init="gpt2",
+    batch_size=8, stride=None, epochs=None, max_steps=None, lr=1e-3, min_lr=None,
+    weight_decay=0.1, warmup_steps=None, schedule="cosine", grad_clip=1.0, grad_accum=1,
+    eval_freq=25, eval_iter=5, train_ratio=0.9, seed=123, device="auto", out="runs/train",
+    resume=None, init_from=None, prompt=None, sample_tokens=30, checkpoint_every=100,
+    no_progress=False,
+)
+
+
+
+def _say(msg: str = "") -> None:
+    comm = distributed.current()
+    if comm is None or comm.is_main:  # under mpiexec rank 0 alone reports
+        print(msg, flush=True)
+
+
+def _set_device(name: str) -> str:
+    try:
+        return backend.set_device(name)
+    except backend.DeviceError as e:
+        raise RunError(str(e)) from e
+
+
+def _read_checkpoint(path):
+    """The checkpoint at ``path``, read and checked once (nothing applied yet)."""
+    from .checkpoint import read_checkpoint
+
+    if not os.path.isfile(path):
+        raise RunError(f"checkpoint {path!r} does not exist (or is not a file)")
+    try:
+        return read_checkpoint(path)
+    except Exception as e:  # a damaged, foreign or mismatched file: tell the user, no traceback
+        raise RunError(f"cannot load checkpoint {path!r}: {type(e).__name__}: {e}") from e
+
+
+def _apply_checkpoint(saved, model, optimizer=None, restore_rng: bool = True) -> None:
+    try:
+        saved.apply(model, optimizer, restore_rng=restore_rng)
+    except ValueError as e:
+        raise RunError(f"cannot load checkpoint {saved.path!r}: {e}") from e
+
+
+def _from_pretrained(name: str, **kw):
+    try:
+        return GPTModel.from_pretrained(name, **kw)
+    except (OSError, ValueError, KeyError) as e:
+        raise RunError(f"cannot load pretrained weights {name!r}: {e}") from e
+
+
+def _load_text(opts: dict) -> tuple[str, str]:
+    """(text, description) of the training data."""
+    from .data import default_corpus, load_text
+
+    if opts["data"] is None:
+        try:
+            text = default_corpus()
+        except RuntimeError as e:
+            raise RunError(str(e)) from e
+        return text, f"default corpus (Python's reference manual, {len(text):,} characters)"
+    try:
+        text = load_text(opts["data"])
+    except (OSError, UnicodeDecodeError) as e:
+        raise RunError(f"--data: {e}") from e
+    return text, f"{opts['data']} ({len(text):,} characters)"
+
+
+def _model_config(opts: dict):
+    """GPTConfig for a fresh model: the preset (or the small default) and the model flags."""
+    from .config import GPTConfig
+    from .tokenizer import N_VOCAB
+
+    try:
+        base = GPTConfig.preset(opts["preset"]).to_dict() if opts["preset"] else {**GPTConfig().to_dict(), **SMALL_MODEL}
+        for key in MODEL_KEYS[1:]:
+            if opts[key] is not None:
+                base[key] = opts[key]
+        # the data are GPT-2 BPE ids, so the embedding needs GPT-2's vocabulary
+        base.update(vocab_size=N_VOCAB, dtype=opts["dtype"])
+        return GPTConfig(**base)
+    except ValueError as e:
+        raise RunError(f"model configuration: {e}") from e
+
+
+def _check_model_flags_unused(given: dict, why: str, allowed=()) -> None:
+    for key in MODEL_KEYS:
+        if key in given and key not in allowed:
+            raise RunError(f"--{key.replace('_', '-')} cannot be used {why}: the model's shape is fixed there")
+
+
+def _describe_config(cfg) -> str:
+    return (f"emb_dim {cfg.emb_dim}, {cfg.n_layers} layers, {cfg.n_heads} heads, context {cfg.context_length}, "
+            f"vocab {cfg.vocab_size}, drop_rate {cfg.drop_rate}, qkv_bias {cfg.qkv_bias}, "
+            f"{'tied' if cfg.tie_weights else 'untied'} head, {cfg.dtype}")
+
+
+def _build_loaders(text: str, opts: dict, T: int):
+    from .data import DataLoader, GPTDataset, split_train_val
+    from .tokenizer import get_tokenizer
+
+    stride = opts["stride"] or T
+    train_text, val_text = split_train_val(text, opts["train_ratio"])
+    tokenizer = get_tokenizer()
+    datasets = []
+    for name, part in (("training", train_text), ("validation", val_text)):
+        try:
+            datasets.append(GPTDataset.from_text(part, tokenizer, max_length=T, stride=stride))
+        except ValueError as e:
+            src = opts["data"] or "the default corpus"
+            raise RunError(f"{src}: the {name} split is too short: {e}") from e
+    train_set, val_set = datasets
+    B = opts["batch_size"]
+    if len(train_set) < B:
+        raise RunError(f"the training split has {len(train_set)} windows of {T} tokens, fewer than "
+                       f"--batch-size {B}: use more text or a smaller --batch-size, --context-length or --stride")
+    train_loader = DataLoader(train_set, B, shuffle=True, drop_last=True, seed=opts["seed"])
+    val_loader = DataLoader(val_set, B, shuffle=False, drop_last=False)
+    return train_loader, val_loader, tokenizer
+
+
+def _default_prompt(opts: dict, text: str) -> str:
+    if opts["prompt"] is not None:
+        return opts["prompt"]
+    if opts["data"] is None:
+        return DEFAULT_PROMPT
+    return " ".join(text.split()[:4])  # a start the model has seen
+
+
+def run_training(given: dict) -> dict:
+    """Everything ``numpygpt train`` does. ``given``: the options set explicitly
+    (``parse_train_args``'s result); TRAIN_DEFAULTS (or a resumed run's options) fill the rest.
+
+    Returns {"history", "model", "checkpoint", "plot", "history_path", "seconds", "final_losses"}
+    (the last step's (train, val) losses when the schedule of evaluations missed it, else None).
+    """
+    t_start = time.perf_counter()
+    unknown = set(given) - set(TRAIN_DEFAULTS)
+    if unknown:
+        raise TypeError(f"unknown training options: {sorted(unknown)}")
+    comm = distributed.init()  # MPI under mpiexec, else this process alone
+    if given.get("resume") and given.get("init_from"):
+        raise RunError("--resume and --init-from exclude each other")
+    saved, resume_state, stored = None, None, {}
+    if given.get("resume"):
+        _check_model_flags_unused(given, "with --resume")
+        saved = _read_checkpoint(given["resume"])  # read once: weights, optimiser, RNG, position, options
+        try:
+            resume_state = TrainState.from_checkpoint(saved)
+        except ValueError as e:
+            raise RunError(f"cannot resume from {given['resume']!r}: {e}") from e
+        stored = {k: v for k, v in (resume_state.run_options or {}).items()
+                  if k in TRAIN_DEFAULTS and k not in ("resume", "init_from", "no_progress")}
+    opts = {**TRAIN_DEFAULTS, **stored, **given}
+    comm.check_batch_size(opts["batch_size"])
+    device = _set_device(opts["device"])
+    comm.use_device(device)
+
+    text, data_desc = _load_text(opts)
+
+    # the model (a resumed one gets its weights with the optimiser state below)
+    if saved is not None:
+        with backend.device(device):
+            model = GPTModel(saved.config, init=False)
+    elif opts["init_from"]:
+        _check_model_flags_unused(given, "with --init-from", allowed=("context_length", "drop_rate"))
+        model = _from_pretrained(opts["init_from"], dtype=opts["dtype"], device=device,
+                                 drop_rate=opts["drop_rate"] or 0.0)
+    else:
+        backend.manual_seed(opts["seed"])
+        model = GPTModel(_model_config(opts), seed=opts["seed"], init=opts["init"])
+    cfg = model.cfg
+    # the window length: the model's context, or a shorter one asked of a pretrained model
+    T = opts["context_length"] or cfg.context_length
+    if T > cfg.context_length:
+        raise RunError(f"--context-length {T} exceeds the model's context of {cfg.context_length}")
+
+    train_loader, val_loader, tokenizer = _build_loaders(text, opts, T)
+
+    optimizer = AdamW(param_groups(model, opts["weight_decay"]), lr=opts["lr"], weight_decay=opts["weight_decay"])
+    if saved is not None:
+        theirs, mine = resume_state.loader_state or {}, train_loader.state_dict()
+        for key in ("batch_size", "n_windows"):
+            if key in theirs and theirs[key] != mine[key]:
+                raise RunError(f"{opts['resume']} was trained with {key} {theirs[key]}, this run has {mine[key]}: "
+                               "resume with the same data, --batch-size, --stride and --train-ratio")
+        # the weights, the optimiser state and the dropout generator
+        _apply_checkpoint(saved, model, optimizer)
+        del saved
+
+    # how long: --max-steps, --epochs, or the default step budget
+    steps_per_epoch = len(train_loader) // opts["grad_accum"]
+    if steps_per_epoch == 0:
+        raise RunError(f"--grad-accum {opts['grad_accum']} exceeds the {len(train_loader)} batches of an epoch")
+    max_steps, epochs = opts["max_steps"], opts["epochs"]
+    if max_steps is None and epochs is None:
+        max_steps = DEFAULT_MAX_STEPS
+    if epochs is None:
+        epochs = math.ceil(max_steps / steps_per_epoch)
+    total = epochs * steps_per_epoch if max_steps is None else min(max_steps, epochs * steps_per_epoch)
+
+    scheduler, lr_desc = None, f"AdamW lr {opts['lr']:g} constant"
+    if opts["schedule"] == "cosine":
+        warmup = opts["warmup_steps"] if opts["warmup_steps"] is not None else round(0.1 * total)
+        warmup = max(0, min(warmup, total))
+        min_lr = opts["min_lr"] if opts["min_lr"] is not None else opts["lr"] / 10
+        # warmup starts at lr / warmup rather than 0, so no step is spent at lr = 0
+        scheduler = CosineWithWarmup(opts["lr"], total, warmup, min_lr=min_lr,
+                                     initial_lr=opts["lr"] / warmup if warmup else 0.0)
+        lr_desc = f"AdamW lr {opts['lr']:g}, {warmup} warmup steps, cosine to {min_lr:g}"
+
+    out = opts["out"]
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise RunError(f"--out: cannot create {out!r}: {e}") from e
+    ckpt_path = os.path.join(out, "checkpoint.safetensors")
+    plot_path = os.path.join(out, "loss.png")
+    history_path = os.path.join(out, "history.json")
+
+    n_train, n_val = len(train_loader.dataset.token_ids), len(val_loader.dataset.token_ids)
+    B = opts["batch_size"]
+    ranks = comm.describe() if comm.world_size > 1 else None  # every rank takes part
+    _say(f"device      {device} ({'CuPy' if device == 'cuda' else 'NumPy'})")
+    if ranks:
+        _say(f"ranks       {ranks}")
+    where = (f" (resumed from {opts['resume']})" if opts["resume"]
+             else f" (from {opts['init_from']})" if opts["init_from"] else "")
+    _say(f"model       {_describe_config(cfg)}{where}")
+    _say(f"parameters  {model.num_parameters():,}")
+    _say(f"data        {data_desc}")
+    _say(f"tokens      train {n_train:,} ({len(train_loader.dataset):,} windows of {T}), "
+         f"val {n_val:,} ({len(val_loader.dataset):,} windows)")
+    _say(f"plan        {total:,} steps ({total / steps_per_epoch:.2f} epochs of {steps_per_epoch:,} steps), "
+         f"{opts['grad_accum']} x {B} x {T} tokens a step"
+         + (f" ({B // comm.world_size} rows a rank)" if comm.world_size > 1 else "") + f"; {lr_desc}")
+    if resume_state is not None:
+        _say(f"resuming    at step {resume_state.global_step:,}")
+    _say(f"output      {out}")
+    _say()
+
+    prompt = _default_prompt(opts, text)
+    cli_options = {k: opts[k] for k in TRAIN_DEFAULTS}
+    cli_options["resume"] = None
+    # the options as given, not the derived step count, so a later --max-steps can extend the run
+    cli_options.update(max_steps=opts["max_steps"], epochs=opts["epochs"])
+    options = TrainOptions(
+        grad_accum_steps=opts["grad_accum"], max_grad_norm=opts["grad_clip"] or None, scheduler=scheduler,
+        max_steps=total, checkpoint_path=ckpt_path, checkpoint_every=opts["checkpoint_every"],
+        resume_state=resume_state, run_options=cli_options, extra={"tokenizer": "gpt2"},
+        progress=not opts["no_progress"], sample_tokens=opts["sample_tokens"])
+    history = train_model(model, train_loader, val_loader, optimizer, num_epochs=epochs, eval_freq=opts["eval_freq"],
+                          eval_iter=opts["eval_iter"], start_context=prompt or None, tokenizer=tokenizer,
+                          options=options)
+
+    final = None
+    if comm.is_main:  # under mpiexec the others wait at the barrier below
+        if history["global_step"] and (not history["track_steps"] or history["track_steps"][-1] != history["global_step"]):
+            final = evaluate_model(model, train_loader, val_loader, opts["eval_iter"])
+        plot_losses(history, plot_path)
+        with open(history_path, "w") as f:
+            json.dump(history, f, indent=1)
+    comm.barrier()
+    seconds = time.perf_counter() - t_start
+    _say()
+    if history["val_losses"]:
+        _say(f"last evaluation (step {history['track_steps'][-1]}): train loss {history['train_losses'][-1]:.3f}, "
+             f"val loss {history['val_losses'][-1]:.3f}, val perplexity {history['perplexities'][-1]:.1f}")
+    if final is not None:
+        _say(f"final (step {history['global_step']}): train loss {final[0]:.3f}, val loss {final[1]:.3f}, "
+             f"val perplexity {perplexity(final[1]):.1f}")
+    _say(f"checkpoint  {ckpt_path}")
+    _say(f"loss plot   {plot_path}")
+    _say(f"history     {history_path}")
+    _say(f"time        {seconds:.0f} s")
+    return {"history": history, "model": model, "checkpoint": ckpt_path, "plot": plot_path,
+            "history_path": history_path, "seconds": seconds, "final_losses": final}
+
+
+def run_generate(prompt: str, checkpoint=None, model=None, max_new_tokens: int = 50, temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None, seed=None, device: str = "auto",
+                 dtype: str = "float32", use_cache: bool = True) -> str:
+    """Everything ``numpygpt generate`` does: load a checkpoint (``checkpoint``) or GPT-2
+    weights (``model``: a directory or a name), continue ``prompt``, print and return the text."""
+    if (checkpoint is None) == (model is None):
+        raise RunError("give exactly one of a checkpoint and a model")
+    if not prompt:
+        raise RunError("--prompt must not be empty")
+    device = _set_device(device)
+    if checkpoint is not None:
+        saved = _read_checkpoint(checkpoint)
+        gpt = _build_from_checkpoint(saved, device)
+    else:
+        gpt = _from_pretrained(model, dtype=dtype, device=device)
+    gpt.eval()
+    text = generate_text(gpt, prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                         seed=seed, use_cache=use_cache)
+    print(text, flush=True)
+    return text
+
+
+def _build_from_checkpoint(saved, device: str):
+    try:
+        return saved.build_model(device)
+    except ValueError as e:
+        raise RunError(f"cannot load checkpoint {saved.path!r}: {e}") from e
