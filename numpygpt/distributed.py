@@ -81,9 +81,11 @@ def blas_threads_for(local_ranks: int, cores: int | None = None) -> int:
 
 
 def dropout_seed(seed: int, rank: int, step: int) -> int:
-    """The dropout seed of rank ``rank`` > 0 for a run (re)started at ``step``: a
-    deterministic mix of the three, so ranks draw independent mask streams. Rank 0 keeps
-    the run's own stream, which is why one rank is exactly the single-process run."""
+    """The seed of the dropout masks that rank ``rank`` > 0 draws in step ``step`` (0-based)
+    of a run seeded ``seed``: a deterministic mix of the three, so ranks draw independent
+    masks, and a resumed run draws the same ones as the uninterrupted run. Rank 0 keeps the
+    run's own stream (saved in checkpoints), which is why one rank is exactly the
+    single-process run."""
     mix = numpy.random.SeedSequence([int(seed) % 2**63, int(rank), int(step)])
     return int(mix.generate_state(1, numpy.uint32)[0])
 
@@ -266,19 +268,22 @@ class Communicator:
     def use_device(self, device: str) -> None:
         """Called once the device is known: picks this rank's GPU and sets up NCCL."""
 
-    def restart_dropout_streams(self, step: int) -> None:
-        """Give each rank > 0 its own dropout mask stream (rank 0 keeps the run's)."""
-
-    def begin_training(self, model, batch_size: int | None = None, step: int = 0, plan=None) -> None:
+    def begin_training(self, model, batch_size: int | None = None, plan=None) -> None:
         """Before the first step (of a run or of a resumed one): the batch splits evenly,
         every rank has the same ``plan`` and bit-identical weights, else DistributedError
-        on every rank; then ranks > 0 draw their own dropout masks from here on."""
+        on every rank. Remembers the run's dropout seed for ``begin_step``."""
         if batch_size is not None:
             self.check_batch_size(batch_size)
         if plan is not None:
             self.check_same(plan, "the training plan")
         self.check_same_weights(model)
-        self.restart_dropout_streams(step)
+        self._dropout_base = backend.get_rng_state()["seed"]
+
+    def begin_step(self, step: int) -> None:
+        """Before step ``step`` (0-based): a rank > 0 reseeds its dropout masks with
+        ``dropout_seed(run seed, rank, step)``; rank 0 draws on from the run's stream."""
+        if self.rank > 0:
+            backend.manual_seed(dropout_seed(self._dropout_base, self.rank, step))
 
 
 class MPICommunicator(Communicator):
@@ -414,9 +419,6 @@ class MPICommunicator(Communicator):
         sys.stderr.flush()
         self.comm.Abort(code)
 
-    def restart_dropout_streams(self, step: int) -> None:
-        if self.rank > 0:
-            backend.manual_seed(dropout_seed(backend.get_rng_state()["seed"], self.rank, step))
 
 
 class _NCCL:

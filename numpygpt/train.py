@@ -344,7 +344,7 @@ def train_model(model, train_loader, val_loader, optimizer, num_epochs: int, eva
         state.run_options = opts.run_options
     state.extra = {**state.extra, **(opts.extra or {})}
     history = state.history
-    comm.begin_training(model, batch_size=getattr(train_loader, "batch_size", None), step=state.global_step,
+    comm.begin_training(model, batch_size=getattr(train_loader, "batch_size", None),
                         plan=(n_batches, accum, total_steps, state.epoch, state.batch_in_epoch))
 
     def save() -> None:
@@ -369,6 +369,7 @@ def train_model(model, train_loader, val_loader, optimizer, num_epochs: int, eva
                 batches = _batches(train_loader, state.epoch, state.batch_in_epoch)
 
             step = state.global_step + 1
+            comm.begin_step(state.global_step)  # ranks > 0: this step's dropout masks
             step_loss, step_tokens = _forward_backward(model, loss_fn, batches, accum, comm)
             if opts.reduce_gradients is not None:
                 opts.reduce_gradients(model)

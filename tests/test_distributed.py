@@ -247,19 +247,24 @@ def test_nccl_path_sends_each_flat_buffer_once_in_place():
         nccl.dtype_code(np.int32)
 
 
-def test_dropout_streams_restart_only_on_ranks_after_the_first(monkeypatch):
-    """Rank 0 keeps the run's stream; rank 1 gets its own, seeded by (seed, rank, step)."""
-    from numpygpt.distributed import MPICommunicator
-
+def test_each_step_reseeds_dropout_on_ranks_after_the_first():
+    """Rank 0 draws on from the run's stream; rank 1's masks of step s come from
+    dropout_seed(run seed, 1, s), whatever ran before (so a resumed run draws the same)."""
     backend.manual_seed(123)
     with backend.device("cpu"):
-        first = backend.get_rng().random(4)
-    for rank, expect_seed in ((0, 123), (1, dropout_seed(123, 1, 7))):
+        run_stream = backend.get_rng().random(4)
+    for rank in (0, 1):
         backend.manual_seed(123)
-        comm = object.__new__(MPICommunicator)  # no MPI: only the seeding is exercised
-        comm.rank = rank
-        comm.restart_dropout_streams(step=7)
-        assert backend.get_rng_state()["seed"] == expect_seed
-    with backend.device("cpu"):
-        backend.manual_seed(123)
-        np.testing.assert_array_equal(backend.get_rng().random(4), first)
+        comm = fake_rank(rank, 2)
+        comm.begin_training([])
+        drawn = []
+        for step in (0, 1, 1):
+            comm.begin_step(step)
+            with backend.device("cpu"):
+                drawn.append(backend.get_rng().random(4))
+        if rank == 0:
+            np.testing.assert_array_equal(drawn[0], run_stream)
+            assert not np.array_equal(drawn[1], drawn[2])  # one stream, drawn on
+        else:
+            want = [np.random.default_rng(dropout_seed(123, 1, s)).random(4) for s in (0, 1, 1)]
+            np.testing.assert_array_equal(np.array(drawn), np.array(want))

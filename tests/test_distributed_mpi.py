@@ -100,20 +100,21 @@ def test_two_ranks_train_exactly_like_one_process(tmp_path, grad_accum):
 
 def emulate_two_ranks_with_dropout(drop_rate: float) -> dict:
     """What 2 ranks compute, written out step by step in one process: each half-batch
-    with its rank's own dropout stream (rank 0: the run's seed; rank 1: its own seed),
-    scaled by its share of the counted targets, gradients summed, clipped, stepped."""
+    with its rank's own dropout masks (rank 0: the run's stream; rank 1: reseeded each
+    step with dropout_seed(seed, 1, step)), scaled by its share of the counted targets,
+    gradients summed, clipped, stepped."""
     from numpygpt.nn import CrossEntropyLoss
     from numpygpt.optim import clip_grad_norm
 
     model, train_loader, _, optimizer = mpi_worker.build(drop_rate)
     backend.manual_seed(mpi_worker.SEED)
-    streams = [backend.get_rng_state()]
-    backend.manual_seed(dropout_seed(mpi_worker.SEED, 1, 0))
-    streams.append(backend.get_rng_state())
+    rank0_stream = backend.get_rng_state()
     loss_fn = CrossEntropyLoss()
     model.train()
     losses = []
-    for x, y in train_loader.epoch_batches(0):
+    for step, (x, y) in enumerate(train_loader.epoch_batches(0)):
+        backend.manual_seed(dropout_seed(mpi_worker.SEED, 1, step))
+        streams = [rank0_stream, backend.get_rng_state()]
         model.zero_grad()
         n_all = (y != -100).sum()
         step_loss = 0.0
@@ -125,6 +126,7 @@ def emulate_two_ranks_with_dropout(drop_rate: float) -> dict:
             streams[r] = backend.get_rng_state()
             model.backward(loss_fn.backward(float(weight)))
             step_loss += float(weight) * float(loss)
+        rank0_stream = streams[0]
         clip_grad_norm(model, 1.0)
         optimizer.step()
         losses.append(step_loss)
