@@ -338,16 +338,25 @@ class MPICommunicator(Communicator):
     # -- device ------------------------------------------------------------------------------
 
     def use_device(self, device: str) -> None:
+        """Call before the model is built: on 'cuda' the local rank picks this rank's GPU
+        (CUDA_VISIBLE_DEVICES may already have given each rank one) and NCCL is set up."""
         self.device = device
         if device != "cuda" or self.nccl is not None:
             return
         import cupy
 
-        # CUDA_VISIBLE_DEVICES may already give each rank one GPU; otherwise the local rank picks
         cupy.cuda.Device(self.local_rank % cupy.cuda.runtime.getDeviceCount()).use()
+        self._setup_nccl()
+
+    def _setup_nccl(self) -> None:
+        """NCCL over this rank's current GPU, unless NUMPYGPT_NCCL=0 or CuPy lacks NCCL
+        (then CuPy gradients go through the host and MPI)."""
+        self._nccl_tried = True
+        if os.environ.get("NUMPYGPT_NCCL", "1") == "0":
+            return
         try:
             from cupy.cuda import nccl
-        except ImportError:  # CuPy built without NCCL: the host path below still works
+        except ImportError:
             return
         self.nccl = _NCCL(nccl, self)
 
@@ -372,6 +381,8 @@ class MPICommunicator(Communicator):
     def _allreduce(self, buf) -> None:
         """Sum ``buf`` over the ranks in place."""
         if backend.is_cupy_array(buf):
+            if self.nccl is None and not getattr(self, "_nccl_tried", False):
+                self._setup_nccl()  # a script that never called use_device: its current GPU
             if self.nccl is not None:
                 self.nccl.allreduce(buf)
                 return
