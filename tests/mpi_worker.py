@@ -2,7 +2,7 @@
 ``mpiexec -n N`` (and imported by it for the one-process reference).
 
     mpiexec -n 2 python tests/mpi_worker.py OUT.npz [--grad-accum 2] [--drop-rate 0.1]
-        [--fail-at STEP | --kill-at STEP | --perturb]
+        [--fail-at STEP | --kill-at STEP | --perturb | --rank1-steps N]
 
 Rank 0 writes the per-step losses and the final weights to OUT.npz. The data are
 random token windows whose targets are a fixed function of the inputs, with a fifth of
@@ -59,8 +59,9 @@ def build(drop_rate: float = 0.0, grad_accum: int = 1):
     return model, train_loader, val_loader, optimizer
 
 
-def train(grad_accum: int = 1, drop_rate: float = 0.0, fail_at=None, kill_at=None, perturb=False):
-    """Train for STEPS steps; returns (history, model)."""
+def train(grad_accum: int = 1, drop_rate: float = 0.0, fail_at=None, kill_at=None, perturb=False,
+          rank1_steps=None):
+    """Train for STEPS steps (rank 1: ``rank1_steps`` if given); returns (history, model)."""
     model, train_loader, val_loader, optimizer = build(drop_rate, grad_accum)
     comm = distributed.init()
     if perturb and comm.rank == 1:
@@ -76,7 +77,8 @@ def train(grad_accum: int = 1, drop_rate: float = 0.0, fail_at=None, kill_at=Non
 
     history = train_model(model, train_loader, val_loader, optimizer, num_epochs=1, eval_freq=10, eval_iter=1,
                           grad_accum_steps=grad_accum, max_grad_norm=1.0, scheduler=schedule,
-                          progress=False, log=None)
+                          progress=False, log=None,
+                          max_steps=rank1_steps if rank1_steps is not None and comm.rank == 1 else None)
     return history, model
 
 
@@ -93,9 +95,11 @@ def main(argv=None) -> int:
     p.add_argument("--fail-at", type=int)
     p.add_argument("--kill-at", type=int)
     p.add_argument("--perturb", action="store_true")
+    p.add_argument("--rank1-steps", type=int)
     args = p.parse_args(argv)
     try:
-        history, model = train(args.grad_accum, args.drop_rate, args.fail_at, args.kill_at, args.perturb)
+        history, model = train(args.grad_accum, args.drop_rate, args.fail_at, args.kill_at, args.perturb,
+                               args.rank1_steps)
     except distributed.DistributedError as e:
         comm = distributed.current()
         print(f"worker: error (rank {comm.rank}): {e}", file=sys.stderr, flush=True)

@@ -143,14 +143,18 @@ def test_dropout_each_rank_draws_its_own_deterministic_masks(tmp_path):
     assert np.abs(got["step_losses"] - alone["step_losses"]).max() > 1e-4
 
 
-def test_perturbed_weights_on_one_rank_stop_every_rank(tmp_path):
-    proc = mpirun(2, [WORKER, tmp_path / "x.npz", "--perturb"])
+@pytest.mark.parametrize("flags, message", [
+    (["--perturb"], "the ranks do not hold identical weights: 1 of 29 tensors differ from rank 0's on rank 1 "
+                    "(first: h.0.ln_1.bias)"),
+    (["--rank1-steps", "5"], "the ranks disagree on the training plan: rank 0 has (20, 1, 20, 0, 0), rank 1 has "
+                             "(20, 1, 5, 0, 0)"),
+], ids=["weights", "plan"])
+def test_ranks_that_disagree_stop_every_rank_with_one_message(tmp_path, flags, message):
+    proc = mpirun(2, [WORKER, tmp_path / "x.npz", *flags])
     assert proc.returncode == 2, proc.stderr
-    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("worker: error")]
-    assert len(lines) == 2, proc.stderr
-    for rank in (0, 1):
-        assert any(f"(rank {rank}): the ranks do not hold identical weights: 1 of" in ln
-                   and "on rank 1" in ln for ln in lines), proc.stderr
+    lines = sorted(ln for ln in proc.stderr.splitlines() if ln.startswith("worker: error"))
+    assert len(lines) == 2 and all(message in ln for ln in lines), proc.stderr
+    assert [ln.split(":")[1] for ln in lines] == [" error (rank 0)", " error (rank 1)"]
     assert not (tmp_path / "x.npz").exists()
 
 
