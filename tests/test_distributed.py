@@ -268,3 +268,35 @@ def test_each_step_reseeds_dropout_on_ranks_after_the_first():
         else:
             want = [np.random.default_rng(dropout_seed(123, 1, s)).random(4) for s in (0, 1, 1)]
             np.testing.assert_array_equal(np.array(drawn), np.array(want))
+
+
+class RecordingRanks(Communicator):
+    """Rank 1 of 2 that records an abort instead of ending the process."""
+
+    rank, world_size = 1, 2
+
+    def __init__(self):
+        super().__init__()
+        self.aborted = None
+
+    def abort(self, code: int = 1) -> None:
+        self.aborted = code
+
+
+@pytest.mark.parametrize("error, code, aborts", [
+    (DistributedError("the ranks disagree"), 2, False),  # every rank meets it: each exits
+    ("run", 2, True),                                     # maybe this rank alone: stop them all
+])
+def test_run_cli_names_the_rank_and_aborts_only_for_one_rank_errors(monkeypatch, capsys, error, code, aborts):
+    from numpygpt.cli import RunError, run_cli
+
+    comm = RecordingRanks()
+    monkeypatch.setattr(distributed, "_comm", comm)
+    err = RunError("--data: no such file") if error == "run" else error
+
+    def fail():
+        raise err
+
+    assert run_cli(fail) == code
+    assert capsys.readouterr().err == f"numpygpt: error (rank 1 of 2): {err}\n"
+    assert comm.aborted == (code if aborts else None)
