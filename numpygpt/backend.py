@@ -213,7 +213,23 @@ def get_rng_state() -> dict:
         return {"seed": _rngs.get("seed", 0), "cpu": get_rng().bit_generator.state}
 
 
+def check_rng_state(state) -> None:
+    """ValueError unless ``state`` is one ``get_rng_state`` could have returned (checked on a
+    scratch generator: the real ones are not touched)."""
+    if not isinstance(state, dict):
+        raise ValueError(f"the RNG state must be a dict, got {type(state).__name__}")
+    seed = state.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"the RNG state's seed must be an integer >= 0, got {seed!r}")
+    if "cpu" in state:
+        try:
+            numpy.random.default_rng(0).bit_generator.state = state["cpu"]
+        except (TypeError, ValueError, KeyError, OverflowError) as e:
+            raise ValueError(f"the RNG state is malformed ({type(e).__name__}: {e})") from e
+
+
 def set_rng_state(state: dict) -> None:
+    check_rng_state(state)  # all or nothing: a bad state leaves the generators as they are
     manual_seed(state.get("seed", 0))
     if "cpu" in state:
         with device("cpu"):

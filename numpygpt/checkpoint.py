@@ -12,8 +12,10 @@ Layout of the file:
 * tensors ``model.<parameter name>`` (host copies, in the model's dtype) and
   ``optim.<name>`` for each array of ``optimizer.state_dict()["tensors"]``;
 * metadata key ``"numpygpt"``: a JSON string with the format version, the model config,
-  the step, the optimiser's hyperparameters, the dropout RNG state and the caller's
-  ``extra`` (the training position and history: ``numpygpt.train.TrainState``).
+  the step, the optimiser's hyperparameters, the dropout RNG state, the caller's
+  ``extra`` (the training position and history: ``numpygpt.train.TrainState``) and a
+  CRC-32 of every tensor's bytes (``checksums``), verified at load. Files written
+  before checksums existed (same format version 1) load unverified.
 
 safetensors holds plain arrays and strings, so opening a checkpoint cannot run code, as
 unpickling a file can. Writing goes through ``numpygpt.fileio``: a temporary file in the
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,6 +37,7 @@ from . import backend
 from .config import GPTConfig
 from .fileio import write_safetensors
 from .model import GPTModel
+from .pretrained import hf_tensor_shapes
 
 __all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint", "Checkpoint", "FORMAT_VERSION"]
 
@@ -56,6 +60,7 @@ def save_checkpoint(path, model, optimizer=None, step: int = 0, extra: dict | No
         sd = optimizer.state_dict()
         hyper = sd["hyper"]
         tensors += [(OPTIM_PREFIX + name, arr) for name, arr in sd["tensors"].items()]
+    tensors = [(name, np.ascontiguousarray(backend.to_host(a))) for name, a in tensors]
     meta = {
         "format": "numpygpt-checkpoint",
         "version": FORMAT_VERSION,
@@ -64,6 +69,7 @@ def save_checkpoint(path, model, optimizer=None, step: int = 0, extra: dict | No
         "optimizer": hyper,
         "rng_state": backend.get_rng_state(),
         "extra": {} if extra is None else extra,
+        "checksums": {name: _checksum(a) for name, a in tensors},  # verified at load
     }
     try:
         meta_json = json.dumps(meta)
@@ -114,16 +120,46 @@ class Checkpoint:
 
 
 def read_checkpoint(path) -> Checkpoint:
-    """Read and check a checkpoint written by ``save_checkpoint`` (ValueError saying why not)."""
+    """Read and check a checkpoint written by ``save_checkpoint`` (ValueError saying why not).
+
+    The order bounds what a damaged or crafted file can cost: the metadata is parsed and
+    checked, then the model config it claims is compared with the tensor table of the
+    header (names and shapes, no data read), and only then are the tensors read, each
+    verified against its stored checksum.
+    """
     path = os.fspath(path)
     try:
-        with safe_open(path, framework="numpy") as f:
-            raw_meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        f = safe_open(path, framework="numpy")
     except (FileNotFoundError, IsADirectoryError, PermissionError):
         raise
     except Exception as e:  # safetensors' own error type: bad header, truncated data...
         raise ValueError(f"{path} is not a readable checkpoint: corrupt, truncated or not safetensors ({e})") from e
+    with f:
+        meta = _check_metadata(path, f.metadata() or {})
+        try:
+            config = GPTConfig.from_dict(meta["config"])
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: the checkpoint's model config is invalid ({e})") from e
+        keys = list(f.keys())
+        odd = [k for k in keys if not k.startswith((MODEL_PREFIX, OPTIM_PREFIX))]
+        if odd:
+            raise ValueError(f"{path}: unexpected tensors {odd[:5]} in the checkpoint")
+        _check_tensor_table(path, config, f, [k for k in keys if k.startswith(MODEL_PREFIX)])
+        try:
+            tensors = {k: f.get_tensor(k) for k in keys}
+        except Exception as e:
+            raise ValueError(f"{path}: cannot read the tensors: truncated or corrupt ({e})") from e
+    _verify_checksums(path, meta.get("checksums"), tensors)
+    return Checkpoint(
+        path=path, config=config, step=meta["step"], extra=meta["extra"], rng_state=meta["rng_state"],
+        optimizer_hyper=meta.get("optimizer"),
+        model_tensors={k[len(MODEL_PREFIX):]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)},
+        optim_tensors={k[len(OPTIM_PREFIX):]: v for k, v in tensors.items() if k.startswith(OPTIM_PREFIX)},
+    )
+
+
+def _check_metadata(path: str, raw_meta: dict) -> dict:
+    """The parsed ``numpygpt`` metadata, every field the loader uses checked for its type."""
     if META_KEY not in raw_meta:
         raise ValueError(f"{path} is a safetensors file but not a numpygpt checkpoint (no {META_KEY!r} metadata)")
     try:
@@ -141,19 +177,64 @@ def read_checkpoint(path) -> Checkpoint:
     for key in ("config", "step", "rng_state", "extra"):
         if key not in meta:
             raise ValueError(f"{path}: the checkpoint's metadata lacks {key!r}")
-    odd = [k for k in tensors if not k.startswith((MODEL_PREFIX, OPTIM_PREFIX))]
-    if odd:
-        raise ValueError(f"{path}: unexpected tensors {odd[:5]} in the checkpoint")
+    step = meta["step"]
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"{path}: the checkpoint's step must be an integer >= 0, got {step!r}")
+    if not isinstance(meta["extra"], dict):
+        raise ValueError(f"{path}: the checkpoint's 'extra' must be an object, got {type(meta['extra']).__name__}")
+    if meta.get("optimizer") is not None and not isinstance(meta["optimizer"], dict):
+        raise ValueError(f"{path}: the checkpoint's optimizer state must be an object")
+    if meta.get("checksums") is not None and not isinstance(meta["checksums"], dict):
+        raise ValueError(f"{path}: the checkpoint's checksums must be an object")
     try:
-        config = GPTConfig.from_dict(meta["config"])
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{path}: the checkpoint's model config is invalid ({e})") from e
-    return Checkpoint(
-        path=path, config=config, step=int(meta["step"]), extra=meta["extra"], rng_state=meta["rng_state"],
-        optimizer_hyper=meta.get("optimizer"),
-        model_tensors={k[len(MODEL_PREFIX):]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)},
-        optim_tensors={k[len(OPTIM_PREFIX):]: v for k, v in tensors.items() if k.startswith(OPTIM_PREFIX)},
-    )
+        backend.check_rng_state(meta["rng_state"])
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
+    return meta
+
+
+def _check_tensor_table(path: str, config: GPTConfig, f, model_keys: list) -> None:
+    """The model tensors the header lists must be exactly those ``config`` needs. The
+    count is compared first, so a config claiming 100,000 layers costs nothing."""
+    C, L = config.emb_dim, config.n_layers
+    per_block = 11 + (1 if config.qkv_bias else 0)  # ln_1 2, c_attn 1 (+ bias), c_proj 2, ln_2 2, mlp 4
+    expected_count = 4 + L * per_block + (0 if config.tie_weights else 1)
+    if len(model_keys) != expected_count:
+        raise ValueError(
+            f"{path}: the metadata describes a model of {expected_count} tensors (n_layers={L}, emb_dim={C}), "
+            f"but the file holds {len(model_keys)} model tensors"
+        )
+    expected = {MODEL_PREFIX + k: v for k, v in hf_tensor_shapes(config).items()}
+    problems = []
+    for key in model_keys:
+        got = tuple(f.get_slice(key).get_shape())
+        if key not in expected:
+            problems.append(f"unknown tensor {key!r}")
+        elif got != tuple(expected[key]):
+            problems.append(f"tensor {key!r} has shape {got}, the config needs {tuple(expected[key])}")
+    if problems:
+        raise ValueError(f"{path}: the tensors do not match the model config in the metadata: "
+                         + "; ".join(problems[:5]))
+
+
+def _checksum(host_array) -> str:
+    """CRC-32 of the array's bytes as written (C order, little-endian)."""
+    a = np.ascontiguousarray(host_array)
+    a = a.astype(a.dtype.newbyteorder("<"), copy=False)
+    return f"crc32:{zlib.crc32(a.reshape(-1).view(np.uint8)):08x}"
+
+
+def _verify_checksums(path: str, checksums, tensors: dict) -> None:
+    """Checkpoints written before checksums were stored have none: they load unverified."""
+    if checksums is None:
+        return
+    missing = [k for k in tensors if k not in checksums]
+    if missing:
+        raise ValueError(f"{path}: no checksum stored for tensor {missing[0]!r}")
+    for name, arr in tensors.items():
+        if _checksum(arr) != checksums[name]:
+            raise ValueError(f"{path}: tensor {name!r} is damaged: its data do not match the checksum "
+                             "stored when it was saved")
 
 
 def load_checkpoint(path, model=None, optimizer=None, device: str | None = None,

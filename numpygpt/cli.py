@@ -18,6 +18,7 @@ unavailable device is one line on stderr and exit code 2; a diverged run exits w
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from .run import DEFAULT_MAX_STEPS, TRAIN_DEFAULTS, RunError, run_generate, run_training
@@ -38,10 +39,17 @@ def _positive_int(s: str) -> int:
     return v
 
 
+def _nonneg_int(s: str) -> int:
+    v = int(s)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {s}")
+    return v
+
+
 def _nonneg_float(s: str) -> float:
     v = float(s)
-    if not v >= 0.0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
+    if not (math.isfinite(v) and v >= 0.0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {s}")
     return v
 
 
@@ -96,7 +104,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     opt.add_argument("--lr", type=_nonneg_float, help=f"peak learning rate of AdamW (default {D['lr']})")
     opt.add_argument("--min-lr", type=_nonneg_float, help="final learning rate of the cosine decay (default lr/10)")
     opt.add_argument("--weight-decay", type=_nonneg_float, help=f"AdamW decoupled weight decay (default {D['weight_decay']})")
-    opt.add_argument("--warmup-steps", type=int, help="linear warmup steps (default 10%% of the steps)")
+    opt.add_argument("--warmup-steps", type=_nonneg_int, help="linear warmup steps (default 10%% of the steps)")
     opt.add_argument("--schedule", choices=("cosine", "constant"), help="learning-rate schedule (default cosine)")
     opt.add_argument("--grad-clip", type=_nonneg_float, metavar="NORM",
                      help=f"clip the global gradient norm; 0 disables (default {D['grad_clip']})")
@@ -202,27 +210,34 @@ def run_cli(fn) -> int:
     """Run ``fn()`` turning user-facing failures into a message and an exit code.
 
     Under mpiexec every rank prints its own line, naming itself. A DistributedError or a
-    diverged loss reaches every rank at the same point, so each simply exits; a RunError
-    may be one rank's alone (a file missing on one machine), so it aborts all the ranks
-    rather than leave the others waiting in the next all-reduce.
+    stop request reaches every rank at the same point, so each simply exits; any other
+    error may be one rank's alone (a file missing on one machine, a check only rank 0
+    makes), so it aborts all the ranks rather than leave the others waiting in the next
+    all-reduce.
     """
     from .distributed import DistributedError, current
-    from .train import TrainingDivergedError
+    from .train import TrainingDivergedError, TrainingInterrupted
 
     try:
         result = fn()
-    except (RunError, DistributedError, TrainingDivergedError) as e:
+    except (RunError, DistributedError, TrainingDivergedError, OSError) as e:
+        # OSError: a full disk, a file that cannot be written: one line, not a traceback
+        code = 1 if isinstance(e, TrainingDivergedError) else getattr(e, "code", 2)
         comm = current()
         many = comm is not None and comm.world_size > 1
         where = f" (rank {comm.rank} of {comm.world_size})" if many else ""
         sys.stderr.write(f"numpygpt: error{where}: {e}\n")  # one write: ranks' lines do not interleave
         sys.stderr.flush()
-        code = 1 if isinstance(e, TrainingDivergedError) else getattr(e, "code", 2)
-        if many and isinstance(e, RunError):
+        if many and not isinstance(e, DistributedError):
             comm.abort(code)
         return code
+    except TrainingInterrupted as e:
+        comm = current()
+        if comm is None or comm.is_main:  # the others stopped after the same step and saved nothing
+            print(f"numpygpt: {e}", file=sys.stderr)
+        return 128 + (e.signum or 2)
     except KeyboardInterrupt:
-        print("numpygpt: interrupted", file=sys.stderr)
+        print("numpygpt: interrupted (a checkpoint already on disk is intact)", file=sys.stderr)
         return 130
     return result if isinstance(result, int) else 0
 

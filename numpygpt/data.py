@@ -16,6 +16,7 @@ index matrix, never a Python loop over tokens.
 from __future__ import annotations
 
 import math
+import numbers
 from pathlib import Path
 
 import numpy as np
@@ -53,8 +54,8 @@ class GPTDataset:
     """
 
     def __init__(self, token_ids, max_length: int, stride: int):
-        if max_length < 1 or stride < 1:
-            raise ValueError(f"max_length and stride must be >= 1, got {max_length} and {stride}")
+        _check_count("max_length", max_length)
+        _check_count("stride", stride)
         self.token_ids = _as_token_array(token_ids)  # (N,)
         self.max_length = int(max_length)
         self.stride = int(stride)
@@ -119,8 +120,7 @@ class DataLoader:
 
     def __init__(self, dataset, batch_size: int, shuffle: bool = True,
                  drop_last: bool = True, seed: int = 0):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        _check_count("batch_size", batch_size)
         self.dataset = dataset
         self.batch_size = int(batch_size)
         self.shuffle = bool(shuffle)
@@ -195,6 +195,12 @@ def split_train_val(text_or_ids, train_ratio: float = 0.9):
     data = text_or_ids if isinstance(text_or_ids, str) else np.asarray(text_or_ids)
     split = int(train_ratio * len(data))
     return data[:split], data[split:]
+
+
+def _check_count(name: str, value) -> None:
+    """A positive integer: 2.5 or True is refused, never truncated."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
 def create_dataloader(text: str, batch_size: int = 4, max_length: int = 256,

@@ -258,6 +258,13 @@ class Communicator:
         """``obj`` of rank ``root`` on every rank (any picklable object)."""
         return obj
 
+    def any_stop(self, request):
+        """Every rank's stop request (a signal number, something else true, or None),
+        agreed: the largest signal number any rank got, True for a request that is not a
+        signal, None if no rank has one. A Ctrl-C that reaches the ranks between two
+        different steps still stops them all after the same one."""
+        return request
+
     def barrier(self) -> None:
         """Wait until every rank gets here."""
 
@@ -421,6 +428,12 @@ class MPICommunicator(Communicator):
 
     def broadcast(self, obj, root: int = 0):
         return self.comm.bcast(obj, root=root)
+
+    def any_stop(self, request):
+        other = 1 << 16  # above every signal number
+        code = 0 if not request else (request if type(request) is int else other)
+        agreed = self.comm.allreduce(code, op=self.MPI.MAX)
+        return None if agreed == 0 else True if agreed == other else agreed
 
     def barrier(self) -> None:
         self.comm.Barrier()

@@ -80,15 +80,27 @@ def sample_next(logits, temperature: float = 0.0, top_k: int | None = None,
     Otherwise ``logits / temperature`` -> top-k -> top-p -> one draw per row from the
     softmax, by inverse CDF with ``rng`` (a NumPy Generator, or a seed for
     ``numpy.random.default_rng``). Works in float64 on the host.
+
+    Non-finite logits: a NaN, or a row that is all -inf, is a ValueError (there is no
+    distribution to sample from); +inf means certainty: the row picks among its +inf
+    tokens only. A temperature so small that ``logits / temperature`` overflows is a
+    ValueError (use 0 for greedy decoding).
     """
     _check_sampling(temperature, top_k, top_p)
     logits = np.asarray(backend.to_host(logits), dtype=np.float64)
     if logits.ndim != 2:
         raise ValueError(f"sample_next expects logits of shape (B, V), got {logits.shape}")
+    logits = _certain_tokens(logits)
     if temperature == 0.0:
         return logits.argmax(axis=-1).astype(np.int64)
     rng = np.random.default_rng(rng)  # a Generator passes through unchanged
-    logits = logits / temperature
+    with np.errstate(over="ignore"):
+        scaled = logits / temperature
+    finite = np.isfinite(logits)
+    if not np.isfinite(scaled[finite]).all():
+        raise ValueError(f"temperature {temperature!r} is too small: logits / temperature overflows; "
+                         "use temperature 0 for greedy decoding")
+    logits = scaled
     if top_k is not None:
         logits = top_k_filter(logits, top_k)
     if top_p is not None:
@@ -101,6 +113,22 @@ def sample_next(logits, temperature: float = 0.0, top_k: int | None = None,
     # rounding could push u onto the total; never step past the last possible token
     last = probs.shape[1] - 1 - np.argmax(probs[:, ::-1] > 0, axis=-1)
     return np.minimum(nxt, last).astype(np.int64)
+
+
+def _certain_tokens(logits: np.ndarray) -> np.ndarray:
+    """Refuse NaN and all -inf rows; in a row holding +inf, only its +inf tokens remain
+    possible (logit 0), the rest get -inf. logits: (B, V) float64."""
+    nan_rows = np.isnan(logits).any(axis=-1)
+    if nan_rows.any():
+        raise ValueError(f"the logits of row {int(np.argmax(nan_rows))} contain NaN: the model's output is broken")
+    dead = (logits == -np.inf).all(axis=-1)
+    if dead.any():
+        raise ValueError(f"every logit of row {int(np.argmax(dead))} is -inf: no token can be sampled")
+    sure = logits == np.inf  # (B, V)
+    rows = sure.any(axis=-1, keepdims=True)  # (B, 1)
+    if not rows.any():
+        return logits
+    return np.where(rows, np.where(sure, 0.0, -np.inf), logits)
 
 
 def _check_sampling(temperature, top_k, top_p) -> None:
@@ -117,8 +145,9 @@ def _check_sampling(temperature, top_k, top_p) -> None:
 # -- the generation loop ------------------------------------------------------------------------
 
 
-def _prompt_array(idx, device_name: str):
-    """NumPy/CuPy/list, (B, T) or (T,) -> (B, T) int64 array on ``device_name``."""
+def _prompt_array(idx, device_name: str, vocab_size: int):
+    """NumPy/CuPy/list, (B, T) or (T,) -> (B, T) int64 array on ``device_name``, its ids
+    checked against [0, vocab_size) here on the host (the model does not check device ids)."""
     host = backend.to_host(idx)  # a prompt crosses once; the ids are checked on the host
     if host.ndim == 1:
         host = host[None, :]  # (T,) -> (1, T)
@@ -128,6 +157,10 @@ def _prompt_array(idx, device_name: str):
         raise ValueError(f"prompt is empty (shape {host.shape}): generation needs at least one token per row")
     if not np.issubdtype(host.dtype, np.integer):
         raise ValueError(f"prompt token ids must be integers, got dtype {host.dtype}")
+    lo, hi = int(host.min()), int(host.max())
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"prompt token id {lo if lo < 0 else hi} is out of range: the model's vocabulary "
+                         f"has {vocab_size} tokens")
     return backend.to_device(host, dtype="int64", device_name=device_name)
 
 
@@ -163,7 +196,7 @@ def generate(model, idx, max_new_tokens: int, context_size: int | None = None,
         raise ValueError(f"eos_id must be a token id in [0, {model.cfg.vocab_size}) or None, got {eos_id!r}")
 
     dev = model.device
-    seq = _prompt_array(idx, dev)  # (B, T)
+    seq = _prompt_array(idx, dev, model.cfg.vocab_size)  # (B, T)
     B = seq.shape[0]
     xp = backend.array_module(seq)
     rng = np.random.default_rng(seed)

@@ -83,12 +83,14 @@ class OutputHead(Module):
     def forward(self, x):
         B, T, C = x.shape
         x2 = x.reshape(B * T, C)
-        self._save(x2=x2)
+        self._save(x2=x2, BT=(B, T))
         return (x2 @ self.weight.data.T).reshape(B, T, -1)  # (B, T, V)
 
     def backward(self, dout):
-        x2 = self._take()["x2"]
-        B, T, V = dout.shape
+        cache = self._take()
+        x2, (B, T), V = cache["x2"], cache["BT"], self.weight.shape[0]
+        if tuple(dout.shape) != (B, T, V):
+            raise ValueError(f"dlogits has shape {tuple(dout.shape)}; the forward pass made logits {(B, T, V)}")
         d2 = dout.reshape(B * T, V)
         if self.weight.requires_grad:
             self.weight.add_grad(d2.T @ x2)  # (V, C)

@@ -97,6 +97,15 @@ def config_from_hf(hf: dict, dtype: str = "float32", drop_rate: float = 0.0) -> 
     represent (another activation, unscaled attention, a non-4C MLP) are refused rather
     than silently ignored.
     """
+    if not isinstance(hf, dict):
+        raise ValueError(f"config.json must hold a JSON object, got a {type(hf).__name__}")
+    extras = hf.get("numpygpt", {})  # written by save_pretrained for what HF's GPT-2 cannot say
+    if not isinstance(extras, dict):
+        raise ValueError(f"config.json's 'numpygpt' entry must be an object, got a {type(extras).__name__}")
+    try:
+        dtype = numpy.dtype(dtype).name
+    except TypeError as e:
+        raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}") from e
     problems = []
     if hf.get("model_type", "gpt2") != "gpt2":
         problems.append(f"model_type is {hf['model_type']!r}, not 'gpt2'")
@@ -112,18 +121,18 @@ def config_from_hf(hf: dict, dtype: str = "float32", drop_rate: float = 0.0) -> 
     problems += [f"missing field {k!r}" for k in ("vocab_size", "n_embd", "n_head", "n_layer") if k not in hf]
     if problems:
         raise ValueError("config.json does not describe a GPT-2 this model can load: " + "; ".join(problems))
-    extras = hf.get("numpygpt", {})  # written by save_pretrained for what HF's GPT-2 cannot say
+    # values pass unconverted: GPTConfig refuses n_layer 2.7 or "32" instead of truncating them
     return GPTConfig(
-        vocab_size=int(hf["vocab_size"]),
-        context_length=int(hf.get("n_positions", hf.get("n_ctx"))),
-        emb_dim=int(hf["n_embd"]),
-        n_heads=int(hf["n_head"]),
-        n_layers=int(hf["n_layer"]),
-        drop_rate=float(drop_rate),
-        qkv_bias=bool(extras.get("qkv_bias", True)),
-        tie_weights=bool(extras.get("tie_weights", hf.get("tie_word_embeddings", True))),
-        layer_norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
-        dtype=numpy.dtype(dtype).name,
+        vocab_size=hf["vocab_size"],
+        context_length=hf.get("n_positions", hf.get("n_ctx")),
+        emb_dim=hf["n_embd"],
+        n_heads=hf["n_head"],
+        n_layers=hf["n_layer"],
+        drop_rate=drop_rate,
+        qkv_bias=extras.get("qkv_bias", True),
+        tie_weights=extras.get("tie_weights", hf.get("tie_word_embeddings", True)),
+        layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        dtype=dtype,
     )
 
 
@@ -178,7 +187,7 @@ def load_pretrained(path_or_name, build, dtype: str = "float32", cache_dir=None,
     hf = _read_config(directory)
     cfg = config_from_hf(hf, dtype=dtype, drop_rate=drop_rate)
     target = device if device is not None else backend.get_device()
-    with safe_open(os.path.join(directory, WEIGHTS_FILE), framework="numpy") as f:
+    with _open_weights(os.path.join(directory, WEIGHTS_FILE)) as f:
         keys, cfg = _plan(f, cfg)
         with backend.device(target):
             model = build(cfg)  # zeros: no random draw for weights about to be replaced
@@ -189,6 +198,16 @@ def load_pretrained(path_or_name, build, dtype: str = "float32", cache_dir=None,
                 arr = arr.copy()  # optimisers update weights in place
             p.data, p.grad = arr, None
     return model.eval()
+
+
+def _open_weights(path: str):
+    """safe_open, with a damaged file (bad header, truncated data) as a ValueError."""
+    try:
+        return safe_open(path, framework="numpy")
+    except (FileNotFoundError, PermissionError):
+        raise
+    except Exception as e:  # safetensors raises its own error type
+        raise ValueError(f"{path} is not a valid safetensors file: corrupt or truncated ({e})") from e
 
 
 def _plan(f, cfg: GPTConfig):
@@ -295,11 +314,7 @@ def _read_json(path: str) -> dict:
 
 def _verify_weights(path: str, cfg: GPTConfig) -> None:
     """The header parses and names exactly the tensors a GPT-2 with ``cfg`` needs."""
-    try:
-        f = safe_open(path, framework="numpy")
-    except Exception as e:  # safetensors raises its own error type for a bad header
-        raise ValueError(f"the downloaded {WEIGHTS_FILE} is not a valid safetensors file ({e})") from e
-    with f:
+    with _open_weights(path) as f:
         _plan(f, cfg)
 
 

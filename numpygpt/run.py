@@ -16,13 +16,16 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import time
 
 from . import backend, distributed
+from .fileio import remove_stale_temps
 from .generate import generate_text
 from .model import GPTModel
 from .optim import AdamW, CosineWithWarmup, param_groups
-from .train import TrainOptions, TrainState, evaluate_model, perplexity, plot_losses, train_model
+from .train import (TrainingInterrupted, TrainOptions, TrainState, evaluate_model, perplexity, plot_losses,
+                    stop_on_signals, train_model)
 
 __all__ = ["run_training", "run_generate", "RunError", "TRAIN_DEFAULTS", "DEFAULT_MAX_STEPS"]
 
@@ -258,12 +261,17 @@ def run_training(given: dict) -> dict:
                                      initial_lr=opts["lr"] / warmup if warmup else 0.0)
         lr_desc = f"AdamW lr {opts['lr']:g}, {warmup} warmup steps, cosine to {min_lr:g}"
 
+    if resume_state is not None and resume_state.global_step >= total:
+        raise RunError(f"{opts['resume']} is already at step {resume_state.global_step:,}, and this run stops at step "
+                       f"{total:,}: nothing to do; give a larger --max-steps (or --epochs) to continue it")
+
     out = opts["out"]
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as e:
         raise RunError(f"--out: cannot create {out!r}: {e}") from e
     ckpt_path = os.path.join(out, "checkpoint.safetensors")
+    remove_stale_temps(ckpt_path)  # left by a run killed while it saved
     plot_path = os.path.join(out, "loss.png")
     history_path = os.path.join(out, "history.json")
 
@@ -293,14 +301,19 @@ def run_training(given: dict) -> dict:
     cli_options["resume"] = None
     # the options as given, not the derived step count, so a later --max-steps can extend the run
     cli_options.update(max_steps=opts["max_steps"], epochs=opts["epochs"])
-    options = TrainOptions(
-        grad_accum_steps=opts["grad_accum"], max_grad_norm=opts["grad_clip"] or None, scheduler=scheduler,
-        max_steps=total, checkpoint_path=ckpt_path, checkpoint_every=opts["checkpoint_every"],
-        resume_state=resume_state, run_options=cli_options, extra={"tokenizer": "gpt2"},
-        progress=not opts["no_progress"], sample_tokens=opts["sample_tokens"])
-    history = train_model(model, train_loader, val_loader, optimizer, num_epochs=epochs, eval_freq=opts["eval_freq"],
-                          eval_iter=opts["eval_iter"], start_context=prompt or None, tokenizer=tokenizer,
-                          options=options)
+    with stop_on_signals() as stop:  # Ctrl-C / SIGTERM: finish the step, save, say how to resume
+        options = TrainOptions(
+            grad_accum_steps=opts["grad_accum"], max_grad_norm=opts["grad_clip"] or None, scheduler=scheduler,
+            max_steps=total, checkpoint_path=ckpt_path, checkpoint_every=opts["checkpoint_every"],
+            resume_state=resume_state, run_options=cli_options, extra={"tokenizer": "gpt2"},
+            progress=not opts["no_progress"], sample_tokens=opts["sample_tokens"], stop_requested=stop)
+        try:
+            history = train_model(model, train_loader, val_loader, optimizer, num_epochs=epochs,
+                                  eval_freq=opts["eval_freq"], eval_iter=opts["eval_iter"],
+                                  start_context=prompt or None, tokenizer=tokenizer, options=options)
+        except TrainingInterrupted as e:
+            e.args = (f"{e}\nto continue this run: numpygpt train --resume {shlex.quote(ckpt_path)}",)
+            raise
 
     final = None
     if comm.is_main:  # under mpiexec the others wait at the barrier below
@@ -342,8 +355,11 @@ def run_generate(prompt: str, checkpoint=None, model=None, max_new_tokens: int =
     else:
         gpt = _from_pretrained(model, dtype=dtype, device=device)
     gpt.eval()
-    text = generate_text(gpt, prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                         seed=seed, use_cache=use_cache)
+    try:
+        text = generate_text(gpt, prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                             seed=seed, use_cache=use_cache)
+    except ValueError as e:  # a prompt the model cannot read, a temperature that overflows...
+        raise RunError(f"cannot generate: {e}") from e
     print(text, flush=True)
     return text
 

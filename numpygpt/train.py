@@ -18,7 +18,10 @@ ranks take the step one process would; rank 0 alone logs, evaluates and saves.
 Every ``eval_freq`` steps the mean loss over ``eval_iter`` training and validation
 batches is logged, and each epoch ends with a greedy sample from ``start_context``.
 A non-finite loss stops the run with ``TrainingDivergedError`` before the weights are
-touched and before any checkpoint is written, so the last checkpoint is a good one.
+touched. An update can also break the weights (a huge learning rate): before every save,
+and at the end of a run, the weights are checked to be finite and to give a finite loss
+on one batch, so a checkpoint that is written is always a good one, a bad save never
+replaces a good one, and a run that ends non-finite raises.
 
 Checkpoints record where the run is (epoch, batch inside the epoch, step, tokens seen,
 the history so far); together with the weights, the optimiser state and the dropout
@@ -32,15 +35,22 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import os
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from . import checkpoint
+from . import backend, checkpoint
 from .nn import CrossEntropyLoss, eval_mode, no_grad
 from .optim import clip_grad_norm
 
 __all__ = [
     "TrainingDivergedError",
+    "TrainingInterrupted",
+    "StopRequest",
+    "stop_on_signals",
     "TrainOptions",
     "TrainState",
     "new_history",
@@ -51,6 +61,56 @@ __all__ = [
     "plot_losses",
     "perplexity",
 ]
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped at a step boundary because a stop was requested (Ctrl-C, SIGTERM):
+    ``step`` steps are done and, when the run checkpoints, saved in ``checkpoint``."""
+
+    def __init__(self, message: str, step: int, checkpoint=None, signum: int | None = None):
+        super().__init__(message)
+        self.step = step
+        self.checkpoint = checkpoint
+        self.signum = signum
+
+
+class StopRequest:
+    """Set by ``stop_on_signals``'s handler; ``train_model(stop_requested=...)`` polls it
+    after every step. Calling it returns the signal number asked to stop (None: go on)."""
+
+    def __init__(self):
+        self.signum = None
+
+    def __call__(self):
+        return self.signum
+
+
+@contextmanager
+def stop_on_signals(signals=(signal.SIGINT, signal.SIGTERM)):
+    """Within this block the first SIGINT/SIGTERM asks the training loop to stop after the
+    step in progress (it saves a checkpoint and raises TrainingInterrupted); a second one
+    raises KeyboardInterrupt at once (a save in progress then leaves the previous
+    checkpoint as it was). Yields the StopRequest to pass as ``stop_requested``.
+    Outside the main thread signals cannot be caught: the request then never fires."""
+    request = StopRequest()
+
+    def handler(signum, frame):
+        if request.signum is not None:
+            raise KeyboardInterrupt
+        request.signum = signum
+        # os.write, not print: a handler that prints while the loop prints can raise
+        # "reentrant call" on the buffered stream
+        os.write(2, f"\nnumpygpt: {signal.Signals(signum).name}: stopping after this step and saving a "
+                    "checkpoint (press Ctrl-C again to quit at once)\n".encode())
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {s: signal.signal(s, handler) for s in signals}
+    try:
+        yield request
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 class TrainingDivergedError(RuntimeError):
@@ -269,6 +329,9 @@ class TrainOptions:
         mpiexec, else this process alone). Each rank trains on its share of every batch
         and the gradients (and the loss) are summed over the ranks, once a step, before
         clipping; only its rank 0 is a main process. See numpygpt/distributed.py.
+    stop_requested: polled after every step (e.g. ``stop_on_signals``'s StopRequest); when
+        it returns something true the run saves a checkpoint (when it checkpoints) and
+        raises TrainingInterrupted.
     """
 
     grad_accum_steps: int = 1
@@ -287,6 +350,7 @@ class TrainOptions:
     reduce_gradients: object = None
     is_main_process: bool = True
     comm: object = None
+    stop_requested: object = None
 
 
 def train_model(model, train_loader, val_loader, optimizer, num_epochs: int, eval_freq: int,
@@ -347,11 +411,27 @@ def train_model(model, train_loader, val_loader, optimizer, num_epochs: int, eva
     comm.begin_training(model, batch_size=getattr(train_loader, "batch_size", None),
                         plan=(n_batches, accum, total_steps, state.epoch, state.batch_in_epoch))
 
+    def check_health() -> None:
+        """The weights the optimiser just made must be finite and give a finite loss,
+        or the run stops here: nothing non-finite is saved or returned as trained."""
+        problem = _unhealthy(model, loss_fn, train_loader)
+        if problem is not None:
+            raise _diverged(problem[0], problem[1], state.global_step, state.epoch, checkpoint_path, last_saved,
+                            after_update=True)
+
     def save() -> None:
         nonlocal last_saved
+        check_health()  # a checkpoint always holds finite weights with a finite loss
         if hasattr(train_loader, "state_dict"):
             state.loader_state = train_loader.state_dict()
-        checkpoint.save_checkpoint(checkpoint_path, model, optimizer, step=state.global_step, extra=state.to_dict())
+        try:
+            checkpoint.save_checkpoint(checkpoint_path, model, optimizer, step=state.global_step,
+                                       extra=state.to_dict())
+        except OSError as e:  # a full disk: say what is still on it
+            before = (f"the previous checkpoint (step {last_saved}) is unchanged" if last_saved is not None
+                      else "no checkpoint was written")
+            raise OSError(e.errno, f"cannot write checkpoint {checkpoint_path} at step {state.global_step}: "
+                                   f"{e.strerror or e}; {before}") from e
         last_saved = state.global_step
 
     loss_fn = opts.loss_fn if opts.loss_fn is not None else CrossEntropyLoss()
@@ -393,6 +473,9 @@ def train_model(model, train_loader, val_loader, optimizer, num_epochs: int, eva
 
             if main and (step - 1) % eval_freq == 0:
                 train_loss, val_loss = evaluate_model(model, train_loader, val_loader, eval_iter)
+                if not math.isfinite(train_loss):
+                    raise _diverged("training loss", train_loss, step, state.epoch, checkpoint_path, last_saved,
+                                    after_update=True)
                 ppl = perplexity(val_loss)
                 history["train_losses"].append(train_loss)
                 history["val_losses"].append(val_loss)
@@ -410,6 +493,12 @@ def train_model(model, train_loader, val_loader, optimizer, num_epochs: int, eva
 
             if checkpoint_path is not None and opts.checkpoint_every and step % opts.checkpoint_every == 0:
                 save()
+            signum = opts.stop_requested() if opts.stop_requested is not None else None
+            if opts.stop_requested is not None:
+                signum = comm.any_stop(signum)  # every rank stops after the same step
+            if signum:
+                raise _interrupted(signum, state.global_step, total_steps, checkpoint_path,
+                                   save if checkpoint_path is not None and last_saved != state.global_step else None)
     finally:
         bar.close()
 
@@ -420,7 +509,37 @@ def train_model(model, train_loader, val_loader, optimizer, num_epochs: int, eva
              f"{_sample(model, start_context, opts.sample_tokens, tokenizer)}")
     if checkpoint_path is not None and last_saved != state.global_step:
         save()
+    elif state.global_step > 0 and last_saved != state.global_step:
+        check_health()  # a run that ends with non-finite weights or loss is not a success
     return state.history_dict()
+
+
+def _interrupted(signum, step: int, total_steps: int, checkpoint_path, save) -> TrainingInterrupted:
+    """Save (if ``save``) and describe where the stopped run stands."""
+    if save is not None:
+        save()
+    name = signal.Signals(signum).name if isinstance(signum, int) and not isinstance(signum, bool) else "a stop request"
+    msg = f"stopped by {name} after step {step} of {total_steps}"
+    msg += (f"; checkpoint {checkpoint_path} holds step {step}" if checkpoint_path is not None
+            else "; no checkpoint path was given, nothing was saved")
+    return TrainingInterrupted(msg, step=step, checkpoint=checkpoint_path,
+                               signum=signum if isinstance(signum, int) else None)
+
+
+def _unhealthy(model, loss_fn, loader):
+    """None if every weight is finite and the loss of the loader's first batch (eval mode,
+    no gradients, so the dropout generator is untouched) is finite; else (what, value).
+    One host sync for the weights, one for the loss."""
+    params = model.parameters()
+    if params:
+        xp = backend.array_module(params[0].data)
+        if not bool(xp.stack([xp.isfinite(p.data).all() for p in params]).all()):
+            bad = next(name for name, p in model.named_parameters() if not bool(xp.isfinite(p.data).all()))
+            return f"weight {bad}", "non-finite"
+    x, y = next(iter(_batches(loader)))
+    with eval_mode(model), no_grad():
+        loss = float(calc_loss_batch(model, loss_fn, x, y))
+    return None if math.isfinite(loss) else ("loss at the updated weights", loss)
 
 
 def _forward_backward(model, loss_fn, batches, accum: int, comm) -> tuple[float, int]:
@@ -446,15 +565,19 @@ def _forward_backward(model, loss_fn, batches, accum: int, comm) -> tuple[float,
     return comm.sum_gradients(model, 0.0 if loss_sum is None else loss_sum) / accum, tokens
 
 
-def _diverged(what: str, value: float, step: int, epoch: int, checkpoint_path, last_saved):
-    msg = (f"training diverged: the {what} is {value} at step {step} (epoch {epoch + 1}); "
-           "stopped before updating the weights")
+def _diverged(what: str, value, step: int, epoch: int, checkpoint_path, last_saved, after_update: bool = False):
+    if after_update:
+        msg = (f"training diverged: the {what} is {value} after step {step} (epoch {epoch + 1}); "
+               "these weights were not saved")
+    else:
+        msg = (f"training diverged: the {what} is {value} at step {step} (epoch {epoch + 1}); "
+               "stopped before updating the weights")
     if checkpoint_path is not None and last_saved is not None:
         msg += f"; the last good checkpoint is {checkpoint_path} (step {last_saved})"
     elif checkpoint_path is not None:
         msg += "; no checkpoint had been written yet"
     msg += ". Try a lower learning rate or gradient clipping."
-    return TrainingDivergedError(msg, step=step, loss=value)
+    return TrainingDivergedError(msg, step=step, loss=value if isinstance(value, float) else math.nan)
 
 
 # -- plotting ------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 ``mpiexec -n N`` (and imported by it for the one-process reference).
 
     mpiexec -n 2 python tests/mpi_worker.py OUT.npz [--grad-accum 2] [--drop-rate 0.1]
-        [--fail-at STEP | --kill-at STEP | --perturb | --rank1-steps N]
+        [--fail-at STEP | --kill-at STEP | --term-at STEP | --perturb | --rank1-steps N]
 
 Rank 0 writes the per-step losses and the final weights to OUT.npz. The data are
 random token windows whose targets are a fixed function of the inputs, with a fifth of
@@ -24,7 +24,7 @@ from numpygpt.config import GPTConfig
 from numpygpt.data import DataLoader
 from numpygpt.model import GPTModel
 from numpygpt.optim import AdamW
-from numpygpt.train import train_model
+from numpygpt.train import TrainingInterrupted, stop_on_signals, train_model
 
 V, T, SEED = 64, 8, 7
 BATCH, STEPS = 4, 20
@@ -60,7 +60,7 @@ def build(drop_rate: float = 0.0, grad_accum: int = 1):
 
 
 def train(grad_accum: int = 1, drop_rate: float = 0.0, fail_at=None, kill_at=None, perturb=False,
-          rank1_steps=None):
+          rank1_steps=None, term_at=None):
     """Train for STEPS steps (rank 1: ``rank1_steps`` if given); returns (history, model)."""
     model, train_loader, val_loader, optimizer = build(drop_rate, grad_accum)
     comm = distributed.init()
@@ -73,12 +73,15 @@ def train(grad_accum: int = 1, drop_rate: float = 0.0, fail_at=None, kill_at=Non
             raise RuntimeError(f"staged failure on rank 1 at step {step}")
         if step == kill_at and comm.rank == 1:
             os.kill(os.getpid(), signal.SIGKILL)
+        if step == term_at and comm.rank == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # rank 1 alone asks to stop
         return 1e-2
 
-    history = train_model(model, train_loader, val_loader, optimizer, num_epochs=1, eval_freq=10, eval_iter=1,
-                          grad_accum_steps=grad_accum, max_grad_norm=1.0, scheduler=schedule,
-                          progress=False, log=None,
-                          max_steps=rank1_steps if rank1_steps is not None and comm.rank == 1 else None)
+    with stop_on_signals() as stop:
+        history = train_model(model, train_loader, val_loader, optimizer, num_epochs=1, eval_freq=10, eval_iter=1,
+                              grad_accum_steps=grad_accum, max_grad_norm=1.0, scheduler=schedule,
+                              progress=False, log=None, stop_requested=stop,
+                              max_steps=rank1_steps if rank1_steps is not None and comm.rank == 1 else None)
     return history, model
 
 
@@ -94,16 +97,18 @@ def main(argv=None) -> int:
     p.add_argument("--drop-rate", type=float, default=0.0)
     p.add_argument("--fail-at", type=int)
     p.add_argument("--kill-at", type=int)
+    p.add_argument("--term-at", type=int)
     p.add_argument("--perturb", action="store_true")
     p.add_argument("--rank1-steps", type=int)
     args = p.parse_args(argv)
     try:
         history, model = train(args.grad_accum, args.drop_rate, args.fail_at, args.kill_at, args.perturb,
-                               args.rank1_steps)
-    except distributed.DistributedError as e:
-        comm = distributed.current()
-        print(f"worker: error (rank {comm.rank}): {e}", file=sys.stderr, flush=True)
-        return 2
+                               args.rank1_steps, args.term_at)
+    except (distributed.DistributedError, TrainingInterrupted) as e:
+        what = "stopped" if isinstance(e, TrainingInterrupted) else "error"
+        sys.stderr.write(f"worker: {what} (rank {distributed.current().rank}): {e}\n")  # one write: no interleaving
+        sys.stderr.flush()
+        return 3 if what == "stopped" else 2
     comm = distributed.get()
     if comm.is_main:
         save(args.out, history, model)

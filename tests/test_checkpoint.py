@@ -292,3 +292,98 @@ def test_garbage_and_foreign_files_are_clear_errors(tmp_path):
         load_checkpoint(future)
     with pytest.raises(FileNotFoundError):
         load_checkpoint(tmp_path / "missing.safetensors")
+
+
+# -- crafted, inconsistent and damaged files ----------------------------------------------
+
+def rewrite_metadata(path, change):
+    """Rewrite the checkpoint at ``path`` with ``change(meta)`` applied to its metadata."""
+    with safe_open(str(path), framework="numpy") as f:
+        meta = json.loads(f.metadata()["numpygpt"])
+    tensors = safetensors.numpy.load_file(str(path))
+    change(meta)
+    safetensors.numpy.save_file(tensors, str(path), metadata={"numpygpt": json.dumps(meta)})
+
+
+def saved_tiny(tmp_path):
+    model, opt = trained()
+    path = tmp_path / "ckpt.safetensors"
+    save_checkpoint(path, model, opt, step=2, extra={"v": 1})
+    return path
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda m: m["config"].update(n_layers=2000), "metadata describes a model of"),
+    (lambda m: m["config"].update(vocab_size=10**9), "shape"),
+    (lambda m: m["config"].update(emb_dim="32"), "emb_dim must be a positive integer"),
+    (lambda m: m["config"].update(n_layers=2.7), "n_layers must be a positive integer"),
+])
+def test_metadata_is_checked_against_the_tensor_table_before_building(tmp_path, change, match):
+    """A small file claiming a huge model is refused without allocating that model."""
+    import tracemalloc
+
+    path = saved_tiny(tmp_path)
+    rewrite_metadata(path, change)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match=match):
+            load_checkpoint(path, device="cpu")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 20 * 2**20, f"{peak / 2**20:.0f} MiB allocated to refuse the file"
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda m: m.update(step="abc"), "step"),
+    (lambda m: m.update(step=-1), "step"),
+    (lambda m: m.update(rng_state={"seed": 0, "cpu": {"bit_generator": "PCG64", "state": "garbage"}}), "RNG"),
+    (lambda m: m.update(rng_state={"seed": "x"}), "seed"),
+    (lambda m: m.update(rng_state=[1, 2]), "RNG"),
+    (lambda m: m.update(extra=[1]), "extra"),
+])
+def test_a_failed_load_changes_nothing(tmp_path, change, match):
+    """Model, optimiser and dropout generator are exactly as they were after a refused load."""
+    path = saved_tiny(tmp_path)
+    rewrite_metadata(path, change)
+    model, opt = trained(steps=3)  # a different state from the file's
+    backend.manual_seed(99)
+    backend.get_rng().random(5)  # move the generator off its seed
+    params, rng_state = host_params(model), backend.get_rng_state()
+    opt_state = {k: backend.to_host(v).copy() for k, v in opt.state_dict()["tensors"].items()}
+    opt_hyper = json.dumps(opt.state_dict()["hyper"])
+    with pytest.raises(ValueError, match=match):
+        load_checkpoint(path, model=model, optimizer=opt)
+    after = host_params(model)
+    for name in params:
+        np.testing.assert_array_equal(after[name], params[name], err_msg=name)
+    assert backend.get_rng_state() == rng_state
+    assert json.dumps(opt.state_dict()["hyper"]) == opt_hyper
+    for k, v in opt.state_dict()["tensors"].items():
+        np.testing.assert_array_equal(backend.to_host(v), opt_state[k], err_msg=k)
+
+
+def tensor_data_offset(path, name):
+    """Byte offset in the file where tensor ``name``'s data begin."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    return 8 + n + header[name]["data_offsets"][0]
+
+
+@pytest.mark.parametrize("name", ["model.h.1.mlp.c_fc.weight", "optim.h.0.attn.c_attn.weight.exp_avg_sq"])
+def test_a_flipped_byte_is_found_and_the_tensor_named(tmp_path, name):
+    path = saved_tiny(tmp_path)
+    raw = bytearray(path.read_bytes())
+    raw[tensor_data_offset(path, name) + 5] ^= 0x10
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=f"tensor '{name}' is damaged"):
+        load_checkpoint(path, device="cpu")
+
+
+def test_checkpoints_without_checksums_still_load(tmp_path):
+    """Files written before checksums existed (the same format version) load as before."""
+    path = saved_tiny(tmp_path)
+    rewrite_metadata(path, lambda m: m.pop("checksums"))
+    ck = load_checkpoint(path, device="cpu")
+    assert ck["step"] == 2 and ck["extra"] == {"v": 1}

@@ -175,3 +175,107 @@ def test_pytorch_default_init(tied):
     again.init_weights(seed=1, scheme="pytorch")
     for name, p in again.named_parameters():
         np.testing.assert_array_equal(backend.to_host(p.data), params[name])
+
+
+# -- one line and exit code 2, never a traceback ------------------------------------------------
+
+def one_line_error(capsys, code, expected_code=2):
+    err = capsys.readouterr().err
+    assert code == expected_code, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("numpygpt: error:") and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.fixture
+def tiny_pretrained(tmp_path):
+    from numpygpt import GPTConfig, GPTModel
+
+    directory = tmp_path / "tiny-gpt"
+    GPTModel(GPTConfig.preset("tiny", vocab_size=50257), seed=0).save_pretrained(directory)
+    return directory
+
+
+def test_generate_with_a_truncated_weights_file(tiny_pretrained, capsys):
+    weights = tiny_pretrained / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    line = one_line_error(capsys, main(["generate", "--model", str(tiny_pretrained), "--device", "cpu"]))
+    assert "model.safetensors" in line
+
+
+@pytest.mark.parametrize("config, match", [
+    ([1, 2], "JSON object"),
+    ("numpygpt-not-a-dict", "'numpygpt' entry"),
+    ("n_layer-2.7", "n_layers must be a positive integer"),
+    ("n_embd-str", "emb_dim must be a positive integer"),
+])
+def test_generate_with_a_malformed_config(tiny_pretrained, capsys, config, match):
+    path = tiny_pretrained / "config.json"
+    hf = json.loads(path.read_text())
+    if config == "numpygpt-not-a-dict":
+        hf["numpygpt"] = 5
+    elif config == "n_layer-2.7":
+        hf["n_layer"] = 2.7
+    elif config == "n_embd-str":
+        hf["n_embd"] = "32"
+    else:
+        hf = config
+    path.write_text(json.dumps(hf))
+    line = one_line_error(capsys, main(["generate", "--model", str(tiny_pretrained), "--device", "cpu"]))
+    assert match in line
+
+
+def test_generate_from_a_model_whose_vocabulary_is_too_small(tmp_path, capsys):
+    from numpygpt import GPTConfig, GPTModel
+
+    GPTModel(GPTConfig.preset("tiny"), seed=0).save_pretrained(tmp_path / "v128")  # 128 tokens
+    line = one_line_error(capsys, main(["generate", "--model", str(tmp_path / "v128"), "--device", "cpu",
+                                        "--prompt", "Every effort moves you"]))
+    assert "out of range" in line
+
+
+def test_generate_with_a_temperature_that_overflows(tiny_pretrained, capsys):
+    line = one_line_error(capsys, main(["generate", "--model", str(tiny_pretrained), "--device", "cpu",
+                                        "--temperature", "1e-320", "--max-new-tokens", "2"]))
+    assert "too small" in line
+
+
+@pytest.mark.parametrize("flag", ["--lr", "--min-lr", "--weight-decay", "--grad-clip"])
+@pytest.mark.parametrize("value", ["inf", "nan"])
+def test_non_finite_numbers_are_usage_errors(capsys, flag, value):
+    with pytest.raises(SystemExit) as info:
+        main(["train", flag, value])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and flag in err and f"got {value}" in err
+
+
+def test_negative_warmup_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--warmup-steps", "-5"])
+    assert info.value.code == 2 and "--warmup-steps" in capsys.readouterr().err
+
+
+def test_resume_of_a_checkpoint_saved_from_python(tmp_path, text_file, capsys):
+    from numpygpt import GPTConfig, GPTModel
+    from numpygpt.checkpoint import save_checkpoint
+    from numpygpt.optim import AdamW
+
+    model = GPTModel(GPTConfig.preset("tiny", vocab_size=50257), seed=0)
+    path = tmp_path / "py.safetensors"
+    save_checkpoint(path, model, AdamW(model, lr=1e-3), step=3)
+    line = one_line_error(capsys, main(["train", "--resume", str(path), "--data", str(text_file),
+                                        "--device", "cpu", "--no-progress"]))
+    assert "training position" in line
+
+
+def test_disk_full_during_a_checkpoint(tmp_path, text_file, capsys, monkeypatch):
+    import numpygpt.checkpoint
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(numpygpt.checkpoint, "write_safetensors", disk_full)
+    line = one_line_error(capsys, main(["train", "--preset", "tiny", "--max-steps", "2", "--data", str(text_file),
+                                        "--out", str(tmp_path / "out"), "--device", "cpu", "--no-progress",
+                                        "--batch-size", "2", "--prompt="]))
+    assert "No space left on device" in line and "checkpoint" in line

@@ -168,6 +168,16 @@ def test_a_rank_that_fails_takes_the_run_down(tmp_path, how):
     assert not (tmp_path / "x.npz").exists()
 
 
+def test_a_stop_request_on_one_rank_stops_every_rank_after_the_same_step(tmp_path):
+    """SIGTERM reaches rank 1 alone during step 4: both ranks finish step 4 and stop,
+    instead of rank 0 waiting forever in step 5's all-reduce."""
+    proc = mpirun(2, [WORKER, tmp_path / "x.npz", "--term-at", 3], timeout=120)
+    assert proc.returncode == 3, proc.stderr
+    lines = sorted(ln for ln in proc.stderr.splitlines() if ln.startswith("worker: stopped"))
+    assert lines == [f"worker: stopped (rank {r}): stopped by SIGTERM after step 4 of 20; no checkpoint path "
+                     "was given, nothing was saved" for r in (0, 1)], proc.stderr
+
+
 # -- the command line ----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -267,3 +267,32 @@ def test_generate_text(host_model):
     assert text == tok.decode(ids[0].tolist())
     sampled = generate_text(host_model, "Hi", 5, tokenizer=tok, temperature=1.0, seed=3)
     assert sampled == generate_text(host_model, "Hi", 5, tokenizer=tok, temperature=1.0, seed=3)
+
+
+# -- non-finite logits and overflowing temperatures -------------------------------------------
+
+@pytest.mark.parametrize("logits, match", [
+    ([[np.nan, np.nan, np.nan]], "NaN"),
+    ([[0.0, np.nan, 1.0]], "NaN"),
+    ([[-np.inf, -np.inf, -np.inf]], "-inf"),
+])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_non_finite_logits_are_refused(logits, match, temperature):
+    with pytest.raises(ValueError, match=match):
+        sample_next(np.array(logits), temperature=temperature, rng=0)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7, 1.0, 5.0])
+def test_plus_inf_is_certainty(temperature):
+    for seed in range(20):
+        assert sample_next(np.array([[0.0, np.inf, 1.0]]), temperature=temperature, rng=seed)[0] == 1
+    picks = {int(sample_next(np.array([[np.inf, 3.0, np.inf]]), temperature=temperature, rng=s)[0])
+             for s in range(40)}
+    assert picks <= {0, 2} and (temperature == 0.0 or picks == {0, 2})
+
+
+def test_a_temperature_that_overflows_is_refused():
+    with pytest.raises(ValueError, match="too small"):
+        sample_next(np.array([[0.5, 1.0, -2.0]]), temperature=1e-320, rng=0)
+    # a small temperature that does not overflow still samples, close to greedy
+    assert sample_next(np.array([[0.5, 1.0, -2.0]]), temperature=1e-3, rng=0)[0] == 1

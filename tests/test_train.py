@@ -242,3 +242,48 @@ def test_plot_losses_writes_a_png(tmp_path):
     plot_losses(history, path)
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+# -- defect 1: the guard looks at the weights the update made ----------------------------------
+
+def assert_good_checkpoint(path):
+    """A checkpoint on disk holds finite weights whose loss is finite."""
+    ck = load_checkpoint(path, device="cpu", restore_rng=False)
+    assert all(np.isfinite(backend.to_host(p.data)).all() for p in ck["model"].parameters())
+    train, _ = loaders()
+    x, y = next(train.epoch_batches(0))
+    assert math.isfinite(float(calc_loss_batch(ck["model"].eval(), CrossEntropyLoss(), x, y)))
+    return ck
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("lr, clip, every, max_steps", [
+    (1e39, 1.0, 1, 5),   # the first update makes every weight inf/nan
+    (1e4, None, 2, 8),   # finite but enormous weights: their loss is nan/inf
+    (1e3, None, 2, 8),   # every step's own loss is finite, the weights are not
+])
+def test_a_step_that_breaks_the_weights_is_never_saved(tmp_path, lr, clip, every, max_steps):
+    model = GPTModel(tiny(), seed=0)
+    train, val = loaders()
+    path = tmp_path / "ckpt.safetensors"
+    with pytest.raises(TrainingDivergedError) as info:
+        train_model(model, train, val, AdamW(model, lr=lr), num_epochs=2, eval_freq=100, eval_iter=1,
+                    max_grad_norm=clip, checkpoint_path=str(path), checkpoint_every=every, max_steps=max_steps,
+                    progress=False, log=None)
+    if path.exists():  # only a good step's checkpoint may be on disk, and the error names it
+        ck = assert_good_checkpoint(path)
+        assert f"step {ck['step']})" in str(info.value)
+    else:
+        assert "no checkpoint had been written" in str(info.value)
+    assert [p.name for p in tmp_path.iterdir()] in ([], ["ckpt.safetensors"])
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_a_run_ending_with_broken_weights_raises():
+    """One step at lr 1e39 leaves non-finite weights: not a successful run, even without
+    checkpoints and with the evaluation schedule missing the last step."""
+    model = GPTModel(tiny(), seed=0)
+    train, val = loaders()
+    with pytest.raises(TrainingDivergedError, match="after step 1"):
+        train_model(model, train, val, SGD(model, lr=1e39), num_epochs=1, eval_freq=100, eval_iter=1,
+                    max_steps=1, progress=False, log=None)
