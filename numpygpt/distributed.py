@@ -319,7 +319,7 @@ class MPICommunicator(Communicator):
         hosts = self.comm.allgather(os.uname().nodename if hasattr(os, "uname") else "")
         line = (f"{self.world_size} ranks over MPI ({self.library}), {len(set(hosts))} "
                 f"host{'s' if len(set(hosts)) > 1 else ''}, {self.local_size} on this one")
-        if self.blas_threads is not None or self._blas_note:
+        if self._blas_note:
             line += f"; {self._blas_note}"
         if self.device == "cuda":
             line += "; gradients over NCCL" if self.nccl is not None else "; gradients over MPI via the host"
@@ -338,7 +338,7 @@ class MPICommunicator(Communicator):
             self._blas_note = ("BLAS threads left as they were (no threadpoolctl: set OMP_NUM_THREADS "
                                f"to {n})")
             return
-        threadpool_limits(limits=n, user_api="blas")
+        self._blas_limiter = threadpool_limits(limits=n, user_api="blas")  # kept: the limit holds while it lives
         self.blas_threads = n
         self._blas_note = f"{n} BLAS thread{'s' if n > 1 else ''} a rank ({cores} cores / {self.local_size} ranks)"
 
