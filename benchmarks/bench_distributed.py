@@ -110,7 +110,7 @@ def find_mpiexec() -> str:
 GBIT = 1e9 / 8  # bytes per second in one Gbit/s
 
 
-def cost_model(flop_rate: float, tokens_per_rank: int, context: int = 1024, ranks=(2, 8, 64)) -> str:
+def cost_model(flop_rate: float, tokens_per_rank: int, context: int = 1024, ranks=(2, 8)) -> str:
     """Ring all-reduce against compute for GPT-2 small ... XL (tied head as released, float32
     gradients).
 
@@ -120,30 +120,31 @@ def cost_model(flop_rate: float, tokens_per_rank: int, context: int = 1024, rank
     t_ar = 2 (N-1)/N x G / BW (no overlap with the backward pass, latency ignored).
 
     N machines beat one (same global batch, N x tokens_per_rank) when
-    t_c + t_ar < N t_c, i.e. BW > 2 G / (N t_c): the "break-even" bandwidth. Keeping 90% of
+    t_c + t_ar < N t_c, i.e. BW > 2 G / (N t_c): the "pays above" bandwidth. Keeping 90% of
     the ideal N-fold speed-up needs t_ar <= t_c / 9, i.e. BW >= 18 (N-1)/N x G / t_c.
+    Both scale with flop_rate: a machine k times faster needs k times the bandwidth.
     """
     from numpygpt import GPTConfig, count_parameters
 
+    def gbit(bytes_per_s):
+        return f"{bytes_per_s / GBIT:.3g}"
+
     rows = []
+    big = max(ranks)
     for name in ("gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl"):
         cfg = GPTConfig.preset(name).replace(context_length=context, tie_weights=True)  # as OpenAI's
         P = count_parameters(cfg)
         G = 4 * P
-        B = tokens_per_rank // context
-        t_c = common.train_flops(cfg, B, context) / flop_rate
-        row = [name, f"{P / 1e6:.0f}M", f"{G / 2**20:.0f}", f"{t_c:.1f}"]
-        for n in ranks:
-            row.append(f"{2 * (n - 1) / n * G / 2**20:.0f}")
-        for n in ranks:
-            row.append(f"{2 * G / (n * t_c) / GBIT:.3g}")
-        for n in ranks:
-            row.append(f"{18 * (n - 1) / n * G / t_c / GBIT:.3g}")
-        rows.append(row)
-    header = (["model", "params", "gradient MiB", f"compute s/step ({tokens_per_rank} tok/rank)"]
-              + [f"ring MiB/rank/step N={n}" for n in ranks]
-              + [f"break-even Gbit/s N={n}" for n in ranks]
-              + [f"90% efficiency Gbit/s N={n}" for n in ranks])
+        t_c = common.train_flops(cfg, tokens_per_rank // context, context) / flop_rate
+        ring = 2 * (big - 1) / big * G
+        rows.append([name, f"{P / 1e6:.0f}M", f"{G / 2**20:.0f} MiB", f"{t_c:.1f} s", f"{ring / 2**20:.0f} MiB",
+                     f"{ring / (10 * GBIT):.2f} s",
+                     " / ".join(gbit(2 * G / (n * t_c)) for n in ranks),
+                     " / ".join(gbit(18 * (n - 1) / n * G / t_c) for n in ranks)])
+    n_list = " / ".join(f"N={n}" for n in ranks)
+    header = ["model", "params", "gradient (fp32)", f"compute a step ({tokens_per_rank} tokens a rank)",
+              f"ring traffic a rank, N={big}", f"all-reduce at 10 Gbit/s, N={big}",
+              f"pays above, Gbit/s ({n_list})", f"90% of N-fold, Gbit/s ({n_list})"]
     return common.md_table(header, rows)
 
 
