@@ -512,6 +512,11 @@ def init(environ=None) -> Communicator:
         raise DistributedError(
             f"started by mpiexec as {size} processes, but mpi4py is not installed, so they cannot "
             "train together: pip install 'numpygpt[mpi]'") from e
+    try:
+        from mpi4py import MPI  # noqa: F401  (loads the MPI library)
+    except (ImportError, RuntimeError, OSError) as e:
+        raise DistributedError(f"mpi4py cannot load an MPI library ({e}): pip install 'numpygpt[mpi]' "
+                               "(MPICH from its wheel) or install an MPI") from e
     _comm = MPICommunicator()
     if _comm.world_size > 1:
         _install_abort_hook(_comm)

@@ -52,6 +52,17 @@ def test_init_under_mpiexec_without_mpi4py_refuses(monkeypatch):
     assert distributed._comm is None
 
 
+def test_init_with_mpi4py_but_no_mpi_library_refuses(monkeypatch):
+    import sys
+    import types
+
+    monkeypatch.setattr(distributed, "_comm", None)
+    monkeypatch.setitem(sys.modules, "mpi4py", types.ModuleType("mpi4py"))  # the package, but
+    monkeypatch.setitem(sys.modules, "mpi4py.MPI", None)                   # no loadable MPI
+    with pytest.raises(DistributedError, match="mpi4py cannot load an MPI library"):
+        distributed.init(environ={"PMI_SIZE": "2"})
+
+
 def test_blas_threads_divide_the_cores_among_the_local_ranks():
     assert blas_threads_for(1, cores=2) == 2
     assert blas_threads_for(2, cores=2) == 1
