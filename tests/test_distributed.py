@@ -52,14 +52,18 @@ def test_init_under_mpiexec_without_mpi4py_refuses(monkeypatch):
     assert distributed._comm is None
 
 
-def test_init_with_mpi4py_but_no_mpi_library_refuses(monkeypatch):
+def test_init_with_mpi4py_but_no_mpi_library_refuses(monkeypatch, tmp_path):
     import sys
-    import types
 
+    fake = tmp_path / "mpi4py"  # a package whose MPI module fails to load its library
+    fake.mkdir()
+    (fake / "__init__.py").write_text("")
+    (fake / "MPI.py").write_text("raise RuntimeError('cannot load MPI library')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "mpi4py", raising=False)
+    monkeypatch.delitem(sys.modules, "mpi4py.MPI", raising=False)
     monkeypatch.setattr(distributed, "_comm", None)
-    monkeypatch.setitem(sys.modules, "mpi4py", types.ModuleType("mpi4py"))  # the package, but
-    monkeypatch.setitem(sys.modules, "mpi4py.MPI", None)                   # no loadable MPI
-    with pytest.raises(DistributedError, match="mpi4py cannot load an MPI library"):
+    with pytest.raises(DistributedError, match="mpi4py cannot load an MPI library .cannot load MPI library."):
         distributed.init(environ={"PMI_SIZE": "2"})
 
 
