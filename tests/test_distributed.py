@@ -60,8 +60,9 @@ def test_init_with_mpi4py_but_no_mpi_library_refuses(monkeypatch, tmp_path):
     (fake / "__init__.py").write_text("")
     (fake / "MPI.py").write_text("raise RuntimeError('cannot load MPI library')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "mpi4py", raising=False)
-    monkeypatch.delitem(sys.modules, "mpi4py.MPI", raising=False)
+    for name in ("mpi4py", "mpi4py.MPI"):  # hidden now, as they were (present or not) afterwards
+        monkeypatch.setitem(sys.modules, name, sys.modules.get(name))
+        monkeypatch.delitem(sys.modules, name)
     monkeypatch.setattr(distributed, "_comm", None)
     with pytest.raises(DistributedError, match="mpi4py cannot load an MPI library .cannot load MPI library."):
         distributed.init(environ={"PMI_SIZE": "2"})
