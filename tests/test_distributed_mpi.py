@@ -189,8 +189,8 @@ def corpus(tmp_path_factory):
 
 def cli_args(corpus, out, steps):
     return [str(a) for a in [
-        "train", "--preset", "tiny", "--dtype", "float64", "--data", corpus, "--device", "cpu",
-        "--batch-size", "4", "--context-length", "16", "--schedule", "constant", "--lr", "3e-3",
+        "train", "--preset", "tiny", "--emb-dim", "16", "--tie-weights", "--dtype", "float64", "--data", corpus,
+        "--device", "cpu", "--batch-size", "4", "--context-length", "8", "--schedule", "constant", "--lr", "3e-3",
         "--eval-freq", "100", "--eval-iter", "1", "--prompt=", "--no-progress", "--max-steps", steps,
         "--out", out]]
 
