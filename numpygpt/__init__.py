@@ -3,8 +3,9 @@
 from . import backend
 from .config import GPTConfig, PRESETS, count_parameters
 from .model import FeedForward, GPTModel, OutputHead, TransformerBlock
-from .nn import (CrossEntropyLoss, Dropout, Embedding, GELU, KVCache, LayerNorm, Linear, Module,
-                 MultiHeadAttention, Parameter, Softmax, eval_mode, no_grad)
+from .nn import (CrossEntropyLoss, Dropout, Embedding, GELU, KVCache, LayerNorm, Linear, LoRALinear, LoRAOutputHead,
+                 Module, MultiHeadAttention, Parameter, SequenceReadout, Softmax, eval_mode, no_grad)
+from .lora import apply_lora, load_lora, merge_lora, save_lora, unmerge_lora
 
 __version__ = "0.1.0"
 
@@ -12,4 +13,6 @@ __all__ = [
     "backend", "GPTConfig", "PRESETS", "count_parameters", "GPTModel", "TransformerBlock", "FeedForward",
     "OutputHead", "CrossEntropyLoss", "Dropout", "Embedding", "GELU", "KVCache", "LayerNorm", "Linear",
     "Module", "MultiHeadAttention", "Parameter", "Softmax", "eval_mode", "no_grad",
+    "SequenceReadout", "LoRALinear", "LoRAOutputHead", "apply_lora", "merge_lora", "unmerge_lora", "save_lora",
+    "load_lora",
 ]

@@ -54,6 +54,9 @@ def save_checkpoint(path, model, optimizer=None, step: int = 0, extra: dict | No
     directory is created if needed. Atomic: on any error the temporary file is removed
     and an existing ``path`` is untouched.
     """
+    from .lora import check_unmerged
+
+    check_unmerged(model, "save a checkpoint")  # merged weights plus adapters would count them twice
     tensors = [(MODEL_PREFIX + name, p.data) for name, p in model.named_parameters()]
     hyper = None
     if optimizer is not None:
@@ -198,13 +201,25 @@ def _check_tensor_table(path: str, config: GPTConfig, f, model_keys: list) -> No
     count is compared first, so a config claiming 100,000 layers costs nothing."""
     C, L = config.emb_dim, config.n_layers
     per_block = 11 + (1 if config.qkv_bias else 0)  # ln_1 2, c_attn 1 (+ bias), c_proj 2, ln_2 2, mlp 4
-    expected_count = 4 + L * per_block + (0 if config.tie_weights else 1)
+    if config.num_classes is not None:
+        head = 2  # score.weight, score.bias
+    else:
+        head = 0 if config.tie_weights else 1
+    if config.lora_rank is not None:  # lora_A and lora_B on 4 Linears a block, and on a head that is not wte
+        per_block += 8
+        head += 0 if head == 0 else 2
+    expected_count = 4 + L * per_block + head
     if len(model_keys) != expected_count:
         raise ValueError(
             f"{path}: the metadata describes a model of {expected_count} tensors (n_layers={L}, emb_dim={C}), "
             f"but the file holds {len(model_keys)} model tensors"
         )
-    expected = {MODEL_PREFIX + k: v for k, v in hf_tensor_shapes(config).items()}
+    shapes = hf_tensor_shapes(config)
+    if config.lora_rank is not None:
+        from .lora import lora_tensor_shapes
+
+        shapes.update(lora_tensor_shapes(config))
+    expected = {MODEL_PREFIX + k: v for k, v in shapes.items()}
     problems = []
     for key in model_keys:
         got = tuple(f.get_slice(key).get_shape())

@@ -8,8 +8,8 @@
     numpygpt gradcheck                  # finite-difference check of every layer's backward
 
 This module parses arguments and turns errors into exit codes; what the commands do is
-``numpygpt.run`` (``run_training``, ``run_generate``), callable from Python with the same
-names. ``examples/train_gpt.py`` and ``examples/generate.py`` run the same code
+``numpygpt.run`` (``run_training``, ``run_generate``, ``run_gradcheck``), callable from
+Python with the same names. ``examples/train_gpt.py`` and ``examples/generate.py`` run the same code
 (``train_main`` and ``generate_main``). Mistakes in the arguments are argparse usage
 errors; a missing file, a text too short for one window, an unreadable checkpoint or an
 unavailable device is one line on stderr and exit code 2; a diverged run exits with 1.
@@ -21,7 +21,7 @@ import argparse
 import math
 import sys
 
-from .run import DEFAULT_MAX_STEPS, TRAIN_DEFAULTS, RunError, run_generate, run_training
+from .run import DEFAULT_MAX_STEPS, TRAIN_DEFAULTS, RunError, run_generate, run_gradcheck, run_training
 
 __all__ = ["main", "train_main", "generate_main", "parse_train_args", "run_training", "run_generate", "run_cli",
            "CLIError", "RunError", "TRAIN_DEFAULTS"]
@@ -179,17 +179,8 @@ def _add_gradcheck_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verbose", action="store_true", help="print every tensor's error, not only the worst")
 
 
-def run_gradcheck(args: argparse.Namespace) -> int:
-    from . import backend
-    from .gradcheck import run_gradchecks
-
-    try:
-        device = backend.set_device(args.device)
-    except backend.DeviceError as e:
-        raise RunError(str(e)) from e
-    with backend.device(device):
-        failed = run_gradchecks(seed=args.seed, tol=args.tol, verbose=args.verbose, device=device)
-    return 1 if failed else 0
+def run_gradcheck_args(args: argparse.Namespace) -> int:
+    return run_gradcheck(seed=args.seed, tol=args.tol, verbose=args.verbose, device=args.device)
 
 
 # -- entry points -----------------------------------------------------------------------------------
@@ -204,6 +195,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_gradcheck_args(sub.add_parser("gradcheck", help="check every backward pass against finite differences",
                                        description="Check every layer's backward pass against finite differences."))
     return parser
+
+
+def _ignore_late_signals() -> None:
+    """The run is saved (or abandoned) and the process is leaving: a Ctrl-C now would only
+    turn the exit into a traceback."""
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def run_cli(fn) -> int:
@@ -249,7 +249,7 @@ def main(argv=None) -> int:
         return run_cli(lambda: run_training(given))
     if args.command == "generate":
         return run_cli(lambda: run_generate_args(args))
-    return run_cli(lambda: run_gradcheck(args))
+    return run_cli(lambda: run_gradcheck_args(args))
 
 
 def train_main(argv=None, description: str | None = None) -> None:

@@ -183,6 +183,8 @@ def generate(model, idx, max_new_tokens: int, context_size: int | None = None,
     restored afterwards.
     """
     _check_sampling(temperature, top_k, top_p)
+    if getattr(model.cfg, "num_classes", None) is not None:
+        raise ValueError("this model is a classifier (to_classifier): it labels text and cannot generate tokens")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     T_max = model.cfg.context_length

@@ -151,9 +151,10 @@ def gradcheck_checks(seed: int = 0) -> list:
     one entry to the list at the end (the helpers above it draw inputs and weights).
     """
     from .config import GPTConfig
+    from .lora import apply_lora
     from .model import FeedForward, GPTModel, OutputHead, TransformerBlock
-    from .nn import (CrossEntropyLoss, Dropout, Embedding, GELU, LayerNorm, Linear, MultiHeadAttention,
-                     Parameter, Softmax)
+    from .nn import (CrossEntropyLoss, Dropout, Embedding, GELU, LayerNorm, Linear, LoRALinear, LoRAOutputHead,
+                     MultiHeadAttention, Parameter, SequenceReadout, Softmax)
 
     F64 = "float64"
     rng = numpy.random.default_rng(seed)
@@ -186,6 +187,22 @@ def gradcheck_checks(seed: int = 0) -> list:
                                     before_forward=fixed_masks)
         return run
 
+    K, PAD = 3, V - 1
+
+    def padded_ids():
+        """(B + 1, T) ids right-padded with PAD to different lengths; one row unpadded."""
+        idx = rng.integers(0, PAD, (B + 1, T))
+        idx[0, 3:] = idx[2, 1:] = PAD
+        return dev(idx, None)
+
+    def classifier_lora_check():
+        """A whole classifier (last_non_pad readout) with LoRA on every Linear; B redrawn from
+        its zeros, so the adapters' every gradient is exercised."""
+        model = randomized(GPTModel(cfg, seed=seed).to_classifier(K, readout="last_non_pad", pad_id=PAD), 0.3)
+        randomized(apply_lora(model, rank=2, alpha=3.0, seed=seed), scale=0.3)
+        return check_model_loss(model, CrossEntropyLoss(), padded_ids(), dev(rng.integers(0, K, B + 1), None),
+                                eps=1e-5, before_forward=fixed_masks)
+
     def loss_check():
         targets = rng.integers(0, V, (B, T))
         targets[1, 2] = -100
@@ -210,6 +227,21 @@ def gradcheck_checks(seed: int = 0) -> list:
         ("CrossEntropyLoss", loss_check),
         ("GPTModel + loss (untied)", model_check(False)),
         ("GPTModel + loss (tied)", model_check(True)),
+        # fine-tuning (issue 8): class logits, the classification readout, LoRA
+        ("CrossEntropyLoss (B, K)", lambda: check_layer(CrossEntropyLoss(), randn(B, K) * 2,
+                                                        dev(rng.integers(0, K, B), None),
+                                                        input_names=["logits", "targets"])),
+        ("SequenceReadout (last)", lambda: check_layer(SequenceReadout("last"), randn(B, T, C), max_coords=None)),
+        ("SequenceReadout (non-pad)", lambda: check_layer(SequenceReadout("last_non_pad", pad_id=PAD),
+                                                          randn(B + 1, T, C), padded_ids(),
+                                                          input_names=["x", "idx"], max_coords=None)),
+        ("LoRALinear (splits=3)", lambda: check_layer(
+            randomized(LoRALinear(Linear(C, 3 * C, dtype=F64), rank=2, alpha=4.0, splits=3, seed=seed)),
+            randn(B, T, C))),
+        ("LoRAOutputHead", lambda: check_layer(
+            randomized(LoRAOutputHead(OutputHead(Parameter(randn(V, C) * 0.5)), rank=2, alpha=4.0, seed=seed)),
+            randn(B, T, C))),
+        ("classifier + LoRA + loss", classifier_lora_check),
     ]
 
 

@@ -4,6 +4,9 @@
                -> n_layers x [x + drop(attn(ln_1(x))); x + drop(mlp(ln_2(x)))]
                -> ln_f -> lm_head -> logits (B, T, V)
 
+A classifier (``to_classifier``) reads one position per row before ln_f and has a
+``score`` head instead: -> readout (B, C) -> ln_f -> score -> logits (B, K).
+
 Attribute names mirror GPT-2's checkpoint (``wte``, ``h.0.attn.c_attn``, ``ln_f``...),
 so loading real weights is a table of names.
 """
@@ -11,10 +14,12 @@ so loading real weights is a table of names.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 from . import backend, pretrained
-from .config import GPTConfig
-from .nn import Dropout, Embedding, GELU, KVCache, LayerNorm, Linear, Module, MultiHeadAttention, Parameter
+from .config import TRAINABLE, GPTConfig
+from .nn import (Dropout, Embedding, GELU, KVCache, LayerNorm, Linear, Module, MultiHeadAttention, OutputHead,
+                 Parameter, SequenceReadout, is_grad_enabled, no_grad)
 from .nn.module import skip_init
 
 
@@ -71,40 +76,21 @@ class TransformerBlock(Module):
         return dx
 
 
-class OutputHead(Module):
-    """logits = x @ W.T with W (V, C): the token embedding itself when weights are tied.
-
-    Backward: dx = dlogits @ W,  dW = dlogits^T @ x.
-    """
-
-    def __init__(self, weight: Parameter):
-        self.weight = weight
-
-    def forward(self, x):
-        B, T, C = x.shape
-        x2 = x.reshape(B * T, C)
-        self._save(x2=x2, BT=(B, T))
-        return (x2 @ self.weight.data.T).reshape(B, T, -1)  # (B, T, V)
-
-    def backward(self, dout):
-        cache = self._take()
-        x2, (B, T), V = cache["x2"], cache["BT"], self.weight.shape[0]
-        if tuple(dout.shape) != (B, T, V):
-            raise ValueError(f"dlogits has shape {tuple(dout.shape)}; the forward pass made logits {(B, T, V)}")
-        d2 = dout.reshape(B * T, V)
-        if self.weight.requires_grad:
-            self.weight.add_grad(d2.T @ x2)  # (V, C)
-        return (d2 @ self.weight.data).reshape(B, T, -1)  # (B, T, C)
-
-
 class GPTModel(Module):
-    """GPT-2. ``logits = model(idx)``; ``model.backward(dlogits)`` fills every ``.grad``."""
+    """GPT-2. ``logits = model(idx)``; ``model.backward(dlogits)`` fills every ``.grad``.
+
+    Fine-tuning: ``to_classifier`` swaps the head for a K-class one, ``set_trainable``
+    chooses what trains, and ``numpygpt.apply_lora`` adds low-rank adapters. Layers below
+    the lowest trainable one run without a cache and the backward stops above them.
+    """
 
     def __init__(self, cfg: GPTConfig, seed: int | None = 0, init: bool | str = True):
         """Build the model with ``init_weights(seed)``; ``init`` may name the scheme
         ("gpt2", the default, or "pytorch"); ``init=False`` skips drawing random weights
-        (all zeros, LayerNorm scale ones), for when a checkpoint's weights are loaded next."""
-        self.cfg = cfg
+        (all zeros, LayerNorm scale ones), for when a checkpoint's weights are loaded next.
+        A config with ``num_classes`` builds a classifier, one with ``lora_rank`` adds LoRA
+        adapters."""
+        self.cfg = cfg.replace(lora_rank=None, lora_alpha=None)  # apply_lora below records them
         dt = cfg.dtype
         with skip_init():  # one seeded draw for the whole model, in init_weights
             self.wte = Embedding(cfg.vocab_size, cfg.emb_dim, dtype=dt)
@@ -112,12 +98,21 @@ class GPTModel(Module):
             self.drop = Dropout(cfg.drop_rate)
             self.h = [TransformerBlock(cfg) for _ in range(cfg.n_layers)]
             self.ln_f = LayerNorm(cfg.emb_dim, eps=cfg.layer_norm_eps, dtype=dt)
-        if cfg.tie_weights:
+        if cfg.num_classes is not None:
+            self.lm_head = None
+            self.readout = SequenceReadout(cfg.readout, cfg.pad_id)
+            with skip_init():
+                self.score = Linear(cfg.emb_dim, cfg.num_classes, bias=True, dtype=dt)
+        elif cfg.tie_weights:
             self.lm_head = OutputHead(self.wte.weight)
         else:
             self.lm_head = OutputHead(Parameter(backend.xp.zeros((cfg.vocab_size, cfg.emb_dim), dtype=dt)))
         if init:
             self.init_weights(seed, scheme="gpt2" if init is True else init)
+        if cfg.lora_rank is not None:
+            from .lora import apply_lora
+
+            apply_lora(self, cfg.lora_rank, cfg.lora_alpha, seed=seed)
 
     # -- initialisation --------------------------------------------------------------
 
@@ -144,6 +139,8 @@ class GPTModel(Module):
         xp = backend.array_module(self.wte.weight.data)
         resid_std = 0.02 / math.sqrt(2 * self.cfg.n_layers)
         for name, p in self.named_parameters():
+            if name.endswith((".lora_A", ".lora_B")):
+                continue  # adapters keep their own initialisation (numpygpt.nn.lora)
             if name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or name == "ln_f.weight":
                 p.data, p.grad = xp.ones(p.shape, dtype=p.dtype), None
             elif name.endswith(".bias"):
@@ -204,48 +201,133 @@ class GPTModel(Module):
         return backend.to_device(idx, device_name=backend.device_of(self.wte.weight.data))
 
     def forward(self, idx, kv_caches: list | None = None):
-        """idx (B, T) integer token ids (NumPy, CuPy or a list) -> logits (B, T, V).
+        """idx (B, T) integer token ids -> logits (B, T, V), or (B, K) for a classifier.
 
         With ``kv_caches`` (one KVCache per block, see ``new_kv_caches``), idx holds only
         the new tokens; their positions continue after the cached ones.
         """
         start = kv_caches[0].length if kv_caches else 0
         idx = self.check_input(idx, start)  # (B, T) on the model's device
+        if kv_caches and self.is_classifier:
+            raise ValueError("a classifier reads whole sequences: it takes no KV cache")
         B, T = idx.shape
         xp = backend.array_module(self.wte.weight.data)
+        # stage -1 is the embeddings, stage i block i; stages below _grad_from train nothing
+        self._grad_from = self._lowest_trainable_stage() if is_grad_enabled() else 0
         pos = xp.arange(start, start + T)[None, :]  # (1, T)
-        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
+        with self._stage(-1):
+            x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
         for i, block in enumerate(self.h):
-            x = block(x, kv_caches[i] if kv_caches else None)
+            with self._stage(i):
+                x = block(x, kv_caches[i] if kv_caches else None)
+        if self.is_classifier:
+            x = self.readout(x, idx)  # (B, C): ln_f acts per position, so read first
+            x = self.ln_f(x)
+            return self.score(x)  # (B, K)
         x = self.ln_f(x)
         return self.lm_head(x)  # (B, T, V)
 
     def backward(self, dlogits) -> None:
-        """The forward pass read in reverse; adds into every parameter's .grad."""
-        dx = self.lm_head.backward(dlogits)  # (B, T, C)
-        dx = self.ln_f.backward(dx)
-        for block in reversed(self.h):
+        """The forward pass read in reverse; adds into every parameter's .grad. It stops
+        above the stages the forward ran without a cache (nothing below them trains)."""
+        grad_from = getattr(self, "_grad_from", -1)
+        if self.is_classifier:
+            dx = self.score.backward(dlogits)  # (B, C)
+            dx = self.ln_f.backward(dx)
+            dx = self.readout.backward(dx)  # (B, T, C)
+        else:
+            dx = self.lm_head.backward(dlogits)  # (B, T, C)
+            dx = self.ln_f.backward(dx)
+        for block in reversed(self.h[max(grad_from, 0):]):
             dx = block.backward(dx)
+        if grad_from >= 0:
+            return  # frozen embeddings: no gradient to scatter
         dx = self.drop.backward(dx)
         # x = wte[idx] + wpe[pos]: both embeddings receive dx (wpe summed over the batch)
         self.wte.backward(dx)
         self.wpe.backward(dx.sum(axis=0, keepdims=True))
 
+    def _lowest_trainable_stage(self) -> int:
+        """-1 if an embedding trains (a tied head's weight is wte), else the lowest block
+        with a trainable parameter, else n_layers (only ln_f and the head train)."""
+        if any(p.requires_grad for p in self.wte.parameters() + self.wpe.parameters()):
+            return -1
+        for i, block in enumerate(self.h):
+            if any(p.requires_grad for p in block.parameters()):
+                return i
+        return len(self.h)
+
+    def _stage(self, i: int):
+        """no_grad() for a stage below the lowest trainable one: no cache, no backward."""
+        return no_grad() if i < self._grad_from else nullcontext()
+
     def new_kv_caches(self) -> list:
         return [KVCache(self.cfg.context_length) for _ in self.h]
 
-    # -- conveniences ----------------------------------------------------------------
+    # -- fine-tuning -----------------------------------------------------------------
+
+    @property
+    def is_classifier(self) -> bool:
+        return self.cfg.num_classes is not None
+
+    @property
+    def head(self) -> Module:
+        """The output layer: ``score`` (classifier) or ``lm_head``."""
+        return self.score if self.is_classifier else self.lm_head
+
+    def to_classifier(self, num_classes: int, readout: str = "last", pad_id: int = 50256,
+                      seed: int | None = None) -> "GPTModel":
+        """Replace the output head by ``score = Linear(emb_dim, num_classes)`` with bias, so
+        ``model(idx)`` returns (B, num_classes) logits read at one position per row:
+        ``readout="last"`` the last one, ``"last_non_pad"`` the last whose id is not
+        ``pad_id`` (right padding). The weight is drawn N(0, 0.02) from ``seed``, the bias
+        is 0; the body's weights are untouched and a tied head just goes (wte stays).
+        Returns the model. Apply LoRA after this, so the new head gets an adapter."""
+        from .nn import LowRankAdapter
+
+        if any(isinstance(m, LowRankAdapter) for m in self.modules()):
+            raise ValueError("this model has LoRA adapters: call to_classifier before apply_lora")
+        cfg = self.cfg.replace(num_classes=num_classes, readout=readout, pad_id=pad_id)  # validates them
+        with backend.device(self.device):
+            score = Linear(cfg.emb_dim, cfg.num_classes, bias=True, dtype=cfg.dtype, seed=seed)
+        score.training = self.training
+        self.cfg, self.lm_head, self.score = cfg, None, score
+        self.readout = SequenceReadout(cfg.readout, cfg.pad_id)
+        return self
+
+    def set_trainable(self, which: str) -> "GPTModel":
+        """Train only part of the model; everything else is frozen (no gradient).
+
+        "all": every parameter; "head": the output head; "last-block": the last
+        transformer block, the final LayerNorm and the head (the book's chapter 6);
+        "last-two-blocks": the last two blocks, ln_f and the head. Components are whole
+        modules (block 1 is never block 11). A LoRA layer in a chosen component trains
+        its base weights too. Returns the model.
+        """
+        if which not in TRAINABLE:
+            raise ValueError(f"set_trainable: unknown choice {which!r}; choose from {', '.join(TRAINABLE)}")
+        n_blocks = {"all": 0, "head": 0, "last-block": 1, "last-two-blocks": 2}[which]
+        parts = [self] if which == "all" else [self.head]
+        if n_blocks:
+            parts += [self.ln_f] + self.h[-n_blocks:]
+        for p in self.parameters():
+            p.requires_grad, p.grad = False, None
+        for part in parts:
+            for p in part.parameters():
+                p.requires_grad = True
+        return self
 
     def freeze(self, *prefixes: str) -> None:
-        """Stop gradients for parameters whose name starts with any prefix (all if none given)."""
+        """Stop gradients for the components named (all if none): "h.1" is block 1 and
+        everything in it, never block 11."""
         for name, p in self.named_parameters():
-            if not prefixes or name.startswith(prefixes):
+            if _in_components(name, prefixes):
                 p.requires_grad = False
                 p.grad = None
 
     def unfreeze(self, *prefixes: str) -> None:
         for name, p in self.named_parameters():
-            if not prefixes or name.startswith(prefixes):
+            if _in_components(name, prefixes):
                 p.requires_grad = True
 
     # -- Hugging Face GPT-2 format (numpygpt.pretrained does the work) -----------------
@@ -259,3 +341,10 @@ class GPTModel(Module):
     def save_pretrained(self, directory: str) -> None:
         """Write config.json + model.safetensors in the Hugging Face GPT-2 layout."""
         pretrained.save_pretrained(self, directory)
+
+
+def _in_components(name: str, prefixes) -> bool:
+    """Whether a parameter name lies in one of the named components (all if none are named)."""
+    if not prefixes:
+        return True
+    return any(name == c or name.startswith(c + ".") for c in (p.rstrip(".") for p in prefixes))

@@ -61,7 +61,10 @@ def hf_tensor_shapes(cfg: GPTConfig) -> dict:
     """name -> shape of every tensor in a GPT-2 checkpoint for ``cfg``, in model order.
 
     These are also ``GPTModel(cfg).named_parameters()``, one-to-one. ``lm_head.weight``
-    appears only for an untied model, ``c_attn.bias`` only with ``qkv_bias``.
+    appears only for an untied model, ``c_attn.bias`` only with ``qkv_bias``. A classifier
+    (``cfg.num_classes``) has ``score.weight`` (C, K) and ``score.bias`` (K,) instead: numpygpt's
+    own head, stored (in, out) like every Linear (HF's GPT2ForSequenceClassification has an
+    (K, C) score without bias, so such a file is numpygpt's, not HF's).
     """
     V, T, C = cfg.vocab_size, cfg.context_length, cfg.emb_dim
     shapes = {"wte.weight": (V, C), "wpe.weight": (T, C)}
@@ -76,14 +79,16 @@ def hf_tensor_shapes(cfg: GPTConfig) -> dict:
         shapes[h + "mlp.c_fc.weight"], shapes[h + "mlp.c_fc.bias"] = (C, 4 * C), (4 * C,)
         shapes[h + "mlp.c_proj.weight"], shapes[h + "mlp.c_proj.bias"] = (4 * C, C), (C,)
     shapes["ln_f.weight"] = shapes["ln_f.bias"] = (C,)
-    if not cfg.tie_weights:
+    if cfg.num_classes is not None:
+        shapes["score.weight"], shapes["score.bias"] = (C, cfg.num_classes), (cfg.num_classes,)
+    elif not cfg.tie_weights:
         shapes["lm_head.weight"] = (V, C)
     return shapes
 
 
 def _check_model_matches_table(model) -> None:
     """The model's parameters must be exactly the checkpoint's tensors (a code bug otherwise)."""
-    ours = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    ours = {name: tuple(p.shape) for name, p in _weights(model)}
     if ours != hf_tensor_shapes(model.cfg):
         raise RuntimeError("GPTModel's parameter names no longer match the GPT-2 checkpoint layout")
 
@@ -131,6 +136,7 @@ def config_from_hf(hf: dict, dtype: str = "float32", drop_rate: float = 0.0) -> 
         drop_rate=drop_rate,
         qkv_bias=extras.get("qkv_bias", True),
         tie_weights=extras.get("tie_weights", hf.get("tie_word_embeddings", True)),
+        **{k: extras[k] for k in ("num_classes", "readout", "pad_id") if k in extras},  # a classifier
         layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
         dtype=dtype,
     )
@@ -157,7 +163,9 @@ def config_to_hf(cfg: GPTConfig) -> dict:
         "eos_token_id": EOT_TOKEN_ID,
         "tie_word_embeddings": cfg.tie_weights,
         "torch_dtype": cfg.dtype,
-        "numpygpt": {"tie_weights": cfg.tie_weights, "qkv_bias": cfg.qkv_bias},
+        "numpygpt": {"tie_weights": cfg.tie_weights, "qkv_bias": cfg.qkv_bias,
+                     **({"num_classes": cfg.num_classes, "readout": cfg.readout, "pad_id": cfg.pad_id}
+                        if cfg.num_classes is not None else {})},
     }
 
 
@@ -228,7 +236,7 @@ def _plan(f, cfg: GPTConfig):
     def shape(name):
         return tuple(f.get_slice(keys[name]).get_shape())
 
-    if "lm_head.weight" in keys and cfg.tie_weights:
+    if "lm_head.weight" in keys and cfg.tie_weights and cfg.num_classes is None:
         V, C = cfg.vocab_size, cfg.emb_dim
         tied = ("wte.weight" in keys and shape("wte.weight") == shape("lm_head.weight") == (V, C)
                 and numpy.array_equal(f.get_tensor(keys["wte.weight"]), f.get_tensor(keys["lm_head.weight"])))
@@ -329,11 +337,28 @@ def save_pretrained(model, directory) -> None:
     initialise the missing biases), but ``config.json``'s ``numpygpt`` section records it
     and ``from_pretrained`` reads it back. Each file is written to a temporary file and
     renamed, and tensors are copied to the host one at a time.
+
+    A classifier is written with its ``score`` head and ``config.json`` records its
+    ``num_classes``, ``readout`` and ``pad_id``. A LoRA model must be merged first
+    (``merge_lora``): its merged weights are written, without adapters, as a plain model.
     """
+    from .lora import is_merged, lora_layers
+
+    if lora_layers(model) and not is_merged(model):
+        raise ValueError("save_pretrained writes plain GPT-2 weights: call merge_lora(model) first to fold the "
+                         "LoRA adapters in (or keep them apart with save_lora / save_checkpoint)")
     _check_model_matches_table(model)
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
-    write_safetensors(os.path.join(directory, WEIGHTS_FILE), [(n, p.data) for n, p in model.named_parameters()],
+    write_safetensors(os.path.join(directory, WEIGHTS_FILE), [(n, p.data) for n, p in _weights(model)],
                       metadata={"format": "pt"})  # HF transformers asks for format 'pt'
+    cfg = model.cfg.replace(lora_rank=None, lora_alpha=None)
     with atomic_write(os.path.join(directory, CONFIG_FILE)) as fh:
-        fh.write((json.dumps(config_to_hf(model.cfg), indent=2) + "\n").encode("utf-8"))
+        fh.write((json.dumps(config_to_hf(cfg), indent=2) + "\n").encode("utf-8"))
+
+
+def _weights(model) -> list:
+    """(name, Parameter) of the model's GPT-2 weights: LoRA adapters left out."""
+    from .lora import LORA_SUFFIXES
+
+    return [(n, p) for n, p in model.named_parameters() if not n.endswith(LORA_SUFFIXES)]

@@ -1,4 +1,4 @@
-"""What ``numpygpt train`` and ``numpygpt generate`` do, callable from Python with the same
+"""What ``numpygpt train``, ``generate`` and ``gradcheck`` do, callable from Python with the same
 names: a notebook user and a command-line user run the same code.
 
     result = run_training({"data": "book.txt", "max_steps": 100})   # options as parse_train_args gives them
@@ -27,7 +27,7 @@ from .optim import AdamW, CosineWithWarmup, param_groups
 from .train import (TrainingInterrupted, TrainOptions, TrainState, evaluate_model, perplexity, plot_losses,
                     stop_on_signals, train_model)
 
-__all__ = ["run_training", "run_generate", "RunError", "TRAIN_DEFAULTS", "DEFAULT_MAX_STEPS"]
+__all__ = ["run_training", "run_generate", "run_gradcheck", "RunError", "TRAIN_DEFAULTS", "DEFAULT_MAX_STEPS"]
 
 
 class RunError(Exception):
@@ -61,7 +61,6 @@ TRAIN_DEFAULTS = dict(
 )
 
 
-
 def _say(msg: str = "") -> None:
     comm = distributed.current()
     if comm is None or comm.is_main:  # under mpiexec rank 0 alone reports
@@ -87,9 +86,9 @@ def _read_checkpoint(path):
         raise RunError(f"cannot load checkpoint {path!r}: {type(e).__name__}: {e}") from e
 
 
-def _apply_checkpoint(saved, model, optimizer=None, restore_rng: bool = True) -> None:
+def _apply_checkpoint(saved, model, optimizer) -> None:
     try:
-        saved.apply(model, optimizer, restore_rng=restore_rng)
+        saved.apply(model, optimizer)
     except ValueError as e:
         raise RunError(f"cannot load checkpoint {saved.path!r}: {e}") from e
 
@@ -271,7 +270,8 @@ def run_training(given: dict) -> dict:
     except OSError as e:
         raise RunError(f"--out: cannot create {out!r}: {e}") from e
     ckpt_path = os.path.join(out, "checkpoint.safetensors")
-    remove_stale_temps(ckpt_path)  # left by a run killed while it saved
+    if comm.is_main:  # the one rank that writes there
+        remove_stale_temps(ckpt_path)  # left by a run killed while it saved
     plot_path = os.path.join(out, "loss.png")
     history_path = os.path.join(out, "history.json")
 
@@ -369,3 +369,14 @@ def _build_from_checkpoint(saved, device: str):
         return saved.build_model(device)
     except ValueError as e:
         raise RunError(f"cannot load checkpoint {saved.path!r}: {e}") from e
+
+
+def run_gradcheck(seed: int = 0, tol: float = 1e-6, verbose: bool = False, device: str = "cpu") -> int:
+    """Everything ``numpygpt gradcheck`` does: every check of ``gradcheck.gradcheck_checks``
+    on ``device``, a table printed; returns 0 if all are within ``tol``, else 1."""
+    from .gradcheck import run_gradchecks
+
+    device = _set_device(device)
+    with backend.device(device):
+        failed = run_gradchecks(seed=seed, tol=tol, verbose=verbose, device=device)
+    return 1 if failed else 0

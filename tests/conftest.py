@@ -38,3 +38,16 @@ def rng():
 def to_dev(a, dtype=None):
     """Host array -> the current device."""
     return backend.to_device(np.asarray(a), dtype=dtype)
+
+
+def to_host(a):
+    """Device array -> NumPy."""
+    return backend.to_host(a)
+
+
+def assert_grads_ok(errors: dict, tol: float = 1e-6):
+    """Every relative error of a gradient check (numpygpt.gradcheck) at most ``tol``."""
+    from numpygpt.gradcheck import report
+
+    assert errors, "nothing was checked"
+    assert max(errors.values()) <= tol, "\n" + report(errors, tol)

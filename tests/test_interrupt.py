@@ -84,12 +84,17 @@ def test_a_second_ctrl_c_quits_at_once_and_leaves_no_damage(tmp_path, text_file)
     proc = start_training(text_file, out, "--checkpoint-every", "1")
     wait_for_steps(proc, 3)
     proc.send_signal(signal.SIGINT)
+    time.sleep(0.2)  # two signals sent back to back can merge into one pending signal
     proc.send_signal(signal.SIGINT)
     t0 = time.monotonic()
     code, err = finish(proc, timeout=30)
     assert time.monotonic() - t0 < 30
-    assert code == 130, err
+    # 130 from numpygpt; -SIGINT when the second signal lands while the interpreter is
+    # already shutting down (after the message; Python's finalisation restores SIG_DFL):
+    # a shell reports both as 130
+    assert code in (130, -signal.SIGINT), err
     assert "Traceback" not in err
     names = sorted(p.name for p in out.iterdir())
     assert names == ["checkpoint.safetensors"], names  # a save cut short left no temporary file
-    assert load_checkpoint(out / "checkpoint.safetensors", device="cpu", restore_rng=False)["step"] >= 3
+    # the second Ctrl-C may cut the save of the last step short: then the one before is on disk
+    assert load_checkpoint(out / "checkpoint.safetensors", device="cpu", restore_rng=False)["step"] >= 2

@@ -1,15 +1,18 @@
 """Layers with hand-written forward and backward passes."""
 
 from .module import Module, Parameter, eval_mode, no_grad, is_grad_enabled
-from .linear import Linear
+from .linear import Linear, OutputHead
 from .embedding import Embedding
 from .normalization import LayerNorm
 from .activation import GELU, Softmax
 from .dropout import Dropout
 from .attention import MultiHeadAttention, KVCache, causal_mask
 from .loss import CrossEntropyLoss
+from .readout import SequenceReadout
+from .lora import LoRALinear, LoRAOutputHead, LowRankAdapter
 
 __all__ = [
-    "Module", "Parameter", "eval_mode", "no_grad", "is_grad_enabled", "Linear", "Embedding", "LayerNorm",
+    "Module", "Parameter", "eval_mode", "no_grad", "is_grad_enabled", "Linear", "OutputHead", "Embedding", "LayerNorm",
     "GELU", "Softmax", "Dropout", "MultiHeadAttention", "KVCache", "causal_mask", "CrossEntropyLoss",
+    "SequenceReadout", "LoRALinear", "LoRAOutputHead", "LowRankAdapter",
 ]

@@ -1,4 +1,5 @@
-"""Linear layer: y = x @ W + b, with W stored (in, out) as in GPT-2's checkpoints."""
+"""Linear layers: y = x @ W + b with W stored (in, out) as in GPT-2's checkpoints, and the
+language-model head logits = x @ W.T with W (V, C), the token embedding's layout."""
 
 from __future__ import annotations
 
@@ -39,3 +40,29 @@ class Linear(Module):
             self.bias.add_grad(dy.sum(axis=0))  # (out,)
         dx = dy @ self.weight.data.T  # (N, in)
         return dx.reshape(*cache["lead"], -1)
+
+
+class OutputHead(Module):
+    """logits = x @ W.T with W (V, C): the token embedding itself when weights are tied.
+
+    Backward: dx = dlogits @ W,  dW = dlogits^T @ x.
+    """
+
+    def __init__(self, weight: Parameter):
+        self.weight = weight
+
+    def forward(self, x):
+        B, T, C = x.shape
+        x2 = x.reshape(B * T, C)
+        self._save(x2=x2, BT=(B, T))
+        return (x2 @ self.weight.data.T).reshape(B, T, -1)  # (B, T, V)
+
+    def backward(self, dout):
+        cache = self._take()
+        x2, (B, T), V = cache["x2"], cache["BT"], self.weight.shape[0]
+        if tuple(dout.shape) != (B, T, V):
+            raise ValueError(f"dlogits has shape {tuple(dout.shape)}; the forward pass made logits {(B, T, V)}")
+        d2 = dout.reshape(B * T, V)
+        if self.weight.requires_grad:
+            self.weight.add_grad(d2.T @ x2)  # (V, C)
+        return (d2 @ self.weight.data).reshape(B, T, -1)  # (B, T, C)

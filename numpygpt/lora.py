@@ -1,0 +1,207 @@
+"""LoRA on a whole GPTModel: apply, merge, unmerge, save and load adapters.
+
+    apply_lora(model, rank=16, alpha=16, seed=123)   # adapters on every block Linear and the head
+    ...train: only lora_A / lora_B have requires_grad...
+    save_lora(model, "adapters.safetensors")          # the adapters alone (a few MB)
+    merge_lora(model)                                 # fold into the weights for inference
+
+What gets an adapter: in every block ``attn.c_attn`` (three, for Q, K and V: splits=3),
+``attn.c_proj``, ``mlp.c_fc`` and ``mlp.c_proj``; and the head: a classifier's ``score``
+or an untied language-model head (a tied one is the token embedding and stays frozen).
+Everything else is frozen. The layer itself is numpygpt.nn.LoRALinear / LoRAOutputHead.
+
+The model's config records ``lora_rank`` and ``lora_alpha``, so ``save_checkpoint`` /
+``load_checkpoint`` rebuild a LoRA model with its adapters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from safetensors import safe_open
+
+from . import backend
+from .fileio import write_safetensors
+from .nn import LoRALinear, LoRAOutputHead, LowRankAdapter
+
+__all__ = ["apply_lora", "merge_lora", "unmerge_lora", "save_lora", "load_lora", "lora_layers",
+           "lora_parameters", "lora_tensor_shapes"]
+
+LORA_FORMAT = "numpygpt-lora"
+LORA_SUFFIXES = (".lora_A", ".lora_B")
+
+
+def lora_tensor_shapes(cfg) -> dict:
+    """name -> shape of every adapter tensor apply_lora gives a model with this config
+    (rank ``cfg.lora_rank``), in model order; computed from the config alone."""
+    C, r = cfg.emb_dim, cfg.lora_rank
+    shapes = {}
+
+    def adapter(name, n_in, n_out, splits=1):
+        shapes[name + ".lora_A"] = (splits, n_in, r)
+        shapes[name + ".lora_B"] = (splits, r, n_out // splits)
+
+    for i in range(cfg.n_layers):
+        adapter(f"h.{i}.attn.c_attn", C, 3 * C, splits=3)
+        adapter(f"h.{i}.attn.c_proj", C, C)
+        adapter(f"h.{i}.mlp.c_fc", C, 4 * C)
+        adapter(f"h.{i}.mlp.c_proj", 4 * C, C)
+    if cfg.num_classes is not None:
+        adapter("score", C, cfg.num_classes)
+    elif not cfg.tie_weights:
+        adapter("lm_head", C, cfg.vocab_size)
+    return shapes
+
+
+def lora_layers(model) -> list:
+    """The model's LoRA layers, in module order."""
+    return [m for m in model.modules() if isinstance(m, LowRankAdapter)]
+
+
+def lora_parameters(model) -> list:
+    """(name, Parameter) of every adapter tensor, in model order."""
+    return [(n, p) for n, p in model.named_parameters() if n.endswith(LORA_SUFFIXES)]
+
+
+def apply_lora(model, rank: int, alpha: float, seed: int | None = None):
+    """Wrap every Linear of the blocks (``c_attn`` with one adapter each for Q, K and V) and
+    the head (a classifier's ``score`` or an untied LM head) in LoRA layers of this rank and
+    alpha, and freeze every other parameter. A fresh model computes what it did before
+    (B starts at zero). ``seed`` draws every A from one generator. Returns the model.
+
+    Raises ValueError for rank < 1, alpha <= 0, or a model that already has adapters.
+    """
+    if lora_layers(model):
+        raise ValueError("this model already has LoRA adapters: apply_lora was called twice "
+                         f"(rank {model.cfg.lora_rank}, alpha {model.cfg.lora_alpha})")
+    cfg = model.cfg.replace(lora_rank=rank, lora_alpha=alpha)  # validates rank and alpha
+    rng = backend.host_rng(seed)
+
+    def seed_next():
+        return int(rng.integers(2**31))
+
+    for p in model.parameters():
+        p.requires_grad, p.grad = False, None
+    for block in model.h:
+        attn, mlp = block.attn, block.mlp
+        attn.c_attn = LoRALinear(attn.c_attn, rank, alpha, splits=3, seed=seed_next())  # q | k | v
+        attn.c_proj = LoRALinear(attn.c_proj, rank, alpha, seed=seed_next())
+        mlp.c_fc = LoRALinear(mlp.c_fc, rank, alpha, seed=seed_next())
+        mlp.c_proj = LoRALinear(mlp.c_proj, rank, alpha, seed=seed_next())
+    if model.is_classifier:
+        model.score = LoRALinear(model.score, rank, alpha, seed=seed_next())
+    elif not model.cfg.tie_weights:
+        model.lm_head = LoRAOutputHead(model.lm_head, rank, alpha, seed=seed_next())
+    model.cfg = cfg
+    return model
+
+
+def merge_lora(model):
+    """Fold every adapter into its weight (W += s A B) for inference: outputs unchanged up
+    to float rounding and the forward skips the adapters. Returns the model."""
+    layers = _require_lora(model)
+    for layer in layers:
+        layer.merge()
+    return model
+
+
+def unmerge_lora(model):
+    """Undo merge_lora (W -= s A B), so the adapters can train again. Returns the model."""
+    layers = _require_lora(model)
+    for layer in layers:
+        layer.unmerge()
+    return model
+
+
+def is_merged(model) -> bool:
+    layers = lora_layers(model)
+    return bool(layers) and any(layer.merged for layer in layers)
+
+
+def _require_lora(model) -> list:
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("this model has no LoRA adapters (call apply_lora first)")
+    return layers
+
+
+def check_unmerged(model, action: str) -> None:
+    """A merged model's weights already hold the adapters: saving them with the adapters
+    would count the adapters twice when loaded."""
+    if is_merged(model):
+        raise ValueError(f"cannot {action} while LoRA is merged into the weights: call unmerge_lora(model) first")
+
+
+def _saved_alone(model) -> list:
+    """(name, Parameter) that save_lora writes: the adapters, and a classifier's head (drawn
+    by to_classifier, so no pretrained file has it)."""
+    head = [("score.weight", model.score.weight), ("score.bias", model.score.bias)] if model.is_classifier else []
+    return lora_parameters(model) + head
+
+
+def _saved_alone_shapes(cfg) -> dict:
+    shapes = lora_tensor_shapes(cfg)
+    if cfg.num_classes is not None:
+        shapes.update({"score.weight": (cfg.emb_dim, cfg.num_classes), "score.bias": (cfg.num_classes,)})
+    return shapes
+
+
+def save_lora(model, path) -> None:
+    """Write the adapters (``*.lora_A``, ``*.lora_B``) to a small safetensors file, with the
+    rank, alpha and model config in its metadata. A classifier's head (``score.weight``,
+    ``score.bias``) goes in too: to_classifier drew it, no pretrained file holds it. Atomic:
+    written to a temporary file and renamed."""
+    _require_lora(model)
+    check_unmerged(model, "save the adapters")
+    meta = {"format": LORA_FORMAT, "rank": model.cfg.lora_rank, "alpha": model.cfg.lora_alpha,
+            "config": model.cfg.to_dict()}
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_safetensors(path, [(n, p.data) for n, p in _saved_alone(model)], metadata={"numpygpt": json.dumps(meta)})
+
+
+def load_lora(model, path):
+    """Load adapters saved by ``save_lora`` into ``model`` (typically the pretrained model,
+    after ``to_classifier`` with the same number of classes for a classifier, whose head
+    is loaded too). A model without adapters gets them first (``apply_lora`` with the
+    file's rank and alpha); one with adapters must have the same rank and alpha. Every
+    name and shape is checked before anything changes. Returns the model."""
+    path = os.fspath(path)
+    try:
+        with safe_open(path, framework="numpy") as f:
+            raw = (f.metadata() or {}).get("numpygpt")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
+    except Exception as e:  # safetensors' own error type
+        raise ValueError(f"{path} is not a readable safetensors file ({e})") from e
+    try:
+        meta = json.loads(raw) if raw else {}
+    except json.JSONDecodeError:
+        meta = {}
+    if meta.get("format") != LORA_FORMAT:
+        raise ValueError(f"{path} is not a numpygpt LoRA adapter file (written by save_lora)")
+    rank, alpha = meta["rank"], meta["alpha"]
+    layers = lora_layers(model)
+    if layers and (model.cfg.lora_rank, model.cfg.lora_alpha) != (rank, alpha):
+        raise ValueError(f"{path} holds rank {rank}, alpha {alpha} adapters; the model has rank "
+                         f"{model.cfg.lora_rank}, alpha {model.cfg.lora_alpha}")
+    check_unmerged(model, "load adapters")
+    _check_shapes(path, _saved_alone_shapes(model.cfg.replace(lora_rank=rank, lora_alpha=alpha)), tensors)
+    if not layers:
+        apply_lora(model, rank, alpha)
+    params = dict(_saved_alone(model))
+    for name, p in params.items():
+        p.data = backend.to_device(tensors[name], dtype=p.dtype, device_name=backend.device_of(p.data)).copy()
+        p.grad = None
+    return model
+
+
+def _check_shapes(path: str, expected: dict, tensors: dict) -> None:
+    problems = [f"missing {n}" for n in expected if n not in tensors]  # e.g. a classifier's file for an LM
+    problems += [f"unexpected {n}" for n in tensors if n not in expected]
+    problems += [f"{n} has shape {tuple(tensors[n].shape)}, the model needs {s}"
+                 for n, s in expected.items() if n in tensors and tuple(tensors[n].shape) != s]
+    if problems:
+        raise ValueError(f"{path} does not fit the model's LoRA adapters: " + "; ".join(problems[:6]))

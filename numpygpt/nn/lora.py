@@ -1,0 +1,216 @@
+"""LoRA: a frozen linear layer plus a trainable low-rank update (the book's appendix E).
+
+    y = x @ W + b + (alpha / rank) * (x @ A) @ B         A (in, rank), B (rank, out)
+
+A is drawn U(-1/sqrt(rank), 1/sqrt(rank)) (what the book's ``kaiming_uniform_(A, a=sqrt(5))``
+gives for an (in, rank) tensor, whose fan-in is rank) and B is zeros, so a fresh adapter
+adds exactly 0: the wrapped model computes what it computed before. The scale is
+alpha / rank (the book's later printings; the first used alpha alone).
+
+``splits=S`` gives S independent adapters over S equal column blocks of W. GPT-2's fused
+``c_attn`` (C, 3C) packs Q | K | V side by side, so ``splits=3`` is the book's separate
+adapters on ``W_query``, ``W_key`` and ``W_value``. The parameters carry the split as a
+leading axis, always (S = 1 included):
+
+    lora_A  (S, in, rank)        lora_B  (S, rank, out / S)
+
+and the base layer's own parameters keep their names (``c_attn.weight``, ``c_attn.bias``),
+so a LoRA model's state dict is the plain model's plus ``*.lora_A`` / ``*.lora_B``.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .linear import Linear, OutputHead
+from .module import Parameter
+from .. import backend
+
+
+class LowRankAdapter:
+    """The adapter's math, shared by LoRALinear and LoRAOutputHead.
+
+    Forward over rows x (N, in), split k covering output columns [k o, (k+1) o), o = out / S:
+        u_k = s * x @ A_k                     (N, rank)     s = alpha / rank
+        delta[:, cols_k] = u_k @ B_k          (N, o)
+    Backward with dy (N, out), dy_k its column block k:
+        dB_k = u_k^T @ dy_k                   (rank, o)     = s (x A_k)^T dy_k
+        g_k  = s * dy_k @ B_k^T               (N, rank)     dL/d(x A_k)
+        dA_k = x^T @ g_k                      (in, rank)
+        dx  += sum_k g_k @ A_k^T              (N, in)
+    All S splits go through one matmul each way: A's blocks side by side are
+    A_flat (in, S rank), and the k-loops are batched matmuls over a leading S axis.
+    """
+
+    def _init_adapter(self, in_features: int, out_features: int, rank: int, alpha: float, splits: int,
+                      seed, like) -> None:
+        rank, splits = _positive_int("rank", rank), _positive_int("splits", splits)
+        alpha = float(alpha)
+        if not alpha > 0 or not math.isfinite(alpha):
+            raise ValueError(f"LoRA alpha must be a positive number, got {alpha}")
+        if out_features % splits != 0:
+            raise ValueError(f"{out_features} output features do not split into {splits} equal blocks")
+        self.rank, self.alpha, self.splits = rank, alpha, splits
+        self.scaling = alpha / rank
+        self.merged = False
+        bound = 1.0 / math.sqrt(rank)
+        host_A = backend.host_rng(seed).uniform(-bound, bound, (splits, in_features, rank)).astype("float32")
+        where = dict(dtype=like.dtype, device_name=backend.device_of(like))
+        self.lora_A = Parameter(backend.to_device(host_A, **where))  # (S, in, rank)
+        xp = backend.array_module(like)
+        self.lora_B = Parameter(xp.zeros((splits, rank, out_features // splits), dtype=like.dtype))  # (S, rank, o)
+
+    def _A_flat(self):
+        S, n_in, r = self.lora_A.shape
+        return self.lora_A.data.transpose(1, 0, 2).reshape(n_in, S * r)  # (in, S rank)
+
+    def _adapter_forward(self, x2):
+        """x2 (N, in) -> (delta (N, out), u (N, S rank) for backward)."""
+        S, r, o = self.lora_B.shape
+        N = x2.shape[0]
+        u = x2 @ self._A_flat()  # (N, S r)
+        u *= self.scaling
+        u_split = u.reshape(N, S, r).transpose(1, 0, 2)  # (S, N, r)
+        delta = u_split @ self.lora_B.data  # (S, N, o)
+        return delta.transpose(1, 0, 2).reshape(N, S * o), u
+
+    def _adapter_backward(self, x2, u, dy):
+        """dy (N, out) -> the adapter's share of dx (N, in); adds into dA and dB."""
+        S, r, o = self.lora_B.shape
+        N = x2.shape[0]
+        dy_split = dy.reshape(N, S, o).transpose(1, 0, 2)  # (S, N, o)
+        # delta_k = u_k @ B_k
+        if self.lora_B.requires_grad:
+            u_split = u.reshape(N, S, r).transpose(1, 0, 2)  # (S, N, r)
+            self.lora_B.add_grad(u_split.transpose(0, 2, 1) @ dy_split)  # (S, r, o)
+        g = dy_split @ self.lora_B.data.transpose(0, 2, 1)  # (S, N, r)
+        g *= self.scaling
+        # u_k = s * x @ A_k, all splits at once as x @ A_flat
+        g_flat = g.transpose(1, 0, 2).reshape(N, S * r)  # (N, S r)
+        if self.lora_A.requires_grad:
+            n_in = x2.shape[1]
+            dA_flat = x2.T @ g_flat  # (in, S r)
+            self.lora_A.add_grad(dA_flat.reshape(n_in, S, r).transpose(1, 0, 2).copy())  # (S, in, r)
+        return g_flat @ self._A_flat().T  # (N, in)
+
+    def delta_weight(self):
+        """s * [A_1 B_1 | ... | A_S B_S]: (in, out), what the adapter adds to an (in, out) weight."""
+        S, n_in, _ = self.lora_A.shape
+        blocks = self.lora_A.data @ self.lora_B.data  # (S, in, o)
+        delta = blocks.transpose(1, 0, 2).reshape(n_in, -1)  # (in, out)
+        delta *= self.scaling
+        return delta
+
+    def _add_adapter_dx(self, dx, cache: dict, dout):
+        """dx (..., in) of the base layer plus the adapter's share, for the forward that made ``cache``."""
+        if "u" not in cache:  # that forward ran merged: the adapter was inside W
+            if self.lora_A.requires_grad or self.lora_B.requires_grad:
+                raise RuntimeError("this LoRA layer was merged into its weight, so its adapters cannot train: "
+                                   "call unmerge_lora(model) (or layer.unmerge()) before training")
+            return dx
+        x2 = cache["x2"]  # (N, in)
+        dx += self._adapter_backward(x2, cache["u"], dout.reshape(x2.shape[0], -1)).reshape(dx.shape)
+        return dx
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or int(value) != value or int(value) < 1:
+        raise ValueError(f"LoRA {name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+class LoRALinear(Linear, LowRankAdapter):
+    """A Linear whose weight and bias are frozen, plus a trainable low-rank adapter:
+    y = x @ W + b + (alpha / rank) * (x @ A) @ B  (see LowRankAdapter for the backward).
+
+    ``base``'s Parameters are shared, not copied, and frozen (requires_grad False): the
+    base backward skips its dW matmul and computes only dx = dy @ W^T. Unfreeze
+    ``layer.weight`` to train it as well.
+    """
+
+    def __init__(self, base: Linear, rank: int, alpha: float, splits: int = 1, seed: int | None = None):
+        if isinstance(base, LowRankAdapter):
+            raise ValueError("this layer already has a LoRA adapter: LoRA cannot be applied twice")
+        if not isinstance(base, Linear):
+            raise TypeError(f"LoRALinear wraps a Linear, got {type(base).__name__}")
+        self.weight, self.bias = base.weight, base.bias
+        for p in (self.weight, self.bias):
+            if p is not None:
+                p.requires_grad, p.grad = False, None
+        n_in, n_out = self.weight.shape  # (in, out)
+        self._init_adapter(n_in, n_out, rank, alpha, splits, seed, like=self.weight.data)
+        self.training = base.training
+
+    def forward(self, x):
+        y = Linear.forward(self, x)  # x @ W + b; keeps x2 for backward
+        if self.merged:
+            return y
+        x2 = x.reshape(-1, self.weight.shape[0])  # (N, in)
+        delta, u = self._adapter_forward(x2)  # (N, out)
+        if self._cache is not None:
+            self._cache["u"] = u
+        y += delta.reshape(y.shape)
+        return y
+
+    def backward(self, dout):
+        cache = getattr(self, "_cache", None) or {}  # Linear.backward takes (and checks) it
+        dx = Linear.backward(self, dout)  # dy @ W^T (and dW, db if unfrozen)
+        return self._add_adapter_dx(dx, cache, dout)
+
+    def merge(self) -> None:
+        """W += s A B: the adapter folded into the weight; forward then skips it (inference)."""
+        if not self.merged:
+            self.weight.data += self.delta_weight()
+            self.merged = True
+
+    def unmerge(self) -> None:
+        """W -= s A B: undo merge (equal to the weight before it up to float rounding)."""
+        if self.merged:
+            self.weight.data -= self.delta_weight()
+            self.merged = False
+
+
+class LoRAOutputHead(OutputHead, LowRankAdapter):
+    """The language-model head with a frozen W (V, C) and a trainable adapter:
+    logits = x @ W^T + (alpha / rank) * (x @ A) @ B,  A (1, C, rank), B (1, rank, V).
+
+    Merging adds the adapter's (C, V) update transposed: W += (s A B)^T. Do not wrap a head
+    tied to the token embedding if you mean to merge: the embedding would change too.
+    """
+
+    def __init__(self, base: OutputHead, rank: int, alpha: float, seed: int | None = None):
+        if isinstance(base, LowRankAdapter):
+            raise ValueError("this layer already has a LoRA adapter: LoRA cannot be applied twice")
+        if not isinstance(base, OutputHead):
+            raise TypeError(f"LoRAOutputHead wraps an OutputHead, got {type(base).__name__}")
+        self.weight = base.weight
+        self.weight.requires_grad, self.weight.grad = False, None
+        V, C = self.weight.shape
+        self._init_adapter(C, V, rank, alpha, 1, seed, like=self.weight.data)
+        self.training = base.training
+
+    def forward(self, x):
+        logits = OutputHead.forward(self, x)  # x @ W^T; keeps x2 (B T, C)
+        if self.merged:
+            return logits
+        x2 = x.reshape(-1, self.weight.shape[1])  # (B T, C)
+        delta, u = self._adapter_forward(x2)  # (B T, V)
+        if self._cache is not None:
+            self._cache["u"] = u
+        logits += delta.reshape(logits.shape)
+        return logits
+
+    def backward(self, dout):
+        cache = getattr(self, "_cache", None) or {}
+        dx = OutputHead.backward(self, dout)  # dlogits @ W
+        return self._add_adapter_dx(dx, cache, dout)
+
+    def merge(self) -> None:
+        if not self.merged:
+            self.weight.data += self.delta_weight().T
+            self.merged = True
+
+    def unmerge(self) -> None:
+        if self.merged:
+            self.weight.data -= self.delta_weight().T
+            self.merged = False
