@@ -183,15 +183,76 @@ def run_gradcheck_args(args: argparse.Namespace) -> int:
     return run_gradcheck(seed=args.seed, tol=args.tol, verbose=args.verbose, device=args.device)
 
 
+# -- finetune classify, classify (the work is in numpygpt.finetune.classify) --------------------------
+
+def _add_finetune_classify_args(p: argparse.ArgumentParser) -> None:
+    """Every option defaults to "not given"; FINETUNE_CLASSIFY_DEFAULTS fills the gaps (the book's recipe)."""
+    p.add_argument("--data", metavar="PATH", help="label<TAB>text lines (the SMS Spam Collection's format) or a CSV "
+                   "with Label,Text columns (default: download the SMS Spam Collection)")
+    p.add_argument("--label-column", metavar="NAME", help="the CSV's label column (default Label)")
+    p.add_argument("--text-column", metavar="NAME", help="the CSV's text column (default Text)")
+    p.add_argument("--max-length", type=int, metavar="N",
+                   help="truncate texts to N tokens (default: pad to the longest training text; longer than the "
+                        "model's context is an error)")
+    p.add_argument("--pretrained", metavar="DIR_OR_NAME", help="GPT-2 weights: a Hugging Face directory or a name (default gpt2)")
+    p.add_argument("--readout", choices=("last", "last_non_pad"),
+                   help="logits read at the last position (the book, default) or at the last non-padding token")
+    p.add_argument("--trainable", metavar="WHICH",
+                   help="all, last-block (default: last block, final LayerNorm, head), last-two-blocks or head")
+    p.add_argument("--lora-rank", type=int, metavar="R", help="train LoRA adapters of rank R instead (lr 8e-4)")
+    p.add_argument("--lora-alpha", type=float, metavar="A", help="LoRA scale alpha / rank (default alpha = rank)")
+    p.add_argument("--lr", type=float, help="AdamW learning rate (default 5e-5; 8e-4 with LoRA)")
+    p.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0.1)")
+    p.add_argument("--epochs", type=int, help="(default 5)")
+    p.add_argument("--batch-size", type=int, help="(default 8)")
+    p.add_argument("--eval-freq", type=int, help="evaluate the losses every N steps (default 50)")
+    p.add_argument("--eval-iter", type=int, help="batches per evaluation (default 5)")
+    p.add_argument("--seed", type=int, help="seeds the balancing, split, batch order and class head (default 123)")
+    p.add_argument("--device", choices=("cpu", "cuda", "auto"), help="(default auto)")
+    p.add_argument("--out", metavar="DIR", help="where the model, plots and history go (default runs/classifier)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_classify_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", metavar="DIR", required=True, help="a directory written by `numpygpt finetune classify`")
+    p.add_argument("text", nargs="+", help="text(s) to label; one label a line")
+    p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto", help="(default %(default)s)")
+
+
+def _one_line_errors(fn):
+    """Run ``fn()``; bad input (ValueError, a missing or unreadable file, no device) becomes one line, exit 2."""
+    from .backend import DeviceError
+
+    try:
+        return fn()
+    except (ValueError, OSError, DeviceError) as e:
+        raise RunError(" ".join(str(e).split())) from e
+
+
+def run_finetune_classify(given: dict):
+    from .finetune.classify import finetune_classifier
+
+    return _one_line_errors(lambda: finetune_classifier(**given))
+
+
 # -- entry points -----------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="numpygpt", description="GPT-2 in NumPy/CuPy with hand-written backward passes.")
-    sub = parser.add_subparsers(dest="command", metavar="{train,generate,gradcheck}", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="{train,generate,finetune,classify,gradcheck}", required=True)
     _add_train_args(sub.add_parser("train", help="train a model (a small one on Python's manual by default)",
                                    description="Train a GPT model.", argument_default=argparse.SUPPRESS))
     _add_generate_args(sub.add_parser("generate", help="continue a prompt with a trained or pretrained model",
                                       description="Generate text from a checkpoint or GPT-2 weights."))
+    finetune = sub.add_parser("finetune", help="fine-tune pretrained GPT-2 for a task",
+                              description="Fine-tune pretrained GPT-2 for a task.")
+    tasks = finetune.add_subparsers(dest="task", metavar="{classify}", required=True)
+    _add_finetune_classify_args(tasks.add_parser(
+        "classify", help="train a text classifier (the book's chapter 6: spam or not)",
+        description="Fine-tune GPT-2 as a text classifier (the book's chapter 6 recipe).",
+        argument_default=argparse.SUPPRESS))
+    _add_classify_args(sub.add_parser("classify", help="label texts with a fine-tuned classifier",
+                                      description="Label texts with a classifier written by `numpygpt finetune classify`."))
     _add_gradcheck_args(sub.add_parser("gradcheck", help="check every backward pass against finite differences",
                                        description="Check every layer's backward pass against finite differences."))
     return parser
@@ -249,6 +310,13 @@ def main(argv=None) -> int:
         return run_cli(lambda: run_training(given))
     if args.command == "generate":
         return run_cli(lambda: run_generate_args(args))
+    if args.command == "finetune" and args.task == "classify":
+        given = {k: v for k, v in vars(args).items() if k not in ("command", "task")}
+        return run_cli(lambda: run_finetune_classify(given))
+    if args.command == "classify":
+        from .finetune.classify import classify_texts
+
+        return run_cli(lambda: _one_line_errors(lambda: classify_texts(args.model, args.text, device=args.device)))
     return run_cli(lambda: run_gradcheck_args(args))
 
 
@@ -264,6 +332,15 @@ def generate_main(argv=None, description: str | None = None) -> None:
     _add_generate_args(p)
     args = p.parse_args(argv)
     sys.exit(run_cli(lambda: run_generate_args(args)))
+
+
+def finetune_classify_main(argv=None, description: str | None = None) -> None:
+    """``numpygpt finetune classify`` as a script (examples/finetune_classifier.py); exits with its code."""
+    p = argparse.ArgumentParser(description=description or "Fine-tune GPT-2 as a text classifier.",
+                                argument_default=argparse.SUPPRESS)
+    _add_finetune_classify_args(p)
+    given = vars(p.parse_args(argv))
+    sys.exit(run_cli(lambda: run_finetune_classify(given)))
 
 
 if __name__ == "__main__":  # pragma: no cover

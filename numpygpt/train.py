@@ -542,14 +542,19 @@ def _unhealthy(model, loss_fn, loader):
     return None if math.isfinite(loss) else ("loss at the updated weights", loss)
 
 
-def _forward_backward(model, loss_fn, batches, accum: int, comm) -> tuple[float, int]:
+def _forward_backward(model, loss_fn, batches, accum: int, comm=None) -> tuple[float, int]:
     """zero_grad, then forward and backward over ``accum`` micro-batches, each scaled by
     1/accum so the gradients add up to the mean's. Returns (mean loss, tokens seen); the
     loss is the step's one device-to-host sync.
 
     With N ranks each takes its rows of every micro-batch, scaled also by its weight (its
     share of the batch's counted targets), and ``comm.sum_gradients`` adds the ranks'
-    gradients and losses: the whole batch's mean, as one process computes it."""
+    gradients and losses: the whole batch's mean, as one process computes it. ``comm``
+    None: this process alone."""
+    if comm is None:
+        from .distributed import Communicator
+
+        comm = Communicator()
     model.zero_grad()
     loss_sum, tokens = None, 0
     for _ in range(accum):
