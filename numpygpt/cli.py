@@ -6,6 +6,7 @@
     numpygpt generate --checkpoint runs/train/checkpoint.safetensors --prompt "The for statement"
     numpygpt generate --model gpt2 --prompt "Every effort moves you" --temperature 0.8 --top-k 40
     numpygpt gradcheck                  # finite-difference check of every layer's backward
+    numpygpt walkthrough                # one backward pass of a tiny GPT, op by op (docs/backward.md)
 
 This module parses arguments and turns errors into exit codes; what the commands do is
 ``numpygpt.run`` (``run_training``, ``run_generate``, ``run_gradcheck``), callable from
@@ -21,7 +22,8 @@ import argparse
 import math
 import sys
 
-from .run import DEFAULT_MAX_STEPS, TRAIN_DEFAULTS, RunError, run_generate, run_gradcheck, run_training
+from .run import (DEFAULT_LR, DEFAULT_MAX_STEPS, DEFAULT_PROMPT, GENERIC_PROMPT, SMALL_MODEL_LR, TRAIN_DEFAULTS,
+                  RunError, run_generate, run_gradcheck, run_training)
 
 __all__ = ["main", "train_main", "generate_main", "parse_train_args", "run_training", "run_generate", "run_cli",
            "CLIError", "RunError", "TRAIN_DEFAULTS"]
@@ -67,6 +69,14 @@ def _drop_rate(s: str) -> float:
     return v
 
 
+def _add_sampling_args(p) -> None:
+    from .generate import SAMPLING_DEFAULTS as S
+
+    p.add_argument("--greedy", action="store_true", help="always take the most likely token (temperature 0)")
+    p.add_argument("--temperature", type=_nonneg_float, help=f"sampling temperature, 0 is greedy (default {S['temperature']})")
+    p.add_argument("--top-k", type=_positive_int, help=f"sample only from the k most likely tokens (default {S['top_k']})")
+
+
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     """Every option defaults to "not given" (SUPPRESS on the parser); TRAIN_DEFAULTS fills
     the gaps later, after a resumed checkpoint's own options, so --resume continues a run
@@ -101,7 +111,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     opt.add_argument("--epochs", type=_positive_int, help="passes over the training split")
     opt.add_argument("--max-steps", type=_positive_int,
                      help=f"stop after this many optimiser steps (default {DEFAULT_MAX_STEPS} when --epochs is not given)")
-    opt.add_argument("--lr", type=_nonneg_float, help=f"peak learning rate of AdamW (default {D['lr']})")
+    opt.add_argument("--lr", type=_nonneg_float, help=f"peak learning rate of AdamW (default {SMALL_MODEL_LR:g} "
+                                                      f"for the default model, {DEFAULT_LR:g} for a preset or --init-from)")
     opt.add_argument("--min-lr", type=_nonneg_float, help="final learning rate of the cosine decay (default lr/10)")
     opt.add_argument("--weight-decay", type=_nonneg_float, help=f"AdamW decoupled weight decay (default {D['weight_decay']})")
     opt.add_argument("--warmup-steps", type=_nonneg_int, help="linear warmup steps (default 10%% of the steps)")
@@ -116,6 +127,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     run.add_argument("--eval-iter", type=_positive_int, help=f"batches per evaluation (default {D['eval_iter']})")
     run.add_argument("--prompt", help="start of the samples printed after each epoch ('' for none)")
     run.add_argument("--sample-tokens", type=_positive_int, help=f"tokens per sample (default {D['sample_tokens']})")
+    _add_sampling_args(run)
     run.add_argument("--device", choices=("cpu", "cuda", "auto"), help="cpu (NumPy), cuda (CuPy) or auto (default)")
     run.add_argument("--out", metavar="DIR", help=f"where the checkpoint, plot and history go (default {D['out']})")
     run.add_argument("--checkpoint-every", type=_positive_int, metavar="N",
@@ -143,13 +155,12 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--checkpoint", metavar="PATH", help="a checkpoint written by `numpygpt train`")
     src.add_argument("--model", metavar="DIR_OR_NAME",
                      help="GPT-2 weights in the Hugging Face layout: a directory, or gpt2 / gpt2-medium / ...")
-    p.add_argument("--prompt", default="Every effort moves you", help="text to continue (default: %(default)r)")
+    p.add_argument("--prompt", help=f"text to continue (default: {DEFAULT_PROMPT!r} for a checkpoint trained on "
+                                    f"the default corpus, else {GENERIC_PROMPT!r})")
     p.add_argument("--max-new-tokens", type=_positive_int, default=50, help="(default %(default)s)")
-    p.add_argument("--temperature", type=_nonneg_float, default=0.0,
-                   help="0 picks the most likely token every time (default %(default)s)")
-    p.add_argument("--top-k", type=_positive_int, help="sample only from the k most likely tokens")
+    _add_sampling_args(p)
     p.add_argument("--top-p", type=_fraction_or_one, help="sample from the smallest set with this much probability")
-    p.add_argument("--seed", type=int, help="seed for sampling")
+    p.add_argument("--seed", type=int, help="seed for sampling (default 123)")
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto", help="(default %(default)s)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                    help="dtype for --model weights (default %(default)s)")
@@ -166,7 +177,7 @@ def _fraction_or_one(s: str) -> float:
 def run_generate_args(args: argparse.Namespace) -> str:
     return run_generate(args.prompt, checkpoint=args.checkpoint, model=args.model,
                         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                        top_p=args.top_p, seed=args.seed, device=args.device, dtype=args.dtype,
+                        top_p=args.top_p, seed=args.seed, greedy=args.greedy, device=args.device, dtype=args.dtype,
                         use_cache=not args.no_cache)
 
 
@@ -239,7 +250,10 @@ def run_finetune_classify(given: dict):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="numpygpt", description="GPT-2 in NumPy/CuPy with hand-written backward passes.")
-    sub = parser.add_subparsers(dest="command", metavar="{train,generate,finetune,classify,gradcheck}", required=True)
+    from . import walkthrough
+
+    sub = parser.add_subparsers(dest="command", metavar="{train,generate,finetune,classify,gradcheck,walkthrough}",
+                                required=True)
     _add_train_args(sub.add_parser("train", help="train a model (a small one on Python's manual by default)",
                                    description="Train a GPT model.", argument_default=argparse.SUPPRESS))
     _add_generate_args(sub.add_parser("generate", help="continue a prompt with a trained or pretrained model",
@@ -255,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       description="Label texts with a classifier written by `numpygpt finetune classify`."))
     _add_gradcheck_args(sub.add_parser("gradcheck", help="check every backward pass against finite differences",
                                        description="Check every layer's backward pass against finite differences."))
+    walkthrough.add_arguments(sub.add_parser("walkthrough", help="print one backward pass of a tiny GPT, op by op",
+                                             description=walkthrough.DESCRIPTION))
     return parser
 
 
@@ -317,6 +333,10 @@ def main(argv=None) -> int:
         from .finetune.classify import classify_texts
 
         return run_cli(lambda: _one_line_errors(lambda: classify_texts(args.model, args.text, device=args.device)))
+    if args.command == "walkthrough":
+        from .walkthrough import run
+
+        return run(args)
     return run_cli(lambda: run_gradcheck_args(args))
 
 

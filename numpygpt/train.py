@@ -16,7 +16,8 @@ gradients are summed (one all-reduce, ``numpygpt.distributed``) before clipping,
 ranks take the step one process would; rank 0 alone logs, evaluates and saves.
 
 Every ``eval_freq`` steps the mean loss over ``eval_iter`` training and validation
-batches is logged, and each epoch ends with a greedy sample from ``start_context``.
+batches is logged, and each epoch ends with a sample from ``start_context`` (greedy
+unless ``sampling`` is given).
 A non-finite loss stops the run with ``TrainingDivergedError`` before the weights are
 touched. An update can also break the weights (a huge learning rate): before every save,
 and at the end of a run, the weights are checked to be finite and to give a finite loss
@@ -183,13 +184,16 @@ def perplexity(loss: float) -> float:
     return math.exp(loss) if loss < 700.0 else float("inf")
 
 
-def _sample(model, start_context: str, max_new_tokens: int, tokenizer=None) -> str:
-    """A greedy continuation of ``start_context`` (eval mode, no gradients), one line."""
-    from .generate import generate_text
+def _sample(model, start_context: str, max_new_tokens: int, tokenizer=None, sampling=None) -> str:
+    """A continuation of ``start_context`` (eval mode, no gradients), one line: greedy, or
+    drawn with ``sampling`` (``generate``'s temperature, top_k, top_p, seed), prefixed
+    with the settings in parentheses so that it can be reproduced."""
+    from .generate import describe_sampling, generate_text
 
+    sampling = dict(sampling or {})
     with eval_mode(model), no_grad():
-        text = generate_text(model, start_context, max_new_tokens, tokenizer=tokenizer, temperature=0.0)
-    return text.replace("\n", " ")  # compact print format, as in the book
+        text = generate_text(model, start_context, max_new_tokens, tokenizer=tokenizer, **sampling)
+    return f"({describe_sampling(**sampling)}) " + text.replace("\n", " ")  # one line, as in the book
 
 
 # -- where a run stands ---------------------------------------------------------------
@@ -317,7 +321,9 @@ class TrainOptions:
     run_options: the options of ``numpygpt train``, stored so --resume can reuse them.
     progress: a tqdm bar on stderr. log: where messages go; the default ``print`` is
         routed through tqdm.write so the bar stays intact; None: silent.
-    sample_tokens: length of the greedy samples from ``start_context``.
+    sample_tokens: length of the samples from ``start_context``.
+    sampling: how they are decoded (``generate``'s temperature, top_k, top_p, seed);
+        None is greedy, as in the book.
     loss_fn: the loss (default ``CrossEntropyLoss()``); it sees ``model(x)`` and ``y``
         as the loader yields them, so logits (B, K) with targets (B,) work as well.
     reduce_gradients: ``reduce_gradients(model)`` runs after the backward passes of all
@@ -346,6 +352,7 @@ class TrainOptions:
     progress: bool = True
     log: object = print
     sample_tokens: int = 50
+    sampling: dict | None = None
     loss_fn: object = None
     reduce_gradients: object = None
     is_main_process: bool = True
@@ -360,7 +367,7 @@ def train_model(model, train_loader, val_loader, optimizer, num_epochs: int, eva
 
     num_epochs: passes over ``train_loader`` (``max_steps`` in the options stops earlier).
     eval_freq, eval_iter: evaluate after step 1, 1 + eval_freq, ... over eval_iter batches.
-    start_context: the prompt of the greedy sample printed at the end of each epoch.
+    start_context: the prompt of the sample printed at the end of each epoch.
     options: a TrainOptions; or pass its fields as keywords (``grad_accum_steps=4``...).
     """
     opts = dataclasses.replace(options or TrainOptions(), **kwargs)
@@ -488,7 +495,7 @@ def train_model(model, train_loader, val_loader, optimizer, num_epochs: int, eva
             if state.batch_in_epoch + accum > n_batches:  # the epoch is over
                 if main and start_context:
                     emit(f"Ep {state.epoch + 1} sample: "
-                         f"{_sample(model, start_context, opts.sample_tokens, tokenizer)}")
+                         f"{_sample(model, start_context, opts.sample_tokens, tokenizer, opts.sampling)}")
                 state.epoch, state.batch_in_epoch, batches = state.epoch + 1, 0, None
 
             if checkpoint_path is not None and opts.checkpoint_every and step % opts.checkpoint_every == 0:
@@ -506,7 +513,7 @@ def train_model(model, train_loader, val_loader, optimizer, num_epochs: int, eva
     if main and start_context and state.batch_in_epoch > 0 and state.global_step > 0:
         # stopped inside an epoch (max_steps): still show what the model does now
         emit(f"Ep {state.epoch + 1} sample (step {state.global_step}): "
-             f"{_sample(model, start_context, opts.sample_tokens, tokenizer)}")
+             f"{_sample(model, start_context, opts.sample_tokens, tokenizer, opts.sampling)}")
     if checkpoint_path is not None and last_saved != state.global_step:
         save()
     elif state.global_step > 0 and last_saved != state.global_step:
