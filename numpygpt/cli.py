@@ -365,23 +365,35 @@ def _ignore_late_signals() -> None:
 
 
 def run_cli(fn) -> int:
-    """Run ``fn()`` turning user-facing failures into a message and an exit code."""
+    """Run ``fn()`` turning user-facing failures into a message and an exit code.
+
+    Under mpiexec every rank prints its own line, naming itself. A DistributedError or a
+    stop request reaches every rank at the same point, so each simply exits; any other
+    error may be one rank's alone (a file missing on one machine, a check only rank 0
+    makes), so it aborts all the ranks rather than leave the others waiting in the next
+    all-reduce.
+    """
+    from .distributed import DistributedError, current
     from .train import TrainingDivergedError, TrainingInterrupted
 
     try:
         result = fn()
-    except RunError as e:
-        print(f"numpygpt: error: {e}", file=sys.stderr)
-        return e.code
-    except TrainingDivergedError as e:
-        print(f"numpygpt: error: {e}", file=sys.stderr)
-        return 1
+    except (RunError, DistributedError, TrainingDivergedError, OSError) as e:
+        # OSError: a full disk, a file that cannot be written: one line, not a traceback
+        code = 1 if isinstance(e, TrainingDivergedError) else getattr(e, "code", 2)
+        comm = current()
+        many = comm is not None and comm.world_size > 1
+        where = f" (rank {comm.rank} of {comm.world_size})" if many else ""
+        sys.stderr.write(f"numpygpt: error{where}: {e}\n")  # one write: ranks' lines do not interleave
+        sys.stderr.flush()
+        if many and not isinstance(e, DistributedError):
+            comm.abort(code)
+        return code
     except TrainingInterrupted as e:
-        print(f"numpygpt: {e}", file=sys.stderr)
+        comm = current()
+        if comm is None or comm.is_main:  # the others stopped after the same step and saved nothing
+            print(f"numpygpt: {e}", file=sys.stderr)
         return 128 + (e.signum or 2)
-    except OSError as e:  # a full disk, a file that cannot be written: one line, not a traceback
-        print(f"numpygpt: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("numpygpt: interrupted (a checkpoint already on disk is intact)", file=sys.stderr)
         return 130

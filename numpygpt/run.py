@@ -20,7 +20,7 @@ import shlex
 import sys
 import time
 
-from . import backend
+from . import backend, distributed
 from .fileio import remove_stale_temps
 from .generate import describe_sampling, generate_text
 from .model import GPTModel
@@ -91,7 +91,9 @@ def _sampling_flags(temperature, top_k=None, seed=None, top_p=None) -> str:
 
 
 def _say(msg: str = "") -> None:
-    print(msg, flush=True)
+    comm = distributed.current()
+    if comm is None or comm.is_main:  # under mpiexec rank 0 alone reports
+        print(msg, flush=True)
 
 
 def _set_device(name: str) -> str:
@@ -216,6 +218,7 @@ def run_training(given: dict) -> dict:
     unknown = set(given) - set(TRAIN_DEFAULTS)
     if unknown:
         raise TypeError(f"unknown training options: {sorted(unknown)}")
+    comm = distributed.init()  # MPI under mpiexec, else this process alone
     if given.get("resume") and given.get("init_from"):
         raise RunError("--resume and --init-from exclude each other")
     saved, resume_state, stored = None, None, {}
@@ -229,7 +232,9 @@ def run_training(given: dict) -> dict:
         stored = {k: v for k, v in (resume_state.run_options or {}).items()
                   if k in TRAIN_DEFAULTS and k not in ("resume", "init_from", "no_progress")}
     opts = {**TRAIN_DEFAULTS, **stored, **given}
+    comm.check_batch_size(opts["batch_size"])
     device = _set_device(opts["device"])
+    comm.use_device(device)
 
     text, data_desc = _load_text(opts)
 
@@ -296,13 +301,17 @@ def run_training(given: dict) -> dict:
     except OSError as e:
         raise RunError(f"--out: cannot create {out!r}: {e}") from e
     ckpt_path = os.path.join(out, "checkpoint.safetensors")
-    remove_stale_temps(ckpt_path)  # left by a run killed while it saved
+    if comm.is_main:  # the one rank that writes there
+        remove_stale_temps(ckpt_path)  # left by a run killed while it saved
     plot_path = os.path.join(out, "loss.png")
     history_path = os.path.join(out, "history.json")
 
     n_train, n_val = len(train_loader.dataset.token_ids), len(val_loader.dataset.token_ids)
     B = opts["batch_size"]
+    ranks = comm.describe() if comm.world_size > 1 else None  # every rank takes part
     _say(f"device      {device} ({'CuPy' if device == 'cuda' else 'NumPy'})")
+    if ranks:
+        _say(f"ranks       {ranks}")
     where = (f" (resumed from {opts['resume']})" if opts["resume"]
              else f" (from {opts['init_from']})" if opts["init_from"] else "")
     _say(f"model       {_describe_config(cfg)}{where}")
@@ -311,7 +320,8 @@ def run_training(given: dict) -> dict:
     _say(f"tokens      train {n_train:,} ({len(train_loader.dataset):,} windows of {T}), "
          f"val {n_val:,} ({len(val_loader.dataset):,} windows)")
     _say(f"plan        {total:,} steps ({total / steps_per_epoch:.2f} epochs of {steps_per_epoch:,} steps), "
-         f"{opts['grad_accum']} x {B} x {T} tokens a step; {lr_desc}")
+         f"{opts['grad_accum']} x {B} x {T} tokens a step"
+         + (f" ({B // comm.world_size} rows a rank)" if comm.world_size > 1 else "") + f"; {lr_desc}")
     if resume_state is not None:
         _say(f"resuming    at step {resume_state.global_step:,}")
     _say(f"output      {out}")
@@ -339,11 +349,13 @@ def run_training(given: dict) -> dict:
             raise
 
     final = None
-    if history["global_step"] and (not history["track_steps"] or history["track_steps"][-1] != history["global_step"]):
-        final = evaluate_model(model, train_loader, val_loader, opts["eval_iter"])
-    plot_losses(history, plot_path)
-    with open(history_path, "w") as f:
-        json.dump(history, f, indent=1)
+    if comm.is_main:  # under mpiexec the others wait at the barrier below
+        if history["global_step"] and (not history["track_steps"] or history["track_steps"][-1] != history["global_step"]):
+            final = evaluate_model(model, train_loader, val_loader, opts["eval_iter"])
+        plot_losses(history, plot_path)
+        with open(history_path, "w") as f:
+            json.dump(history, f, indent=1)
+    comm.barrier()
     seconds = time.perf_counter() - t_start
     _say()
     if history["val_losses"]:
