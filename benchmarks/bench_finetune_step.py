@@ -15,7 +15,9 @@ One step is forward + cross-entropy on (B, 2) logits + backward + AdamW. The mod
 
 The modes' steps are interleaved round-robin (bench_train_step.measure_interleaved), so
 load from other work on a shared machine hits them alike; compare the ratios, not the
-absolute times. OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE are unset for this process, and the
+absolute times. On a machine shared with other work, ``--threads 1`` gives steadier ratios:
+the LoRA step's ~290 rank-16 matmuls each wait for the second BLAS thread when other
+work holds its core (benchmarks/RESULTS.md). OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE are unset for this process, and the
 OpenBLAS kernel in use is printed.
 """
 

@@ -129,10 +129,15 @@ def cpu_flags() -> str:
 
 
 def total_memory_gib() -> float:
+    return meminfo_gib("MemTotal")
+
+
+def meminfo_gib(field: str) -> float:
+    """A /proc/meminfo field (MemTotal, MemAvailable, ...) in GiB; NaN where there is none."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
-                if line.startswith("MemTotal"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 2**20
     except OSError:
         pass

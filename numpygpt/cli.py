@@ -6,6 +6,7 @@
     numpygpt generate --checkpoint runs/train/checkpoint.safetensors --prompt "The for statement"
     numpygpt generate --model gpt2 --prompt "Every effort moves you" --temperature 0.8 --top-k 40
     numpygpt gradcheck                  # finite-difference check of every layer's backward
+    numpygpt walkthrough                # one backward pass of a tiny GPT, op by op (docs/backward.md)
 
 This module parses arguments and turns errors into exit codes; what the commands do is
 ``numpygpt.run`` (``run_training``, ``run_generate``, ``run_gradcheck``), callable from
@@ -21,7 +22,8 @@ import argparse
 import math
 import sys
 
-from .run import DEFAULT_MAX_STEPS, TRAIN_DEFAULTS, RunError, run_generate, run_gradcheck, run_training
+from .run import (DEFAULT_LR, DEFAULT_MAX_STEPS, DEFAULT_PROMPT, GENERIC_PROMPT, SMALL_MODEL_LR, TRAIN_DEFAULTS,
+                  RunError, run_generate, run_gradcheck, run_training)
 
 __all__ = ["main", "train_main", "generate_main", "parse_train_args", "run_training", "run_generate", "run_cli",
            "CLIError", "RunError", "TRAIN_DEFAULTS"]
@@ -67,6 +69,14 @@ def _drop_rate(s: str) -> float:
     return v
 
 
+def _add_sampling_args(p) -> None:
+    from .generate import SAMPLING_DEFAULTS as S
+
+    p.add_argument("--greedy", action="store_true", help="always take the most likely token (temperature 0)")
+    p.add_argument("--temperature", type=_nonneg_float, help=f"sampling temperature, 0 is greedy (default {S['temperature']})")
+    p.add_argument("--top-k", type=_positive_int, help=f"sample only from the k most likely tokens (default {S['top_k']})")
+
+
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     """Every option defaults to "not given" (SUPPRESS on the parser); TRAIN_DEFAULTS fills
     the gaps later, after a resumed checkpoint's own options, so --resume continues a run
@@ -101,7 +111,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     opt.add_argument("--epochs", type=_positive_int, help="passes over the training split")
     opt.add_argument("--max-steps", type=_positive_int,
                      help=f"stop after this many optimiser steps (default {DEFAULT_MAX_STEPS} when --epochs is not given)")
-    opt.add_argument("--lr", type=_nonneg_float, help=f"peak learning rate of AdamW (default {D['lr']})")
+    opt.add_argument("--lr", type=_nonneg_float, help=f"peak learning rate of AdamW (default {SMALL_MODEL_LR:g} "
+                                                      f"for the default model, {DEFAULT_LR:g} for a preset or --init-from)")
     opt.add_argument("--min-lr", type=_nonneg_float, help="final learning rate of the cosine decay (default lr/10)")
     opt.add_argument("--weight-decay", type=_nonneg_float, help=f"AdamW decoupled weight decay (default {D['weight_decay']})")
     opt.add_argument("--warmup-steps", type=_nonneg_int, help="linear warmup steps (default 10%% of the steps)")
@@ -116,6 +127,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     run.add_argument("--eval-iter", type=_positive_int, help=f"batches per evaluation (default {D['eval_iter']})")
     run.add_argument("--prompt", help="start of the samples printed after each epoch ('' for none)")
     run.add_argument("--sample-tokens", type=_positive_int, help=f"tokens per sample (default {D['sample_tokens']})")
+    _add_sampling_args(run)
     run.add_argument("--device", choices=("cpu", "cuda", "auto"), help="cpu (NumPy), cuda (CuPy) or auto (default)")
     run.add_argument("--out", metavar="DIR", help=f"where the checkpoint, plot and history go (default {D['out']})")
     run.add_argument("--checkpoint-every", type=_positive_int, metavar="N",
@@ -143,13 +155,12 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--checkpoint", metavar="PATH", help="a checkpoint written by `numpygpt train`")
     src.add_argument("--model", metavar="DIR_OR_NAME",
                      help="GPT-2 weights in the Hugging Face layout: a directory, or gpt2 / gpt2-medium / ...")
-    p.add_argument("--prompt", default="Every effort moves you", help="text to continue (default: %(default)r)")
+    p.add_argument("--prompt", help=f"text to continue (default: {DEFAULT_PROMPT!r} for a checkpoint trained on "
+                                    f"the default corpus, else {GENERIC_PROMPT!r})")
     p.add_argument("--max-new-tokens", type=_positive_int, default=50, help="(default %(default)s)")
-    p.add_argument("--temperature", type=_nonneg_float, default=0.0,
-                   help="0 picks the most likely token every time (default %(default)s)")
-    p.add_argument("--top-k", type=_positive_int, help="sample only from the k most likely tokens")
+    _add_sampling_args(p)
     p.add_argument("--top-p", type=_fraction_or_one, help="sample from the smallest set with this much probability")
-    p.add_argument("--seed", type=int, help="seed for sampling")
+    p.add_argument("--seed", type=int, help="seed for sampling (default 123)")
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto", help="(default %(default)s)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                    help="dtype for --model weights (default %(default)s)")
@@ -166,7 +177,7 @@ def _fraction_or_one(s: str) -> float:
 def run_generate_args(args: argparse.Namespace) -> str:
     return run_generate(args.prompt, checkpoint=args.checkpoint, model=args.model,
                         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                        top_p=args.top_p, seed=args.seed, device=args.device, dtype=args.dtype,
+                        top_p=args.top_p, seed=args.seed, greedy=args.greedy, device=args.device, dtype=args.dtype,
                         use_cache=not args.no_cache)
 
 
@@ -235,26 +246,112 @@ def run_finetune_classify(given: dict):
     return _one_line_errors(lambda: finetune_classifier(**given))
 
 
+# -- instruction fine-tuning (numpygpt.finetune.instruct and .judge do the work) ----------------------
+
+def _add_finetune_instruct_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pretrained", default="gpt2-medium", metavar="DIR_OR_NAME",
+                   help="GPT-2 weights to start from: a Hugging Face directory or gpt2 / gpt2-medium / ... (default %(default)s)")
+    p.add_argument("--data", metavar="JSON", help="instruction data, a JSON list of {instruction, input, output} "
+                   "(default: the book's instruction-data.json, downloaded once)")
+    p.add_argument("--out", default="runs/instruct", metavar="DIR", help="(default %(default)s)")
+    p.add_argument("--batch-size", type=_positive_int, default=8, metavar="B", help="(default %(default)s)")
+    p.add_argument("--epochs", type=_positive_int, default=2, help="(default %(default)s)")
+    p.add_argument("--max-steps", type=_positive_int, help="stop after this many optimiser steps")
+    p.add_argument("--lr", type=_nonneg_float, default=5e-5, help="AdamW learning rate (default %(default)g)")
+    p.add_argument("--weight-decay", type=_nonneg_float, default=0.1, help="(default %(default)g)")
+    p.add_argument("--eval-freq", type=_positive_int, default=5, help="evaluate every N steps (default %(default)s)")
+    p.add_argument("--eval-iter", type=_positive_int, default=5, help="batches per evaluation (default %(default)s)")
+    p.add_argument("--seed", type=int, default=123, help="(default %(default)s)")
+    p.add_argument("--drop-rate", type=_drop_rate, default=0.0, help="(default %(default)s)")
+    p.add_argument("--mask-instruction", action="store_true",
+                   help="train on the response only (the prompt's targets are ignored)")
+    p.add_argument("--lora-rank", type=_positive_int, help="train LoRA adapters of this rank instead of every weight")
+    p.add_argument("--lora-alpha", type=_nonneg_float, help="LoRA scale alpha (default: the rank)")
+    p.add_argument("--allowed-max-length", type=_positive_int, default=1024, metavar="T",
+                   help="cut longer training texts to T tokens (default %(default)s, at most the model's context)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=256, help="response length limit (default %(default)s)")
+    p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto", help="(default %(default)s)")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="(default %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _add_chat_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("instruction", help="what the model should do")
+    p.add_argument("--model", required=True, metavar="DIR", help="a fine-tuned model (finetune instruct's OUT/model)")
+    p.add_argument("--input", default="", help="the instruction's input, if it has one")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=256, help="(default %(default)s)")
+    p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto", help="(default %(default)s)")
+
+
+def _add_score_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", help="responses JSON (finetune instruct's OUT/test-responses.json)")
+    p.add_argument("--judge-model", default="llama3", help="(default %(default)s)")
+    p.add_argument("--judge-url", default="http://localhost:11434", help="Ollama-compatible server (default %(default)s)")
+    p.add_argument("--out", metavar="JSON", help="where the scores go (default: FILE with -scores before .json)")
+    p.add_argument("--key", default="model_response", help="the entry field to score (default %(default)s)")
+    p.add_argument("--timeout", type=_nonneg_float, default=120.0, help="seconds per answer (default %(default)g)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_finetune_task(args: argparse.Namespace):
+    """Run ``finetune instruct``, ``chat`` or ``score-responses``: bad input is one line and
+    exit code 2, a judge that cannot be asked one line and exit code 1."""
+    from .finetune import instruct, judge
+
+    def say(msg: str = "") -> None:
+        print(msg, flush=True)
+
+    def run() -> int:
+        if args.command == "chat":
+            model = instruct.load_for_chat(args.model, device=args.device)
+            print(instruct.chat(model, args.instruction, args.input, args.max_new_tokens), flush=True)
+        elif args.command == "score-responses":
+            judge.score_file(args.file, args.judge_model, args.judge_url, args.out, args.key, args.timeout,
+                             progress=not args.no_progress, log=say)
+        else:
+            opts = {k: v for k, v in vars(args).items() if k not in ("command", "task", "no_progress")}
+            instruct.finetune_instruct(**opts, progress=not args.no_progress, log=say)
+        return 0
+
+    try:
+        return _one_line_errors(run)
+    except judge.JudgeError as e:
+        raise RunError(str(e), code=1) from e
+
+
 # -- entry points -----------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="numpygpt", description="GPT-2 in NumPy/CuPy with hand-written backward passes.")
-    sub = parser.add_subparsers(dest="command", metavar="{train,generate,finetune,classify,gradcheck}", required=True)
+    from . import walkthrough
+
+    sub = parser.add_subparsers(dest="command",
+                                metavar="{train,generate,finetune,classify,chat,score-responses,gradcheck,walkthrough}",
+                                required=True)
     _add_train_args(sub.add_parser("train", help="train a model (a small one on Python's manual by default)",
                                    description="Train a GPT model.", argument_default=argparse.SUPPRESS))
     _add_generate_args(sub.add_parser("generate", help="continue a prompt with a trained or pretrained model",
                                       description="Generate text from a checkpoint or GPT-2 weights."))
     finetune = sub.add_parser("finetune", help="fine-tune pretrained GPT-2 for a task",
                               description="Fine-tune pretrained GPT-2 for a task.")
-    tasks = finetune.add_subparsers(dest="task", metavar="{classify}", required=True)
+    tasks = finetune.add_subparsers(dest="task", metavar="{classify,instruct}", required=True)
     _add_finetune_classify_args(tasks.add_parser(
         "classify", help="train a text classifier (the book's chapter 6: spam or not)",
         description="Fine-tune GPT-2 as a text classifier (the book's chapter 6 recipe).",
         argument_default=argparse.SUPPRESS))
+    _add_finetune_instruct_args(tasks.add_parser(
+        "instruct", help="follow instructions (the book's chapter 7)",
+        description="Instruction fine-tuning: the book's chapter-7 recipe by default."))
     _add_classify_args(sub.add_parser("classify", help="label texts with a fine-tuned classifier",
                                       description="Label texts with a classifier written by `numpygpt finetune classify`."))
+    _add_chat_args(sub.add_parser("chat", help="answer one instruction with an instruction-tuned model",
+                                  description="Answer one instruction with an instruction-tuned model."))
+    _add_score_args(sub.add_parser("score-responses", help="score responses with a judge model (Ollama API)",
+                                   description="Score a responses file with a judge model (Ollama's /api/chat)."))
     _add_gradcheck_args(sub.add_parser("gradcheck", help="check every backward pass against finite differences",
                                        description="Check every layer's backward pass against finite differences."))
+    walkthrough.add_arguments(sub.add_parser("walkthrough", help="print one backward pass of a tiny GPT, op by op",
+                                             description=walkthrough.DESCRIPTION))
     return parser
 
 
@@ -268,23 +365,35 @@ def _ignore_late_signals() -> None:
 
 
 def run_cli(fn) -> int:
-    """Run ``fn()`` turning user-facing failures into a message and an exit code."""
+    """Run ``fn()`` turning user-facing failures into a message and an exit code.
+
+    Under mpiexec every rank prints its own line, naming itself. A DistributedError or a
+    stop request reaches every rank at the same point, so each simply exits; any other
+    error may be one rank's alone (a file missing on one machine, a check only rank 0
+    makes), so it aborts all the ranks rather than leave the others waiting in the next
+    all-reduce.
+    """
+    from .distributed import DistributedError, current
     from .train import TrainingDivergedError, TrainingInterrupted
 
     try:
         result = fn()
-    except RunError as e:
-        print(f"numpygpt: error: {e}", file=sys.stderr)
-        return e.code
-    except TrainingDivergedError as e:
-        print(f"numpygpt: error: {e}", file=sys.stderr)
-        return 1
+    except (RunError, DistributedError, TrainingDivergedError, OSError) as e:
+        # OSError: a full disk, a file that cannot be written: one line, not a traceback
+        code = 1 if isinstance(e, TrainingDivergedError) else getattr(e, "code", 2)
+        comm = current()
+        many = comm is not None and comm.world_size > 1
+        where = f" (rank {comm.rank} of {comm.world_size})" if many else ""
+        sys.stderr.write(f"numpygpt: error{where}: {e}\n")  # one write: ranks' lines do not interleave
+        sys.stderr.flush()
+        if many and not isinstance(e, DistributedError):
+            comm.abort(code)
+        return code
     except TrainingInterrupted as e:
-        print(f"numpygpt: {e}", file=sys.stderr)
+        comm = current()
+        if comm is None or comm.is_main:  # the others stopped after the same step and saved nothing
+            print(f"numpygpt: {e}", file=sys.stderr)
         return 128 + (e.signum or 2)
-    except OSError as e:  # a full disk, a file that cannot be written: one line, not a traceback
-        print(f"numpygpt: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("numpygpt: interrupted (a checkpoint already on disk is intact)", file=sys.stderr)
         return 130
@@ -298,6 +407,9 @@ def main(argv=None) -> int:
         return run_cli(lambda: run_training(given))
     if args.command == "generate":
         return run_cli(lambda: run_generate_args(args))
+    if (args.command, getattr(args, "task", None)) == ("finetune", "instruct") or args.command in (
+            "chat", "score-responses"):
+        return run_cli(lambda: run_finetune_task(args))
     if args.command == "finetune" and args.task == "classify":
         given = {k: v for k, v in vars(args).items() if k not in ("command", "task")}
         return run_cli(lambda: run_finetune_classify(given))
@@ -305,6 +417,10 @@ def main(argv=None) -> int:
         from .finetune.classify import classify_texts
 
         return run_cli(lambda: _one_line_errors(lambda: classify_texts(args.model, args.text, device=args.device)))
+    if args.command == "walkthrough":
+        from .walkthrough import run
+
+        return run(args)
     return run_cli(lambda: run_gradcheck_args(args))
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 from pathlib import Path
 
 import numpy as np
@@ -116,16 +117,22 @@ class DataLoader:
 
     Each iteration is independent, so a loader can be iterated inside a loop over
     itself (the book estimates the training loss that way).
+
+    ``collate_fn(items) -> (inputs, targets)`` builds a batch from the list of
+    ``dataset[i]`` items, for items of different lengths (the instruction data's
+    padding collate); without it, a dataset's ``get_batch`` or a stack of its
+    (inputs, targets) pairs is used.
     """
 
     def __init__(self, dataset, batch_size: int, shuffle: bool = True,
-                 drop_last: bool = True, seed: int = 0):
+                 drop_last: bool = True, seed: int = 0, collate_fn=None):
         _check_count("batch_size", batch_size)
         self.dataset = dataset
         self.batch_size = int(batch_size)
         self.shuffle = bool(shuffle)
         self.drop_last = bool(drop_last)
         self.seed = int(seed)
+        self.collate_fn = collate_fn
         self.epoch = 0  # the epoch the next iter() will use
 
     def __len__(self) -> int:
@@ -158,6 +165,8 @@ class DataLoader:
             yield self._batch(order[b * B : (b + 1) * B])
 
     def _batch(self, indices):
+        if self.collate_fn is not None:
+            return self.collate_fn([self.dataset[int(i)] for i in indices])
         if hasattr(self.dataset, "get_batch"):
             return self.dataset.get_batch(indices)
         # Any other dataset of (x, y) pairs: a loop over the batch, not over tokens.
@@ -211,12 +220,55 @@ def create_dataloader(text: str, batch_size: int = 4, max_length: int = 256,
     return DataLoader(dataset, batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed)
 
 
-def default_corpus() -> str:
+def tidy_text(text: str) -> str:
+    """Reflow a plain-text manual so that its tokens go to words, not to whitespace.
+
+    GPT-2's BPE gives every space of an indentation its own token and every line break
+    one more: in Python's reference manual (``default_corpus``), hard-wrapped at 72
+    characters and indented by 3 to 15 spaces, 18% of the 139k tokens are single spaces
+    and 7% are newlines, many in the middle of a sentence. A small model trained on that
+    spends its capacity, and its samples, on whitespace. So, paragraph by paragraph
+    (paragraphs are separated by blank lines):
+
+    - heading underlines (a line of one repeated ``* = - ~ ^ + #``) are dropped;
+    - a paragraph whose first line is not indented by 3 or more spaces is prose or a
+      list item: its lines are joined with single spaces into one line;
+    - an indented paragraph is code or grammar: its lines are kept and their indentation
+      is dropped (nested code loses its nesting: a tab per level, tried, left the small
+      default model's samples with fewer words and more layout);
+    - runs of spaces inside a line become one space, and paragraphs are separated by
+      one blank line;
+    - curly quotes become straight ones: GPT-2 spends two tokens on each, and a model
+      that samples the first of the two alone prints a broken character.
+
+    The words are untouched. On the manual: 139k -> 110k tokens (single-space tokens
+    from 25k to none, line breaks from 9.1k to 7.7k).
+    """
+    paragraphs = []
+    for block in re.split(r"\n[ \t]*\n", text.translate(_STRAIGHT_QUOTES)):
+        lines = [line.rstrip() for line in block.split("\n") if line.strip() and not _RULE.match(line)]
+        if not lines:
+            continue
+        indents = [len(line) - len(line.lstrip(" ")) for line in lines]
+        if indents[0] < 3:  # prose or a list item: one line
+            paragraphs.append(" ".join(" ".join(line.split()) for line in lines))
+        else:  # code or grammar: keep the lines, drop the indentation
+            paragraphs.append("\n".join(" ".join(line.split()) for line in lines))
+    return "\n\n".join(paragraphs) + "\n"
+
+
+_RULE = re.compile(r"^\s*([*=\-~^+#])\1{2,}\s*$")  # a heading underline
+_STRAIGHT_QUOTES = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"'})
+
+
+def default_corpus(tidy: bool = True) -> str:
     """A training text that needs no download: Python's own reference-manual topics.
 
     ``pydoc_data.topics`` ships with CPython (it is what ``help("if")`` prints), about
     0.5 MB of English prose and code examples. Keys are sorted so the text is the same
-    on every machine with the same Python.
+    on every machine with the same Python. ``tidy`` (the default) passes it through
+    ``tidy_text``, which removes the indentation and hard line wraps that would
+    otherwise be a quarter of its tokens; ``tidy=False`` gives the text as pydoc has it.
     """
     try:
         from pydoc_data.topics import topics
@@ -225,7 +277,8 @@ def default_corpus() -> str:
             "default_corpus() needs the standard library's pydoc_data package, which this "
             "Python lacks; pass a text file instead (load_text(path))"
         ) from e
-    return "\n\n".join(topics[key] for key in sorted(topics))
+    text = "\n\n".join(topics[key] for key in sorted(topics))
+    return tidy_text(text) if tidy else text
 
 
 def load_text(path) -> str:

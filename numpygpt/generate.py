@@ -31,7 +31,8 @@ import numpy as np
 from . import backend
 from .nn.module import eval_mode, no_grad
 
-__all__ = ["generate", "generate_text", "sample_next", "top_k_filter", "top_p_filter"]
+__all__ = ["generate", "generate_text", "sample_next", "top_k_filter", "top_p_filter", "SAMPLING_DEFAULTS",
+           "describe_sampling"]
 
 
 # -- filters and the draw (host, NumPy) ------------------------------------------------------
@@ -237,3 +238,26 @@ def generate_text(model, prompt: str, max_new_tokens: int = 50, tokenizer=None, 
     ids = text_to_token_ids(prompt, tokenizer)  # (T,)
     out = generate(model, ids, max_new_tokens, **kw)  # (1, T + n)
     return token_ids_to_text(out, tokenizer)
+
+
+# -- the settings the command line samples with ---------------------------------------------
+
+# A small model decoded greedily falls into a loop ("the the the ..."), so the sample that
+# `numpygpt train` prints and `numpygpt generate`'s default draw from the 40 most likely
+# tokens at temperature 0.8, with a fixed seed so that a sample can be reproduced. Greedy
+# decoding is one flag away (--greedy, i.e. temperature 0).
+SAMPLING_DEFAULTS = dict(temperature=0.8, top_k=40, seed=123)
+
+
+def describe_sampling(temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                      seed: int | None = None) -> str:
+    """The decoding settings in words, e.g. 'temperature 0.8, top-k 40, seed 123' or 'greedy'."""
+    if not temperature:
+        return "greedy"
+    parts = [f"temperature {temperature:g}"]
+    if top_k is not None:
+        parts.append(f"top-k {top_k}")
+    if top_p is not None and top_p < 1.0:
+        parts.append(f"top-p {top_p:g}")
+    parts.append(f"seed {seed}" if seed is not None else "unseeded")
+    return ", ".join(parts)

@@ -89,19 +89,26 @@ def check_gradients(forward, backward, inputs: dict, params: dict, dout=None, ep
     for name, x, g in targets:
         if not x.flags.c_contiguous:
             raise ValueError(f"{name}: needs a C-contiguous array to perturb in place")
-        flat, gflat = x.reshape(-1), backend.to_host(g).reshape(-1)  # flat is a view of x
-        coords = _coords(flat.size, max_coords, rng)
-        numeric = []
-        for i in coords:
-            old = float(flat[i])
-            flat[i] = old + eps
-            lp = objective()
-            flat[i] = old - eps
-            lm = objective()
-            flat[i] = old
-            numeric.append((lp - lm) / (2 * eps))
-        errors[name] = relative_error(gflat[coords], numeric)
+        coords = _coords(x.size, max_coords, rng)
+        numeric = centred_differences(objective, x, coords, eps)
+        errors[name] = relative_error(backend.to_host(g).reshape(-1)[coords], numeric)
     return errors
+
+
+def centred_differences(objective, x, coords, eps: float = 1e-6) -> list[float]:
+    """(objective() at x + eps e_i  -  at x - eps e_i) / (2 eps) for each flat index i in
+    ``coords``, perturbing the C-contiguous array ``x`` in place and restoring it."""
+    flat = x.reshape(-1)  # a view of x
+    numeric = []
+    for i in coords:
+        old = float(flat[i])
+        flat[i] = old + eps
+        plus = objective()
+        flat[i] = old - eps
+        minus = objective()
+        flat[i] = old
+        numeric.append((plus - minus) / (2 * eps))
+    return numeric
 
 
 def check_layer(layer: Module, *inputs, dout=None, eps: float = 1e-6, max_coords: int | None = 40,

@@ -172,7 +172,7 @@ def config_to_hf(cfg: GPTConfig) -> dict:
 # -- loading --------------------------------------------------------------------------
 
 def load_pretrained(path_or_name, build, dtype: str = "float32", cache_dir=None, device: str | None = None,
-                    drop_rate: float = 0.0):
+                    drop_rate: float = 0.0, tie_weights: bool | None = None):
     """Load GPT-2 weights from a directory or by name into the model ``build(cfg)`` makes
     (``GPTModel.from_pretrained`` passes an empty GPTModel's constructor).
 
@@ -190,6 +190,10 @@ def load_pretrained(path_or_name, build, dtype: str = "float32", cache_dir=None,
     backend's current device), so memory peaks at about the model plus one tensor.
     ``drop_rate`` is 0 (inference); pass GPT-2's 0.1 to fine-tune with dropout. The model
     is returned in eval mode; call ``model.train()`` before fine-tuning with dropout.
+
+    ``tie_weights=False`` gives an untied output head, a copy of the token embedding when
+    the file's head is tied (the book's chapter-7 model); None keeps the file's choice.
+    True asks for a tied head and is refused for a file whose head differs from ``wte``.
     """
     directory = _resolve(path_or_name, cache_dir)
     hf = _read_config(directory)
@@ -197,6 +201,12 @@ def load_pretrained(path_or_name, build, dtype: str = "float32", cache_dir=None,
     target = device if device is not None else backend.get_device()
     with _open_weights(os.path.join(directory, WEIGHTS_FILE)) as f:
         keys, cfg = _plan(f, cfg)
+        if tie_weights is False and cfg.tie_weights:
+            cfg = cfg.replace(tie_weights=False)
+            keys["lm_head.weight"] = keys["wte.weight"]  # read twice: two separate arrays
+        elif tie_weights and not cfg.tie_weights:
+            raise ValueError(f"{directory}: the output head differs from the token embedding, "
+                             "so the model cannot be loaded with tie_weights=True")
         with backend.device(target):
             model = build(cfg)  # zeros: no random draw for weights about to be replaced
         _check_model_matches_table(model)

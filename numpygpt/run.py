@@ -17,17 +17,19 @@ import json
 import math
 import os
 import shlex
+import sys
 import time
 
-from . import backend
+from . import backend, distributed
 from .fileio import remove_stale_temps
-from .generate import generate_text
+from .generate import describe_sampling, generate_text
 from .model import GPTModel
 from .optim import AdamW, CosineWithWarmup, param_groups
 from .train import (TrainingInterrupted, TrainOptions, TrainState, evaluate_model, perplexity, plot_losses,
                     stop_on_signals, train_model)
 
-__all__ = ["run_training", "run_generate", "run_gradcheck", "RunError", "TRAIN_DEFAULTS", "DEFAULT_MAX_STEPS"]
+__all__ = ["run_training", "run_generate", "run_gradcheck", "RunError", "TRAIN_DEFAULTS", "DEFAULT_MAX_STEPS",
+           "sampling_options"]
 
 
 class RunError(Exception):
@@ -41,11 +43,15 @@ class RunError(Exception):
 # The model that `numpygpt train` builds when no --preset is given: small enough to learn
 # visibly in a few minutes on two CPU cores. Most of its time goes to the 50257-way
 # output layer, so the head shares the token embedding (half the embedding parameters
-# and optimiser work) and the blocks stay narrow.
+# and optimiser work) and the blocks stay narrow. A model this small, trained this
+# briefly, takes a higher peak learning rate than the presets' default.
 SMALL_MODEL = dict(emb_dim=128, n_layers=4, n_heads=4, context_length=128, drop_rate=0.0,
                    tie_weights=True, qkv_bias=False)
-DEFAULT_MAX_STEPS = 200  # used when neither --max-steps nor --epochs is given
+SMALL_MODEL_LR = 3e-3  # the default --lr for SMALL_MODEL ...
+DEFAULT_LR = 1e-3  # ... and for presets and pretrained weights
+DEFAULT_MAX_STEPS = 400  # used when neither --max-steps nor --epochs is given
 DEFAULT_PROMPT = "The for statement is used to"  # fits the default corpus
+GENERIC_PROMPT = "Every effort moves you"  # the book's, for any other model
 
 MODEL_KEYS = ("preset", "emb_dim", "n_layers", "n_heads", "context_length", "drop_rate",
               "tie_weights", "qkv_bias")
@@ -53,16 +59,41 @@ MODEL_KEYS = ("preset", "emb_dim", "n_layers", "n_heads", "context_length", "dro
 TRAIN_DEFAULTS = dict(
     data=None, preset=None, emb_dim=None, n_layers=None, n_heads=None, context_length=None,
     drop_rate=None, tie_weights=None, qkv_bias=None, dtype="float32", init="gpt2",
-    batch_size=8, stride=None, epochs=None, max_steps=None, lr=1e-3, min_lr=None,
+    batch_size=8, stride=None, epochs=None, max_steps=None, lr=None, min_lr=None,
     weight_decay=0.1, warmup_steps=None, schedule="cosine", grad_clip=1.0, grad_accum=1,
-    eval_freq=25, eval_iter=5, train_ratio=0.9, seed=123, device="auto", out="runs/train",
+    eval_freq=50, eval_iter=5, train_ratio=0.9, seed=123, device="auto", out="runs/train",
     resume=None, init_from=None, prompt=None, sample_tokens=30, checkpoint_every=100,
-    no_progress=False,
+    no_progress=False, greedy=False, temperature=None, top_k=None,
 )
 
 
+def sampling_options(greedy: bool = False, temperature: float | None = None, top_k: int | None = None,
+                     seed: int | None = None, top_p: float | None = None) -> dict:
+    """``generate``'s decoding keywords for the command line's options: SAMPLING_DEFAULTS
+    (temperature 0.8, top-k 40, seed 123) where an option is not given, greedy when
+    ``greedy`` is set or the temperature is 0."""
+    from .generate import SAMPLING_DEFAULTS as S
+
+    if greedy or temperature == 0:
+        return dict(temperature=0.0)
+    chosen = dict(temperature=S["temperature"] if temperature is None else temperature,
+                  top_k=S["top_k"] if top_k is None else top_k, seed=S["seed"] if seed is None else seed)
+    if top_p is not None:
+        chosen["top_p"] = top_p
+    return chosen
+
+
+def _sampling_flags(temperature, top_k=None, seed=None, top_p=None) -> str:
+    """The generate options that reproduce sampling_options' result."""
+    if not temperature:
+        return "--greedy"
+    return f"--temperature {temperature:g} --top-k {top_k} --seed {seed}" + (f" --top-p {top_p:g}" if top_p else "")
+
+
 def _say(msg: str = "") -> None:
-    print(msg, flush=True)
+    comm = distributed.current()
+    if comm is None or comm.is_main:  # under mpiexec rank 0 alone reports
+        print(msg, flush=True)
 
 
 def _set_device(name: str) -> str:
@@ -187,6 +218,7 @@ def run_training(given: dict) -> dict:
     unknown = set(given) - set(TRAIN_DEFAULTS)
     if unknown:
         raise TypeError(f"unknown training options: {sorted(unknown)}")
+    comm = distributed.init()  # MPI under mpiexec, else this process alone
     if given.get("resume") and given.get("init_from"):
         raise RunError("--resume and --init-from exclude each other")
     saved, resume_state, stored = None, None, {}
@@ -200,7 +232,9 @@ def run_training(given: dict) -> dict:
         stored = {k: v for k, v in (resume_state.run_options or {}).items()
                   if k in TRAIN_DEFAULTS and k not in ("resume", "init_from", "no_progress")}
     opts = {**TRAIN_DEFAULTS, **stored, **given}
+    comm.check_batch_size(opts["batch_size"])
     device = _set_device(opts["device"])
+    comm.use_device(device)
 
     text, data_desc = _load_text(opts)
 
@@ -223,6 +257,8 @@ def run_training(given: dict) -> dict:
 
     train_loader, val_loader, tokenizer = _build_loaders(text, opts, T)
 
+    if opts["lr"] is None:
+        opts["lr"] = SMALL_MODEL_LR if not (opts["preset"] or opts["init_from"]) else DEFAULT_LR
     optimizer = AdamW(param_groups(model, opts["weight_decay"]), lr=opts["lr"], weight_decay=opts["weight_decay"])
     if saved is not None:
         theirs, mine = resume_state.loader_state or {}, train_loader.state_dict()
@@ -265,13 +301,17 @@ def run_training(given: dict) -> dict:
     except OSError as e:
         raise RunError(f"--out: cannot create {out!r}: {e}") from e
     ckpt_path = os.path.join(out, "checkpoint.safetensors")
-    remove_stale_temps(ckpt_path)  # left by a run killed while it saved
+    if comm.is_main:  # the one rank that writes there
+        remove_stale_temps(ckpt_path)  # left by a run killed while it saved
     plot_path = os.path.join(out, "loss.png")
     history_path = os.path.join(out, "history.json")
 
     n_train, n_val = len(train_loader.dataset.token_ids), len(val_loader.dataset.token_ids)
     B = opts["batch_size"]
+    ranks = comm.describe() if comm.world_size > 1 else None  # every rank takes part
     _say(f"device      {device} ({'CuPy' if device == 'cuda' else 'NumPy'})")
+    if ranks:
+        _say(f"ranks       {ranks}")
     where = (f" (resumed from {opts['resume']})" if opts["resume"]
              else f" (from {opts['init_from']})" if opts["init_from"] else "")
     _say(f"model       {_describe_config(cfg)}{where}")
@@ -280,13 +320,15 @@ def run_training(given: dict) -> dict:
     _say(f"tokens      train {n_train:,} ({len(train_loader.dataset):,} windows of {T}), "
          f"val {n_val:,} ({len(val_loader.dataset):,} windows)")
     _say(f"plan        {total:,} steps ({total / steps_per_epoch:.2f} epochs of {steps_per_epoch:,} steps), "
-         f"{opts['grad_accum']} x {B} x {T} tokens a step; {lr_desc}")
+         f"{opts['grad_accum']} x {B} x {T} tokens a step"
+         + (f" ({B // comm.world_size} rows a rank)" if comm.world_size > 1 else "") + f"; {lr_desc}")
     if resume_state is not None:
         _say(f"resuming    at step {resume_state.global_step:,}")
     _say(f"output      {out}")
     _say()
 
     prompt = _default_prompt(opts, text)
+    sampling = sampling_options(opts["greedy"], opts["temperature"], opts["top_k"], opts["seed"])
     cli_options = {k: opts[k] for k in TRAIN_DEFAULTS}
     cli_options["resume"] = None
     # the options as given, not the derived step count, so a later --max-steps can extend the run
@@ -296,7 +338,8 @@ def run_training(given: dict) -> dict:
             grad_accum_steps=opts["grad_accum"], max_grad_norm=opts["grad_clip"] or None, scheduler=scheduler,
             max_steps=total, checkpoint_path=ckpt_path, checkpoint_every=opts["checkpoint_every"],
             resume_state=resume_state, run_options=cli_options, extra={"tokenizer": "gpt2"},
-            progress=not opts["no_progress"], sample_tokens=opts["sample_tokens"], stop_requested=stop)
+            progress=not opts["no_progress"], sample_tokens=opts["sample_tokens"], sampling=sampling,
+            stop_requested=stop)
         try:
             history = train_model(model, train_loader, val_loader, optimizer, num_epochs=epochs,
                                   eval_freq=opts["eval_freq"], eval_iter=opts["eval_iter"],
@@ -306,11 +349,13 @@ def run_training(given: dict) -> dict:
             raise
 
     final = None
-    if history["global_step"] and (not history["track_steps"] or history["track_steps"][-1] != history["global_step"]):
-        final = evaluate_model(model, train_loader, val_loader, opts["eval_iter"])
-    plot_losses(history, plot_path)
-    with open(history_path, "w") as f:
-        json.dump(history, f, indent=1)
+    if comm.is_main:  # under mpiexec the others wait at the barrier below
+        if history["global_step"] and (not history["track_steps"] or history["track_steps"][-1] != history["global_step"]):
+            final = evaluate_model(model, train_loader, val_loader, opts["eval_iter"])
+        plot_losses(history, plot_path)
+        with open(history_path, "w") as f:
+            json.dump(history, f, indent=1)
+    comm.barrier()
     seconds = time.perf_counter() - t_start
     _say()
     if history["val_losses"]:
@@ -323,31 +368,49 @@ def run_training(given: dict) -> dict:
     _say(f"loss plot   {plot_path}")
     _say(f"history     {history_path}")
     _say(f"time        {seconds:.0f} s")
+    if prompt:
+        _say(f"sample more python -m numpygpt generate --checkpoint {shlex.quote(ckpt_path)} --prompt {shlex.quote(prompt)} "
+             f"--max-new-tokens {opts['sample_tokens']} {_sampling_flags(**sampling)}")
     return {"history": history, "model": model, "checkpoint": ckpt_path, "plot": plot_path,
             "history_path": history_path, "seconds": seconds, "final_losses": final}
 
 
-def run_generate(prompt: str, checkpoint=None, model=None, max_new_tokens: int = 50, temperature: float = 0.0,
-                 top_k: int | None = None, top_p: float | None = None, seed=None, device: str = "auto",
-                 dtype: str = "float32", use_cache: bool = True) -> str:
+def run_generate(prompt: str | None = None, checkpoint=None, model=None, max_new_tokens: int = 50,
+                 temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                 seed: int | None = None, greedy: bool = False, device: str = "auto", dtype: str = "float32",
+                 use_cache: bool = True) -> str:
     """Everything ``numpygpt generate`` does: load a checkpoint (``checkpoint``) or GPT-2
-    weights (``model``: a directory or a name), continue ``prompt``, print and return the text."""
+    weights (``model``: a directory or a name), continue ``prompt``, print and return the text.
+
+    Decoding: ``sampling_options(greedy, temperature, top_k, seed, top_p)``, so by default
+    temperature 0.8, top-k 40, seed 123; the settings are printed on stderr. ``prompt``
+    None: DEFAULT_PROMPT for a checkpoint trained on the default corpus, else GENERIC_PROMPT.
+    """
     if (checkpoint is None) == (model is None):
         raise RunError("give exactly one of a checkpoint and a model")
-    if not prompt:
-        raise RunError("--prompt must not be empty")
     device = _set_device(device)
+    default_corpus_run = False
     if checkpoint is not None:
         saved = _read_checkpoint(checkpoint)
+        options = (saved.extra or {}).get("cli_options") or {}
+        default_corpus_run = "data" in options and options["data"] is None
         gpt = _build_from_checkpoint(saved, device)
     else:
         gpt = _from_pretrained(model, dtype=dtype, device=device)
+    if prompt is None:
+        prompt = DEFAULT_PROMPT if default_corpus_run else GENERIC_PROMPT
+    if not prompt:
+        raise RunError("--prompt must not be empty")
     gpt.eval()
+    sampling = sampling_options(greedy, temperature, top_k, seed, top_p)
     try:
-        text = generate_text(gpt, prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                             seed=seed, use_cache=use_cache)
+        text = generate_text(gpt, prompt, max_new_tokens, use_cache=use_cache, **sampling)
     except ValueError as e:  # a prompt the model cannot read, a temperature that overflows...
         raise RunError(f"cannot generate: {e}") from e
+    # the settings go to stderr, so that stdout is the text alone
+    how = (f"sampling with {describe_sampling(**sampling)} (--greedy for greedy decoding)"
+           if sampling["temperature"] else "greedy decoding")
+    print(f"numpygpt: {how}", file=sys.stderr, flush=True)
     print(text, flush=True)
     return text
 

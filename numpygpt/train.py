@@ -11,8 +11,13 @@ One optimiser step is::
         model.backward(dloss * 1/grad_accum_steps)   # grads add up to the mean's gradient
     clip_grad_norm (optional); lr = scheduler(step) (optional); optimizer.step()
 
+Under ``mpiexec -n N`` each rank runs every micro-batch on its B/N rows and the ranks'
+gradients are summed (one all-reduce, ``numpygpt.distributed``) before clipping, so N
+ranks take the step one process would; rank 0 alone logs, evaluates and saves.
+
 Every ``eval_freq`` steps the mean loss over ``eval_iter`` training and validation
-batches is logged, and each epoch ends with a greedy sample from ``start_context``.
+batches is logged, and each epoch ends with a sample from ``start_context`` (greedy
+unless ``sampling`` is given).
 A non-finite loss stops the run with ``TrainingDivergedError`` before the weights are
 touched. An update can also break the weights (a huge learning rate): before every save,
 and at the end of a run, the weights are checked to be finite and to give a finite loss
@@ -179,13 +184,16 @@ def perplexity(loss: float) -> float:
     return math.exp(loss) if loss < 700.0 else float("inf")
 
 
-def _sample(model, start_context: str, max_new_tokens: int, tokenizer=None) -> str:
-    """A greedy continuation of ``start_context`` (eval mode, no gradients), one line."""
-    from .generate import generate_text
+def _sample(model, start_context: str, max_new_tokens: int, tokenizer=None, sampling=None) -> str:
+    """A continuation of ``start_context`` (eval mode, no gradients), one line: greedy, or
+    drawn with ``sampling`` (``generate``'s temperature, top_k, top_p, seed), prefixed
+    with the settings in parentheses so that it can be reproduced."""
+    from .generate import describe_sampling, generate_text
 
+    sampling = dict(sampling or {})
     with eval_mode(model), no_grad():
-        text = generate_text(model, start_context, max_new_tokens, tokenizer=tokenizer, temperature=0.0)
-    return text.replace("\n", " ")  # compact print format, as in the book
+        text = generate_text(model, start_context, max_new_tokens, tokenizer=tokenizer, **sampling)
+    return f"({describe_sampling(**sampling)}) " + text.replace("\n", " ")  # one line, as in the book
 
 
 # -- where a run stands ---------------------------------------------------------------
@@ -313,7 +321,9 @@ class TrainOptions:
     run_options: the options of ``numpygpt train``, stored so --resume can reuse them.
     progress: a tqdm bar on stderr. log: where messages go; the default ``print`` is
         routed through tqdm.write so the bar stays intact; None: silent.
-    sample_tokens: length of the greedy samples from ``start_context``.
+    sample_tokens: length of the samples from ``start_context``.
+    sampling: how they are decoded (``generate``'s temperature, top_k, top_p, seed);
+        None is greedy, as in the book.
     loss_fn: the loss (default ``CrossEntropyLoss()``); it sees ``model(x)`` and ``y``
         as the loader yields them, so logits (B, K) with targets (B,) work as well.
     reduce_gradients: ``reduce_gradients(model)`` runs after the backward passes of all
@@ -321,6 +331,10 @@ class TrainOptions:
         average the gradients across processes there).
     is_main_process: False on every process but one in a multi-process run: it then
         logs nothing, draws no bar, evaluates and samples nothing, and saves nothing.
+    comm: a ``distributed.Communicator`` (default ``distributed.init()``: MPI under
+        mpiexec, else this process alone). Each rank trains on its share of every batch
+        and the gradients (and the loss) are summed over the ranks, once a step, before
+        clipping; only its rank 0 is a main process. See numpygpt/distributed.py.
     stop_requested: polled after every step (e.g. ``stop_on_signals``'s StopRequest); when
         it returns something true the run saves a checkpoint (when it checkpoints) and
         raises TrainingInterrupted.
@@ -338,9 +352,11 @@ class TrainOptions:
     progress: bool = True
     log: object = print
     sample_tokens: int = 50
+    sampling: dict | None = None
     loss_fn: object = None
     reduce_gradients: object = None
     is_main_process: bool = True
+    comm: object = None
     stop_requested: object = None
 
 
@@ -351,7 +367,7 @@ def train_model(model, train_loader, val_loader, optimizer, num_epochs: int, eva
 
     num_epochs: passes over ``train_loader`` (``max_steps`` in the options stops earlier).
     eval_freq, eval_iter: evaluate after step 1, 1 + eval_freq, ... over eval_iter batches.
-    start_context: the prompt of the greedy sample printed at the end of each epoch.
+    start_context: the prompt of the sample printed at the end of each epoch.
     options: a TrainOptions; or pass its fields as keywords (``grad_accum_steps=4``...).
     """
     opts = dataclasses.replace(options or TrainOptions(), **kwargs)
@@ -370,7 +386,10 @@ def train_model(model, train_loader, val_loader, optimizer, num_epochs: int, eva
     total_steps = num_epochs * steps_per_epoch
     if opts.max_steps is not None:
         total_steps = min(total_steps, int(opts.max_steps))
-    main = opts.is_main_process
+    from . import distributed
+
+    comm = opts.comm if opts.comm is not None else distributed.init()
+    main = opts.is_main_process and comm.is_main
     checkpoint_path = opts.checkpoint_path if main else None
 
     from tqdm.auto import tqdm
@@ -396,6 +415,8 @@ def train_model(model, train_loader, val_loader, optimizer, num_epochs: int, eva
         state.run_options = opts.run_options
     state.extra = {**state.extra, **(opts.extra or {})}
     history = state.history
+    comm.begin_training(model, batch_size=getattr(train_loader, "batch_size", None),
+                        plan=(n_batches, accum, total_steps, state.epoch, state.batch_in_epoch))
 
     def check_health() -> None:
         """The weights the optimiser just made must be finite and give a finite loss,
@@ -435,7 +456,8 @@ def train_model(model, train_loader, val_loader, optimizer, num_epochs: int, eva
                 batches = _batches(train_loader, state.epoch, state.batch_in_epoch)
 
             step = state.global_step + 1
-            step_loss, step_tokens = _forward_backward(model, loss_fn, batches, accum)
+            comm.begin_step(state.global_step)  # ranks > 0: this step's dropout masks
+            step_loss, step_tokens = _forward_backward(model, loss_fn, batches, accum, comm)
             if opts.reduce_gradients is not None:
                 opts.reduce_gradients(model)
             if not math.isfinite(step_loss):
@@ -473,22 +495,25 @@ def train_model(model, train_loader, val_loader, optimizer, num_epochs: int, eva
             if state.batch_in_epoch + accum > n_batches:  # the epoch is over
                 if main and start_context:
                     emit(f"Ep {state.epoch + 1} sample: "
-                         f"{_sample(model, start_context, opts.sample_tokens, tokenizer)}")
+                         f"{_sample(model, start_context, opts.sample_tokens, tokenizer, opts.sampling)}")
                 state.epoch, state.batch_in_epoch, batches = state.epoch + 1, 0, None
 
             if checkpoint_path is not None and opts.checkpoint_every and step % opts.checkpoint_every == 0:
                 save()
             signum = opts.stop_requested() if opts.stop_requested is not None else None
+            if opts.stop_requested is not None:
+                signum = comm.any_stop(signum)  # every rank stops after the same step
             if signum:
                 raise _interrupted(signum, state.global_step, total_steps, checkpoint_path,
                                    save if checkpoint_path is not None and last_saved != state.global_step else None)
     finally:
         bar.close()
 
+    comm.check_same_weights(model)  # the ranks are still in step (a no-op for one process)
     if main and start_context and state.batch_in_epoch > 0 and state.global_step > 0:
         # stopped inside an epoch (max_steps): still show what the model does now
         emit(f"Ep {state.epoch + 1} sample (step {state.global_step}): "
-             f"{_sample(model, start_context, opts.sample_tokens, tokenizer)}")
+             f"{_sample(model, start_context, opts.sample_tokens, tokenizer, opts.sampling)}")
     if checkpoint_path is not None and last_saved != state.global_step:
         save()
     elif state.global_step > 0 and last_saved != state.global_step:
@@ -524,19 +549,32 @@ def _unhealthy(model, loss_fn, loader):
     return None if math.isfinite(loss) else ("loss at the updated weights", loss)
 
 
-def _forward_backward(model, loss_fn, batches, accum: int) -> tuple[float, int]:
+def _forward_backward(model, loss_fn, batches, accum: int, comm=None) -> tuple[float, int]:
     """zero_grad, then forward and backward over ``accum`` micro-batches, each scaled by
     1/accum so the gradients add up to the mean's. Returns (mean loss, tokens seen); the
-    loss is the step's one device-to-host sync."""
+    loss is the step's one device-to-host sync.
+
+    With N ranks each takes its rows of every micro-batch, scaled also by its weight (its
+    share of the batch's counted targets), and ``comm.sum_gradients`` adds the ranks'
+    gradients and losses: the whole batch's mean, as one process computes it. ``comm``
+    None: this process alone."""
+    if comm is None:
+        from .distributed import Communicator
+
+        comm = Communicator()
     model.zero_grad()
     loss_sum, tokens = None, 0
     for _ in range(accum):
         x, y = next(batches)
-        loss = calc_loss_batch(model, loss_fn, x, y)
-        model.backward(loss_fn.backward(1.0 / accum))
-        loss_sum = loss if loss_sum is None else loss_sum + loss
         tokens += int(x.size)
-    return float(loss_sum) / accum, tokens
+        x, y, weight = comm.shard(x, y, getattr(loss_fn, "ignore_index", None))  # (B/N, T); 1 alone
+        if weight == 0.0:
+            continue  # every target of my rows is ignored: I add nothing
+        loss = calc_loss_batch(model, loss_fn, x, y)
+        model.backward(loss_fn.backward(weight / accum))
+        loss = loss if weight == 1.0 else loss * weight
+        loss_sum = loss if loss_sum is None else loss_sum + loss
+    return comm.sum_gradients(model, 0.0 if loss_sum is None else loss_sum) / accum, tokens
 
 
 def _diverged(what: str, value, step: int, epoch: int, checkpoint_path, last_saved, after_update: bool = False):
