@@ -340,6 +340,9 @@ class MPICommunicator(Communicator):
             return
         self._blas_limiter = threadpool_limits(limits=n, user_api="blas")  # kept: the limit holds while it lives
         self.blas_threads = n
+        from . import parallel
+
+        parallel.set_num_threads(n)  # numpygpt's own thread pool: the same share of the cores
         self._blas_note = f"{n} BLAS thread{'s' if n > 1 else ''} a rank ({cores} cores / {self.local_size} ranks)"
 
     # -- device ------------------------------------------------------------------------------
