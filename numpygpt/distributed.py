@@ -42,6 +42,8 @@ import numpy
 
 from . import backend
 
+ABORT_GRACE_S = 0.5  # seconds between a failing rank's last words and MPI_Abort
+
 __all__ = ["Communicator", "MPICommunicator", "GradientBuckets", "DistributedError", "init", "get", "current",
            "launched_world_size", "blas_threads_for", "dropout_seed"]
 
@@ -444,6 +446,9 @@ class MPICommunicator(Communicator):
     def abort(self, code: int = 1) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
+        # MPI_Abort makes the launcher kill every rank, and it may do so before it has
+        # forwarded what this rank just wrote: give it a moment to pass the message on.
+        time.sleep(ABORT_GRACE_S)
         self.comm.Abort(code)
 
 
