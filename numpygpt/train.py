@@ -58,6 +58,9 @@ __all__ = [
     "calc_loss_batch",
     "calc_loss_loader",
     "evaluate_model",
+    "loader_batches",
+    "forward_backward",
+    "diverged_error",
     "train_model",
     "plot_losses",
     "perplexity",
@@ -137,7 +140,7 @@ def calc_loss_batch(model, loss_fn, inputs, targets):
     return loss_fn(logits, targets)
 
 
-def _batches(loader, epoch: int = 0, start: int = 0):
+def loader_batches(loader, epoch: int = 0, start: int = 0):
     """Batches of ``loader``'s epoch ``epoch`` from batch ``start`` on.
 
     Our DataLoader is asked for that epoch directly, so its epoch counter does not
@@ -161,7 +164,7 @@ def calc_loss_loader(model, loss_fn, loader, num_batches: int | None = None) -> 
     num_batches = n if num_batches is None else min(int(num_batches), n)
     total = None
     with no_grad():
-        for x, y in itertools.islice(_batches(loader), num_batches):
+        for x, y in itertools.islice(loader_batches(loader), num_batches):
             loss = calc_loss_batch(model, loss_fn, x, y)
             total = loss if total is None else total + loss
     return float(total) / num_batches
@@ -423,7 +426,7 @@ def train_model(model, train_loader, val_loader, optimizer, num_epochs: int, eva
         or the run stops here: nothing non-finite is saved or returned as trained."""
         problem = _unhealthy(model, loss_fn, train_loader)
         if problem is not None:
-            raise _diverged(problem[0], problem[1], state.global_step, state.epoch, checkpoint_path, last_saved,
+            raise diverged_error(problem[0], problem[1], state.global_step, state.epoch, checkpoint_path, last_saved,
                             after_update=True)
 
     def save() -> None:
@@ -453,19 +456,19 @@ def train_model(model, train_loader, val_loader, optimizer, num_epochs: int, eva
             if batches is None:
                 if hasattr(train_loader, "set_epoch"):
                     train_loader.set_epoch(state.epoch)  # so its state_dict names the epoch in progress
-                batches = _batches(train_loader, state.epoch, state.batch_in_epoch)
+                batches = loader_batches(train_loader, state.epoch, state.batch_in_epoch)
 
             step = state.global_step + 1
             comm.begin_step(state.global_step)  # ranks > 0: this step's dropout masks
-            step_loss, step_tokens = _forward_backward(model, loss_fn, batches, accum, comm)
+            step_loss, step_tokens = forward_backward(model, loss_fn, batches, accum, comm)
             if opts.reduce_gradients is not None:
                 opts.reduce_gradients(model)
             if not math.isfinite(step_loss):
-                raise _diverged("loss", step_loss, step, state.epoch, checkpoint_path, last_saved)
+                raise diverged_error("loss", step_loss, step, state.epoch, checkpoint_path, last_saved)
             if opts.max_grad_norm is not None:
                 norm = clip_grad_norm(model, opts.max_grad_norm)
                 if not math.isfinite(norm):
-                    raise _diverged("gradient norm", norm, step, state.epoch, checkpoint_path, last_saved)
+                    raise diverged_error("gradient norm", norm, step, state.epoch, checkpoint_path, last_saved)
             if opts.scheduler is not None:
                 optimizer.lr = opts.scheduler(state.global_step)
             history["lrs"].append(float(optimizer.lr))
@@ -481,7 +484,7 @@ def train_model(model, train_loader, val_loader, optimizer, num_epochs: int, eva
             if main and (step - 1) % eval_freq == 0:
                 train_loss, val_loss = evaluate_model(model, train_loader, val_loader, eval_iter)
                 if not math.isfinite(train_loss):
-                    raise _diverged("training loss", train_loss, step, state.epoch, checkpoint_path, last_saved,
+                    raise diverged_error("training loss", train_loss, step, state.epoch, checkpoint_path, last_saved,
                                     after_update=True)
                 ppl = perplexity(val_loss)
                 history["train_losses"].append(train_loss)
@@ -543,13 +546,13 @@ def _unhealthy(model, loss_fn, loader):
         if not bool(xp.stack([xp.isfinite(p.data).all() for p in params]).all()):
             bad = next(name for name, p in model.named_parameters() if not bool(xp.isfinite(p.data).all()))
             return f"weight {bad}", "non-finite"
-    x, y = next(iter(_batches(loader)))
+    x, y = next(iter(loader_batches(loader)))
     with eval_mode(model), no_grad():
         loss = float(calc_loss_batch(model, loss_fn, x, y))
     return None if math.isfinite(loss) else ("loss at the updated weights", loss)
 
 
-def _forward_backward(model, loss_fn, batches, accum: int, comm=None) -> tuple[float, int]:
+def forward_backward(model, loss_fn, batches, accum: int, comm=None) -> tuple[float, int]:
     """zero_grad, then forward and backward over ``accum`` micro-batches, each scaled by
     1/accum so the gradients add up to the mean's. Returns (mean loss, tokens seen); the
     loss is the step's one device-to-host sync.
@@ -577,7 +580,9 @@ def _forward_backward(model, loss_fn, batches, accum: int, comm=None) -> tuple[f
     return comm.sum_gradients(model, 0.0 if loss_sum is None else loss_sum) / accum, tokens
 
 
-def _diverged(what: str, value, step: int, epoch: int, checkpoint_path, last_saved, after_update: bool = False):
+def diverged_error(what: str, value, step: int, epoch: int, checkpoint_path, last_saved, after_update: bool = False):
+    """The TrainingDivergedError for a non-finite ``what`` (loss, gradient norm...) at ``step``,
+    naming the last good checkpoint if one was written."""
     if after_update:
         msg = (f"training diverged: the {what} is {value} after step {step} (epoch {epoch + 1}); "
                "these weights were not saved")

@@ -25,7 +25,7 @@ import time
 from .. import backend
 from ..config import TRAINABLE
 from ..nn import CrossEntropyLoss, eval_mode, no_grad
-from ..train import _batches, _diverged, _forward_backward, evaluate_model
+from ..train import loader_batches, diverged_error, forward_backward, evaluate_model
 from .classify_data import PAD_ID, download_sms_spam, prepare_classification_data
 
 __all__ = [
@@ -61,7 +61,7 @@ def calc_accuracy_loader(model, loader, num_batches: int | None = None) -> float
     num_batches = n if num_batches is None else min(int(num_batches), n)
     correct, total = None, 0
     with eval_mode(model):
-        for inputs, labels in itertools.islice(_batches(loader), num_batches):
+        for inputs, labels in itertools.islice(loader_batches(loader), num_batches):
             hits = (predict(model, inputs) == backend.to_device(labels, device_name=model.device)).sum()
             correct = hits if correct is None else correct + hits
             total += len(labels)
@@ -116,13 +116,13 @@ def train_classifier(model, train_loader, val_loader, optimizer, num_epochs: int
     try:
         for epoch in range(num_epochs):
             model.train()
-            batches = _batches(train_loader, epoch)
+            batches = loader_batches(train_loader, epoch)
             for _ in range(steps_per_epoch):
                 step = history["global_step"] + 1
                 # zero_grad; loss of the (B, K) logits against the (B,) labels; backward
-                step_loss, _ = _forward_backward(model, loss_fn, batches, 1)
+                step_loss, _ = forward_backward(model, loss_fn, batches, 1)
                 if not math.isfinite(step_loss):
-                    raise _diverged("loss", step_loss, step, epoch, None, None)
+                    raise diverged_error("loss", step_loss, step, epoch, None, None)
                 optimizer.step()
                 history["global_step"] = step
                 history["examples_seen"] += train_loader.batch_size  # drop_last: every batch is full
