@@ -38,7 +38,7 @@ common.early_threads()
 
 import numpy  # noqa: E402,F401  (after early_threads: BLAS starts with the thread count)
 
-from numpygpt import CrossEntropyLoss, GPTModel, count_parameters, parallel  # noqa: E402
+from numpygpt import CrossEntropyLoss, GPTModel, count_parameters, memory, parallel  # noqa: E402
 from numpygpt.optim import AdamW, param_groups  # noqa: E402
 
 LR, WD = 3e-4, 0.1
@@ -280,7 +280,8 @@ def main(argv=None) -> int:
     max_load = 1.0 if args.busy else args.max_load
     configs = [args.config] if args.config else args.configs.split(",")
     print(f"threads: {args.threads}; NumPy BLAS: {common.numpy_blas()}; torch: "
-          f"{common.torch_description() if not args.no_torch else 'not used'}\n", file=sys.stderr)
+          f"{common.torch_description() if not args.no_torch else 'not used'}; "
+          f"malloc: {common.malloc_description()}\n", file=sys.stderr)
     results = []
     with common.BusyLoops(args.busy):
         for name in configs:
@@ -289,7 +290,8 @@ def main(argv=None) -> int:
             print(f"done: {name}", file=sys.stderr)
     adamw = "" if args.torch_adamw == "default" else f" (torch AdamW {args.torch_adamw})"
     busy = f", {args.busy} busy-loop process(es) running" if args.busy else ""
-    print(f"### Training step (float32, AdamW{adamw}, dropout 0, {args.threads} threads{busy}, "
+    malloc = "" if memory.freed_memory_kept() else ", malloc returning freed memory"
+    print(f"### Training step (float32, AdamW{adamw}, dropout 0, {args.threads} threads{busy}{malloc}, "
           f"median of {args.steps} steps after {args.warmup} warm-up)\n")
     print(table(results))
     for r in results:

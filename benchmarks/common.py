@@ -63,11 +63,16 @@ def early_threads(argv=None) -> int:
 
 def apply_threads(n: int, torch_too: bool = True) -> dict:
     """Limit NumPy's BLAS (threadpoolctl, when installed), numpygpt's own thread pool
-    (numpygpt.parallel) and torch to ``n`` threads."""
-    from numpygpt import parallel
+    (numpygpt.parallel) and torch to ``n`` threads.
+
+    It also sets up the process's memory allocator as numpygpt's training does
+    (``numpygpt.memory.keep_freed_memory``: glibc keeps freed memory instead of returning
+    it to the kernel). That is process-wide, so PyTorch, run in the same process, gets it
+    too; ``NUMPYGPT_KEEP_FREED_MEMORY=0`` in the environment measures both without it."""
+    from numpygpt import memory, parallel
 
     parallel.set_num_threads(n)
-    info = {"threads": n}
+    info = {"threads": n, "keep_freed_memory": memory.keep_freed_memory()}
     try:
         import threadpoolctl
 
@@ -142,6 +147,15 @@ def meminfo_gib(field: str) -> float:
     except OSError:
         pass
     return float("nan")
+
+
+def malloc_description() -> str:
+    """How this process's malloc treats freed memory (numpygpt.memory)."""
+    from numpygpt import memory
+
+    if memory.freed_memory_kept():
+        return "glibc keeps freed memory (numpygpt.memory.keep_freed_memory, for every implementation)"
+    return "default (freed large arrays go back to the kernel)"
 
 
 def numpy_blas() -> str:

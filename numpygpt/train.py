@@ -361,6 +361,7 @@ class TrainOptions:
     is_main_process: bool = True
     comm: object = None
     stop_requested: object = None
+    keep_freed_memory: bool = True
 
 
 def train_model(model, train_loader, val_loader, optimizer, num_epochs: int, eval_freq: int,
@@ -389,7 +390,10 @@ def train_model(model, train_loader, val_loader, optimizer, num_epochs: int, eva
     total_steps = num_epochs * steps_per_epoch
     if opts.max_steps is not None:
         total_steps = min(total_steps, int(opts.max_steps))
-    from . import distributed
+    from . import distributed, memory
+
+    if opts.keep_freed_memory:
+        memory.keep_freed_memory()
 
     comm = opts.comm if opts.comm is not None else distributed.init()
     main = opts.is_main_process and comm.is_main

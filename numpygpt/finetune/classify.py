@@ -22,7 +22,7 @@ import os
 import sys
 import time
 
-from .. import backend
+from .. import backend, memory
 from ..config import TRAINABLE
 from ..nn import CrossEntropyLoss, eval_mode, no_grad
 from ..train import loader_batches, diverged_error, forward_backward, evaluate_model
@@ -107,6 +107,7 @@ def train_classifier(model, train_loader, val_loader, optimizer, num_epochs: int
         elif log is not None:
             log(msg)
 
+    memory.keep_freed_memory()  # reuse each step's pages (see train.TrainOptions)
     history = _new_history()
     loss_fn = CrossEntropyLoss()
     total_steps = num_epochs * steps_per_epoch
