@@ -25,8 +25,13 @@ Three properties the layers rely on:
   region and restores it afterwards.
 
 Chunks of about ``CHUNK_BYTES`` of input also keep an element-wise layer's temporaries
-in the core's cache: ``y = 0.5 * x * (1 + t)`` on a 64 KiB chunk reads and writes
-cache, where on the whole array every operator is a pass over main memory.
+in the core's cache: ``y = 0.5 * x * (1 + t)`` on a 256 KiB chunk reads and writes
+cache, where on the whole array every operator is a pass over main memory. Smaller
+chunks cost more than they save: every NumPy call in a chunk takes the GIL for a few
+microseconds, and with 64 KiB chunks two threads spent more time handing the GIL back
+and forth than computing (GELU on GPT-2 small's (4096, 3072) hidden array: 39 ms with
+64 KiB chunks on two threads, 33 ms on one thread, 21 ms with 256 KiB chunks on two;
+benchmarks/RESULTS.md).
 
 CuPy arrays are never split: the GPU runs the whole array as one kernel.
 """
@@ -41,7 +46,7 @@ from contextlib import contextmanager, nullcontext
 
 from . import backend
 
-CHUNK_BYTES = 1 << 16  # input bytes per chunk: 64 KiB, so a layer's few temporaries stay in L2
+CHUNK_BYTES = 1 << 18  # input bytes per chunk: 256 KiB, so a layer's few temporaries stay in L2
 
 _num_threads: int | None = None  # None: NUMPYGPT_NUM_THREADS or every core we may run on
 _pool: ThreadPoolExecutor | None = None
