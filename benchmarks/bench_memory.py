@@ -51,6 +51,9 @@ def worker(impl: str, config: str, B: int, T: int | None, threads: int) -> dict:
         from torch_gpt import TorchGPT, torch_param_groups
     common.apply_threads(threads, torch_too=not impl.startswith("numpygpt"))
     out["rss_import"] = common.current_rss_mib()
+    from numpygpt import memory
+
+    out["malloc_kept"] = memory.freed_memory_kept()
 
     cfg = common.make_config(config, context=T)
     x, y = common.random_batch(cfg, B, cfg.context_length)
@@ -135,7 +138,8 @@ def main(argv=None) -> int:
         ])
     print(f"### Peak memory of training (MiB; {args.config}, {common.fmt_params(n)} parameters, "
           f"B x T = {args.batch} x {cfg.context_length}, float32, AdamW; "
-          f"weights + grads + AdamW moments in theory: {theory:.0f} MiB)\n")
+          f"weights + grads + AdamW moments in theory: {theory:.0f} MiB; "
+          f"malloc: {'keeps freed memory' if all(r['malloc_kept'] for r in results) else 'default'})\n")
     print(common.md_table(
         ["implementation", "RSS after imports", "after model + optimiser", "resting between steps",
          "peak (3 steps)", "peak above imports", "steady-state step above resting"], rows))

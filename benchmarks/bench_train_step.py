@@ -9,7 +9,10 @@ eager, float32, same configuration, batch, weights and thread count.
 ``--before`` adds "numpygpt before": this code run as it was before the blockwise
 attention and the threaded element-wise layers (``attn_impl="dense"``, numpygpt's thread
 pool off, each element-wise layer on its whole array in one piece), interleaved with the
-current code in the same process. ``--compile`` adds ``torch.compile`` of the SDPA model;
+current code in the same process. The process's malloc is set up once for every
+implementation (``numpygpt.memory.keep_freed_memory``, PyTorch included); add
+``--default-malloc`` to measure all of them with glibc's default instead, which is how the
+code before ran. ``--compile`` adds ``torch.compile`` of the SDPA model;
 its first steps (compilation) are timed separately and printed under the table.
 ``--busy N`` keeps N spinning processes running throughout (another program taking a
 core); the other-load filter is then off, since they are the load.

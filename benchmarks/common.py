@@ -12,6 +12,8 @@ NumPy or torch at module level.
 
 from __future__ import annotations
 
+import argparse
+
 import os
 import platform
 import statistics
@@ -434,10 +436,23 @@ def current_rss_mib() -> float:
     return float("nan")
 
 
+class _DefaultMalloc(argparse.Action):
+    """``--default-malloc``: set NUMPYGPT_KEEP_FREED_MEMORY=0 as soon as it is parsed, so
+    ``apply_threads`` (and every worker process started from here) leaves glibc's malloc
+    as it is."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        os.environ["NUMPYGPT_KEEP_FREED_MEMORY"] = "0"
+        setattr(namespace, self.dest, True)
+
+
 def add_common_args(p, config_default: str = "gpt2-small"):
     p.add_argument("--config", default=config_default, choices=sorted(CONFIGS),
                    help="model size (see common.CONFIGS)")
     p.add_argument("--threads", type=int, default=default_threads(),
                    help="threads for NumPy's BLAS and torch (default: every core)")
     p.add_argument("--no-torch", action="store_true", help="numpygpt only")
+    p.add_argument("--default-malloc", action=_DefaultMalloc, nargs=0, default=False,
+                   help="leave glibc's malloc returning freed memory to the kernel, as before "
+                        "numpygpt.memory.keep_freed_memory (for every implementation)")
     return p

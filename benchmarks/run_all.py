@@ -56,18 +56,31 @@ def plan(quick: bool) -> dict[str, list[str]]:
 def plan_long() -> dict[str, list[str]]:
     """GPT-2 small in Hugging Face's layout at its own context 1024 (and at 256), with the
     code before the blockwise attention and threaded layers, PyTorch eager, SDPA and
-    torch.compile; memory, profiles, the dense/blockwise break-even and a busy core."""
+    torch.compile; memory, a profile, the dense/blockwise break-even and a busy core.
+    The "-default-malloc" runs leave glibc's malloc as it is (numpygpt.memory), for the
+    code as it was before issue 10 and for PyTorch as it runs by default."""
     return {
         "matmul": ["bench_matmul.py", "--sizes", "2048,4096", "--no-gpt2-shapes"],
         # two runs at 1024 (each model holds ~2 GB of weights, gradients and AdamW moments,
         # and PyTorch eager's step alone peaks near 10 GB): numpygpt is in both
         "train-1024": ["bench_train_step.py", "--configs", "gpt2-hf", "--batch", "4", "--context", "1024",
-                       "--before", "--no-sdpa", "--steps", "3", "--warmup", "1"],
+                       "--before", "--no-sdpa", "--steps", "3", "--warmup", "2"],
         "train-1024-sdpa-compile": ["bench_train_step.py", "--configs", "gpt2-hf", "--batch", "4", "--context",
                                     "1024", "--no-eager", "--compile", "--steps", "3", "--warmup", "2"],
+        "train-1024-default-malloc": ["bench_train_step.py", "--configs", "gpt2-hf", "--batch", "4", "--context",
+                                      "1024", "--before", "--no-sdpa", "--steps", "2", "--warmup", "1",
+                                      "--default-malloc"],
         "train-256": ["bench_train_step.py", "--configs", "gpt2-hf", "--batch", "2", "--context", "256",
-                      "--before", "--compile", "--steps", "5", "--warmup", "2"],
-        "memory-1024": ["bench_memory.py", "--config", "gpt2-hf", "--batch", "4", "--context", "1024"],
+                      "--before", "--compile", "--steps", "5", "--warmup", "3"],
+        "train-256-default-malloc": ["bench_train_step.py", "--configs", "gpt2-hf", "--batch", "2", "--context",
+                                     "256", "--before", "--no-sdpa", "--steps", "5", "--warmup", "2",
+                                     "--default-malloc"],
+        "memory-1024": ["bench_memory.py", "--config", "gpt2-hf", "--batch", "4", "--context", "1024",
+                        "--impls", "numpygpt,torch eager,torch sdpa"],
+        "memory-1024-default-malloc": ["bench_memory.py", "--config", "gpt2-hf", "--batch", "4", "--context",
+                                       "1024", "--impls", "numpygpt,torch eager,torch sdpa", "--default-malloc"],
+        "memory-256": ["bench_memory.py", "--config", "gpt2-hf", "--batch", "2", "--context", "256",
+                       "--impls", "numpygpt,torch eager,torch sdpa"],
         "profile-1024": ["profile_step.py", "--config", "gpt2-hf", "--batch", "4", "--context", "1024",
                          "--steps", "2", "--lines", "20"],
         "blockwise": ["bench_blockwise.py", "--contexts", "64,128,256,512,1024", "--tokens", "2048",
@@ -75,8 +88,6 @@ def plan_long() -> dict[str, list[str]]:
         "generate": ["bench_generate.py", "--new-tokens", "50"],
         "busy-256": ["bench_train_step.py", "--configs", "gpt2-hf", "--batch", "2", "--context", "256",
                      "--before", "--no-sdpa", "--busy", "1", "--steps", "3", "--warmup", "1"],
-        "profile-1024-before": ["profile_step.py", "--config", "gpt2-hf", "--batch", "4", "--context", "1024",
-                                "--steps", "2", "--lines", "10", "--before"],
     }
 
 
