@@ -50,6 +50,7 @@ def plan(quick: bool) -> dict[str, list[str]]:
         "generate": ["bench_generate.py", "--config", "gpt2-small", "--new-tokens", "200"],
         "scaling": ["bench_scaling.py"],
         "profile": ["profile_step.py", "--config", "gpt2-small", "--steps", "2"],
+        "adamw-subnormal": ["bench_adamw_subnormal.py"],
     }
 
 

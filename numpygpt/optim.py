@@ -410,7 +410,19 @@ class AdamW(Optimizer):
     The last line is computed as ``p -= a * m / (sqrt(v) + eps * sqrt(1 - b2^t))`` with
     ``a = lr * sqrt(1 - b2^t) / (1 - b1^t)``, the same number with one pass less over
     the parameter.
+
+    Every ``FLUSH_EVERY`` steps of a parameter, moments smaller than
+    ``finfo.tiny / finfo.eps`` (~1e-31 in float32) are set to 0. A row whose gradient
+    stops (an untied embedding's rare token) has m shrink by b1 = 0.9 a step, and after
+    ~750 steps m is subnormal, where every multiply takes a slow microcode path: measured,
+    one AdamW step of a (50257, 768) embedding took 79 ms with normal moments and 343 ms
+    with m subnormal on 96% of its rows. Between two flushes m shrinks by 0.9^50 ~ 5e-3,
+    so it never gets from the threshold down to subnormal. What is dropped is below
+    1e-31 against an eps of 1e-8 in the denominator: a change of the update far under
+    float32's rounding (exact results before step FLUSH_EVERY are untouched).
     """
+
+    FLUSH_EVERY = 50
 
     slots = ("exp_avg", "exp_avg_sq")
 
@@ -446,12 +458,18 @@ class AdamW(Optimizer):
         hyper = (lr, eps, wd, b1, b2, bc1, bc2_sqrt)
         if backend.is_cupy_array(p.data) or p.data.size <= 2 * _CHUNK:
             _adamw_math(xp, p.data, g, m, v, buf.reshape(-1)[:p.data.size].reshape(p.data.shape), *hyper)
-            return
+        else:
+            self._update_in_chunks(xp, p.data, g, m, v, buf, hyper)
+        if t % self.FLUSH_EVERY == 0:
+            _flush_tiny(xp, m, v)
+
+    @staticmethod
+    def _update_in_chunks(xp, data, g, m, v, buf, hyper) -> None:
         # On the CPU each line of _adamw_math is a full pass over memory; done in
         # cache-sized chunks the arrays are read and written about once instead of ~11
         # times, and the chunks are shared out to the cores (NumPy's element-wise ops
         # run on one core but release the GIL).
-        pf, gf, mf, vf = (a.reshape(-1) for a in (p.data, g, m, v))  # views: all contiguous
+        pf, gf, mf, vf = (a.reshape(-1) for a in (data, g, m, v))  # views: all contiguous
         bf = buf.reshape(-1)
 
         def work(worker: int, start: int, stop: int) -> None:
@@ -461,6 +479,15 @@ class AdamW(Optimizer):
                 _adamw_math(xp, pf[s:e], gf[s:e], mf[s:e], vf[s:e], scratch[:e - s], *hyper)
 
         _run_split(work, pf.size)
+
+
+def _flush_tiny(xp, m, v) -> None:
+    """Zero the moments below finfo.tiny / finfo.eps before they decay to subnormals
+    (see AdamW)."""
+    info = xp.finfo(m.dtype)
+    threshold = float(info.tiny) / float(info.eps)
+    m[xp.abs(m) < threshold] = 0
+    v[v < threshold] = 0
 
 
 _CHUNK = 1 << 16  # elements per AdamW chunk on the CPU: 256 KiB of float32, fits L2

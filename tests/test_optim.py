@@ -132,6 +132,37 @@ def test_adamw_bias_correction_counts_steps_per_parameter():
     np.testing.assert_array_equal(late.data, fresh.data)
 
 
+@pytest.mark.parametrize("size", [6, 3 * (1 << 16) + 6])  # the whole-array path and the chunked one
+def test_adamw_flushes_moments_before_they_decay_to_subnormals(size):
+    # a float32 parameter whose gradient stopped: its moments shrink by b1 and b2 each
+    # step; every FLUSH_EVERY steps those under finfo.tiny / finfo.eps (~1e-31) become 0
+    p = Parameter(np.zeros(size, dtype=np.float32))
+    opt = AdamW([p], lr=1e-3, weight_decay=0.0)
+    p.grad = np.zeros(size, dtype=np.float32)
+    opt.step()
+    state = opt.state["0"]
+    m, v = state["exp_avg"], state["exp_avg_sq"]
+    m[:6] = [1e-35, -1e-35, 1e-27, -1e-20, 2e-38, 0.5]
+    v[:6] = [1e-35, 1e-35, 1e-29, 1e-20, 2e-38, 0.5]
+    threshold = np.finfo(np.float32).tiny / np.finfo(np.float32).eps
+    for step in range(2, AdamW.FLUSH_EVERY):
+        opt.step()
+    assert state["step"] == AdamW.FLUSH_EVERY - 1
+    assert np.count_nonzero(m[:6]) == 6  # not yet: 2e-38 * 0.9^48 is subnormal by now
+    assert 0 < abs(m[4]) < np.finfo(np.float32).tiny
+    before_m, before_v = m[:6].copy(), v[:6].copy()
+    opt.step()  # step FLUSH_EVERY: update, then flush
+    expect_m = before_m * np.float32(0.9)
+    expect_v = before_v * np.float32(0.999)
+    expect_m[np.abs(expect_m) < threshold] = 0
+    expect_v[expect_v < threshold] = 0
+    np.testing.assert_allclose(m[:6], expect_m, rtol=1e-6, atol=0)
+    np.testing.assert_allclose(v[:6], expect_v, rtol=1e-6, atol=0)
+    assert list(m[:6] == 0) == [True, True, False, False, True, False]
+    assert list(v[:6] == 0) == [True, True, False, False, True, False]
+    assert not np.any((m != 0) & (np.abs(m) < np.finfo(np.float32).tiny))  # no subnormal left
+
+
 # -- SGD --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("momentum,wd", [(0.0, 0.0), (0.9, 0.0), (0.9, 0.01), (0.0, 0.1)])
