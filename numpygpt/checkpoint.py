@@ -259,7 +259,8 @@ def load_checkpoint(path, model=None, optimizer=None, device: str | None = None,
     model: load the weights into this model (names and shapes must match; arrays take
         the model's dtype); None builds ``GPTModel(config)`` from the saved config.
     optimizer: restore its state too (the checkpoint must hold optimiser state).
-    device: 'cpu' or 'cuda' for the model (a given model is moved there first);
+    device: 'cpu' or 'cuda' for the model (a given model is moved there first, and moved
+        back if the checkpoint does not fit it);
         None keeps a given model where it is and builds a new one on the current device.
     restore_rng: put the dropout generators back in their saved state.
 
@@ -268,12 +269,22 @@ def load_checkpoint(path, model=None, optimizer=None, device: str | None = None,
     does not fit; then neither the model nor the optimiser is changed.
     """
     saved = read_checkpoint(path)
+    moved_from = None  # where a given model was, if it was moved for the load
     if model is None:
         with backend.device(device or backend.get_device()):
             model = GPTModel(saved.config, init=False)
     elif device is not None:
-        model.to(device)
-    saved.apply(model, optimizer, restore_rng)
+        first = next(iter(model.parameters()), None)
+        here = backend.device_of(first.data) if first is not None else None
+        if here != device:
+            model.to(device)
+            moved_from = here
+    try:
+        saved.apply(model, optimizer, restore_rng)
+    except ValueError:
+        if moved_from is not None:
+            model.to(moved_from)  # a load that does not fit leaves the model where it was, too
+        raise
     return {
         "model": model,
         "config": saved.config,

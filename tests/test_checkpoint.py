@@ -232,6 +232,25 @@ def test_mismatched_model_names_the_tensor(tmp_path, other, name):
         np.testing.assert_array_equal(a, before[n])
 
 
+def test_a_load_that_does_not_fit_moves_the_model_back(tmp_path, monkeypatch):
+    # device= moves a given model before loading (the optimiser state is loaded next to
+    # the weights); when the checkpoint then does not fit, the model goes back where it
+    # was. Moves are recorded instead of made, so this runs without a GPU.
+    save_checkpoint(tmp_path / "c.safetensors", GPTModel(tiny(), seed=0))
+    model = GPTModel(tiny(emb_dim=64), seed=0)
+    moves = []
+    monkeypatch.setattr(model, "to", lambda device_name: moves.append(device_name) or model)
+    with pytest.raises(ValueError, match="does not fit"):
+        load_checkpoint(tmp_path / "c.safetensors", model, device="cuda")
+    assert moves == ["cuda", "cpu"]
+    # a model already on the asked device is not moved at all
+    moves.clear()
+    fits = GPTModel(tiny(), seed=1)
+    monkeypatch.setattr(fits, "to", lambda device_name: moves.append(device_name) or fits)
+    load_checkpoint(tmp_path / "c.safetensors", fits, device="cpu")
+    assert moves == []
+
+
 def test_missing_layers_is_an_error(tmp_path):
     save_checkpoint(tmp_path / "c.safetensors", GPTModel(tiny(), seed=0))
     with pytest.raises(ValueError, match="checkpoint.*h.2"):
