@@ -12,14 +12,21 @@ itself survives a crash. On any error the temporary file is removed and an exist
 target is untouched. A process killed mid-write (SIGKILL, power loss) cannot clean up:
 ``remove_stale_temps(target)`` deletes the temporaries of ``target`` left by processes
 that no longer run, and every ``atomic_write`` calls it first.
+
+Versions before 2026-11-23 named the temporary ``<target>.<8 random characters>.tmp``
+(``tempfile.mkstemp``), with no pid in it: ``remove_stale_temps`` also deletes those, once
+they are ``LEGACY_TEMP_AGE_S`` old (a live writer touches its file every few seconds; an
+old-style file unchanged for 10 minutes was left by a process that died).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import struct
+import time
 from contextlib import contextmanager
 
 import numpy
@@ -29,6 +36,7 @@ from . import backend
 __all__ = ["atomic_write", "remove_stale_temps", "write_safetensors", "SAFETENSORS_DTYPES", "TEMP_SUFFIX"]
 
 TEMP_SUFFIX = ".numpygpt-tmp"
+LEGACY_TEMP_AGE_S = 600.0  # an old-style temporary unchanged this long is stale
 SAFETENSORS_DTYPES = {"float16": "F16", "float32": "F32", "float64": "F64", "int64": "I64",
                       "int32": "I32", "uint8": "U8", "uint32": "U32", "uint64": "U64", "bool": "BOOL"}
 
@@ -45,6 +53,12 @@ def _temp_owner(name: str, prefix: str) -> int | None:
     if len(middle) != 2 or not middle[0].isdigit():
         return None
     return int(middle[0])
+
+
+def _is_legacy_temp(name: str, target_name: str) -> bool:
+    """Whether ``name`` is an old-style temporary of ``target_name``: ``tempfile.mkstemp``'s
+    ``<target>.<8 characters of [a-z0-9_]>.tmp``."""
+    return re.fullmatch(re.escape(target_name) + r"\.[a-z0-9_]{8}\.tmp", name) is not None
 
 
 def _process_alive(pid: int) -> bool:
@@ -73,11 +87,17 @@ def remove_stale_temps(target) -> list:
     except OSError:
         return removed
     for name in names:
+        path = os.path.join(directory, name)
         pid = _temp_owner(name, prefix)
         if pid is None:
-            continue
-        path = os.path.join(directory, name)
-        if path in _live_temps or (pid != os.getpid() and _process_alive(pid)):
+            if not _is_legacy_temp(name, os.path.basename(target)):
+                continue
+            try:
+                if time.time() - os.path.getmtime(path) < LEGACY_TEMP_AGE_S:
+                    continue  # it may still be being written
+            except OSError:
+                continue
+        elif path in _live_temps or (pid != os.getpid() and _process_alive(pid)):
             continue
         try:
             os.remove(path)

@@ -5,6 +5,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +61,25 @@ def test_only_dead_writers_temporaries_of_that_target_are_removed(tmp_path):
         p.write_bytes(b"partial")
     assert remove_stale_temps(target) == [str(stale)]
     assert sorted(os.listdir(tmp_path)) == sorted(p.name for p in (live, other, mine))
+
+
+def test_old_style_temporaries_are_removed_once_they_are_old(tmp_path):
+    # versions before the pid-named temporaries used tempfile.mkstemp's
+    # "<target>.<8 characters>.tmp": removed when unchanged for LEGACY_TEMP_AGE_S
+    from numpygpt import fileio
+
+    target = tmp_path / "model.safetensors"
+    old = tmp_path / "model.safetensors.k3x_9q2a.tmp"
+    recent = tmp_path / "model.safetensors.a1b2c3d4.tmp"  # may still be being written
+    other = tmp_path / "other.safetensors.k3x_9q2a.tmp"  # another target's
+    not_mkstemp = tmp_path / "model.safetensors.backup01x.tmp"  # 9 characters: a user's file
+    for p in (old, recent, other, not_mkstemp):
+        p.write_bytes(b"partial")
+    long_ago = time.time() - fileio.LEGACY_TEMP_AGE_S - 60
+    for p in (old, other, not_mkstemp):
+        os.utime(p, (long_ago, long_ago))
+    assert remove_stale_temps(target) == [str(old)]
+    assert sorted(os.listdir(tmp_path)) == sorted(p.name for p in (recent, other, not_mkstemp))
 
 
 def test_atomic_write_gives_the_ordinary_mode_and_cleans_up_on_error(tmp_path):
