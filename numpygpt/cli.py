@@ -272,6 +272,11 @@ def _add_finetune_instruct_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=_positive_int, default=256, help="response length limit (default %(default)s)")
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto", help="(default %(default)s)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="(default %(default)s)")
+    p.add_argument("--checkpoint-every", type=_positive_int, metavar="N",
+                   help="also write OUT/checkpoint.safetensors every N steps (it is always written at the end of "
+                        "training and on Ctrl-C/SIGTERM)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUT/checkpoint.safetensors (same options as the interrupted run)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 

@@ -4,6 +4,12 @@ plot and a model that `numpygpt chat` answers from, and the responses go to a ju
 HTTP server on 127.0.0.1). Bad data files are one line on stderr and exit code 2."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +20,7 @@ from numpygpt.finetune.instruct import split_data
 
 from test_finetune_judge import Judge, answer, one_line_error
 
+ROOT = Path(__file__).resolve().parents[1]
 PAIRS = [("Name the color of the sky.", "Blue."), ("What is two plus three?", "Five."),
          ("Give the opposite of hot.", "Cold.")]
 LONG = {"instruction": "Repeat the words.", "input": "la " * 60, "output": "la " * 60}
@@ -164,3 +171,69 @@ def test_lora_trains_adapters_only_and_saves_a_plain_merged_model(tmp_path, pret
         W0, W1 = (backend.to_host(dict(m.named_parameters())[name].data) for m in (base, saved))
         assert not np.array_equal(W0, W1) and np.linalg.matrix_rank(W1 - W0, tol=1e-6) <= 4, name
     np.testing.assert_array_equal(backend.to_host(saved.wte.weight.data), backend.to_host(base.wte.weight.data))
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_an_interrupted_run_resumes_to_the_same_model(tmp_path, pretrained, capsys, lora):
+    # 15 training entries, batch 2, 2 epochs: 14 steps; dropout on, so the RNG must come back too
+    entries = [{"instruction": i, "input": "", "output": o} for i, o in PAIRS] * 6
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(entries))
+
+    def run(out, *extra):
+        return main(["finetune", "instruct", "--pretrained", str(pretrained), "--data", str(data),
+                     "--out", str(out), "--batch-size", "2", "--epochs", "2", "--lr", "5e-3", "--drop-rate", "0.1",
+                     "--eval-freq", "3", "--eval-iter", "1", "--max-new-tokens", "2", "--device", "cpu",
+                     "--no-progress", *(["--lora-rank", "4"] if lora else []), *extra])
+
+    assert run(tmp_path / "whole") == 0
+    assert run(tmp_path / "parts", "--max-steps", "5", "--checkpoint-every", "2") == 0
+    assert (tmp_path / "parts" / "checkpoint.safetensors").is_file()
+    capsys.readouterr()
+    assert run(tmp_path / "parts", "--resume") == 0
+    assert "resuming    at step 5" in capsys.readouterr().out
+    whole = json.loads((tmp_path / "whole" / "history.json").read_text())
+    parts = json.loads((tmp_path / "parts" / "history.json").read_text())
+    assert whole["global_step"] == parts["global_step"] == 14
+    assert parts["step_losses"] == whole["step_losses"]
+    a, b = (GPTModel.from_pretrained(tmp_path / d / "model") for d in ("whole", "parts"))
+    for (name, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        np.testing.assert_array_equal(p.data, q.data, err_msg=name)
+
+    # the options are checked: another learning rate is refused, in one line
+    assert run(tmp_path / "parts", "--resume", "--lr", "1e-3") == 2
+    err = capsys.readouterr().err
+    assert "was trained with lr 0.005, this run has 0.001" in err and len(err.strip().splitlines()) == 1
+    # and there must be a checkpoint to resume from
+    assert run(tmp_path / "nothing", "--resume") == 2
+    assert "cannot resume: there is no" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_sigterm_saves_a_checkpoint_and_says_to_resume(tmp_path, pretrained):
+    entries = [{"instruction": i, "input": "", "output": o} for i, o in PAIRS] * 6
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(entries))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "numpygpt", "finetune", "instruct", "--pretrained", str(pretrained),
+           "--data", str(data), "--out", str(out), "--batch-size", "2", "--epochs", "100000", "--eval-freq", "1",
+           "--eval-iter", "1", "--max-new-tokens", "2", "--device", "cpu", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, seen = time.monotonic() + 120, 0
+        while seen < 3:  # the run logs a line after every step (eval_freq 1)
+            line = proc.stdout.readline()
+            assert line and time.monotonic() < deadline, "the run ended or stalled before training"
+            seen += "(Step" in line or "(step" in line
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "--resume" in err
+    from numpygpt.checkpoint import read_checkpoint
+
+    assert read_checkpoint(out / "checkpoint.safetensors").step >= 3

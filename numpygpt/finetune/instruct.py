@@ -283,7 +283,8 @@ def finetune_instruct(pretrained: str = "gpt2-medium", data=None, out: str = "ru
                       mask_instruction: bool = False, lora_rank: int | None = None,
                       lora_alpha: float | None = None, allowed_max_length: int = 1024,
                       max_new_tokens: int = 256, max_steps: int | None = None, device: str = "auto",
-                      dtype: str = "float32", progress: bool = True, log=print) -> dict:
+                      dtype: str = "float32", checkpoint_every: int | None = None, resume: bool = False,
+                      progress: bool = True, log=print) -> dict:
     """Fine-tune a pretrained GPT-2 to follow instructions, the book's chapter 7 by default.
 
     Loads ``pretrained`` (a name such as 'gpt2-medium' or a Hugging Face directory) with its
@@ -297,13 +298,20 @@ def finetune_instruct(pretrained: str = "gpt2-medium", data=None, out: str = "ru
     Writes into ``out``: ``loss.png``, ``history.json``, ``model/`` (the fine-tuned model,
     ``save_pretrained``; LoRA adapters merged, and alone in ``lora-adapters.safetensors``) and
     ``test-responses.json`` (the test entries with their greedy ``model_response``).
+
+    Runs that lose nothing: ``checkpoint.safetensors`` in ``out`` holds the weights (LoRA
+    adapters included), the AdamW state, the RNG and the position in the data, written every
+    ``checkpoint_every`` steps, at the end of training and when Ctrl-C or SIGTERM stops the
+    run after its current step (``TrainingInterrupted``). ``resume=True`` continues from it
+    with the same options (checked: a different learning rate, batch size, data file... is a
+    ValueError); the continued run ends where the uninterrupted one would have.
     Returns {"model", "history", "train", "test", "val", "responses", "paths"}.
     """
     from ..data import DataLoader
     from ..model import GPTModel
     from ..optim import AdamW
     from ..tokenizer import get_tokenizer
-    from ..train import evaluate_model, plot_losses, train_model
+    from ..train import TrainingInterrupted, evaluate_model, plot_losses, stop_on_signals, train_model
 
     def say(msg: str = "") -> None:
         if log is not None:
@@ -320,6 +328,7 @@ def finetune_instruct(pretrained: str = "gpt2-medium", data=None, out: str = "ru
         raise ValueError(f"{data_path}: {len(entries)} entries leave no validation entries "
                          "(the split is 85% train, 10% test, the rest validation)")
 
+    backend.manual_seed(seed)  # dropout's generator: the same seed gives the same run
     model = GPTModel.from_pretrained(pretrained, dtype=dtype, device=device, drop_rate=drop_rate, tie_weights=False)
     n_total = model.num_parameters()
     if lora_rank is not None:
@@ -360,12 +369,31 @@ def finetune_instruct(pretrained: str = "gpt2-medium", data=None, out: str = "ru
     total = epochs * len(train_loader) if max_steps is None else min(max_steps, epochs * len(train_loader))
     say(f"plan        {total:,} steps ({epochs} epochs of {len(train_loader):,}), batch {batch_size}, "
         f"AdamW lr {lr:g}, weight decay {weight_decay:g}" + (", instruction masked" if mask_instruction else ""))
-    train_loss, val_loss = evaluate_model(model, train_loader, val_loader, eval_iter)
-    say(f"before      train loss {train_loss:.3f}, val loss {val_loss:.3f}")
+    paths["checkpoint"] = os.path.join(out, "checkpoint.safetensors")
+    run_options = {"pretrained": os.path.abspath(pretrained) if os.path.isdir(pretrained) else pretrained,
+                   "data": os.path.abspath(data_path), "batch_size": batch_size, "epochs": epochs, "lr": lr,
+                   "weight_decay": weight_decay, "seed": seed, "drop_rate": drop_rate,
+                   "mask_instruction": mask_instruction, "lora_rank": lora_rank,
+                   "lora_alpha": (lora_alpha if lora_alpha is not None else lora_rank) if lora_rank else None,
+                   "allowed_max_length": allowed_max_length, "dtype": dtype}
+    resume_state = _resume_state(paths["checkpoint"], model, optimizer, run_options) if resume else None
+    if resume_state is None:
+        train_loss, val_loss = evaluate_model(model, train_loader, val_loader, eval_iter)
+        say(f"before      train loss {train_loss:.3f}, val loss {val_loss:.3f}")
+    else:
+        say(f"resuming    at step {resume_state.global_step:,} from {paths['checkpoint']}")
 
-    history = train_model(model, train_loader, val_loader, optimizer, num_epochs=epochs, eval_freq=eval_freq,
-                          eval_iter=eval_iter, start_context=format_input(val_data[0]), tokenizer=tokenizer,
-                          progress=progress, log=log, max_steps=max_steps)
+    with stop_on_signals() as stop:  # Ctrl-C / SIGTERM: finish the step, save, say how to resume
+        try:
+            history = train_model(
+                model, train_loader, val_loader, optimizer, num_epochs=epochs, eval_freq=eval_freq,
+                eval_iter=eval_iter, start_context=format_input(val_data[0]), tokenizer=tokenizer,
+                progress=progress, log=log, max_steps=max_steps, checkpoint_path=paths["checkpoint"],
+                checkpoint_every=checkpoint_every, resume_state=resume_state, run_options=run_options,
+                stop_requested=stop)
+        except TrainingInterrupted as e:
+            e.args = (f"{e}\nto continue this run: the same command with --resume",)
+            raise
     train_loss, val_loss = evaluate_model(model, train_loader, val_loader, eval_iter)
     say(f"after       train loss {train_loss:.3f}, val loss {val_loss:.3f} (over {eval_iter} batches)")
     history["final_losses"] = [train_loss, val_loss]
@@ -382,6 +410,24 @@ def finetune_instruct(pretrained: str = "gpt2-medium", data=None, out: str = "ru
     say(f"responses   {paths['responses']} ({len(responses)} test entries)")
     return {"model": model, "history": history, "train": train_data, "test": test_data, "val": val_data,
             "responses": responses, "paths": paths}
+
+
+def _resume_state(path: str, model, optimizer, run_options: dict):
+    """Load ``path`` into ``model`` and ``optimizer`` (weights, AdamW state, RNG) and return
+    its TrainState, after checking it was written by a run with the same options."""
+    from ..checkpoint import load_checkpoint
+    from ..train import TrainState
+
+    if not os.path.exists(path):
+        raise ValueError(f"cannot resume: there is no {path} (runs write it every --checkpoint-every steps, "
+                         "at the end of training and when interrupted)")
+    state = TrainState.from_checkpoint(load_checkpoint(path, model, optimizer))
+    stored = state.run_options or {}
+    for key, value in run_options.items():
+        if key in stored and stored[key] != value:
+            raise ValueError(f"cannot resume: {path} was trained with {key} {stored[key]!r}, this run has "
+                             f"{value!r}: resume with the same options")
+    return state
 
 
 def save_finetuned(model, directory, adapters_path=None) -> None:
