@@ -12,15 +12,15 @@ arrays a step, and measured, a quarter of a core spends the whole step in the ke
 
 ``keep_freed_memory()`` tells glibc to take large blocks from its heap too and not to
 give freed memory back, so the second step reuses the first step's pages, already
-mapped. It is what PyTorch's and CuPy's caching allocators do for their own arrays, done
-here with two ``mallopt`` settings:
+mapped, as CuPy's memory pool does for GPU arrays. Here it takes two ``mallopt``
+settings:
 
 - ``M_MMAP_MAX = 0``: never serve a request with its own ``mmap``;
 - ``M_TRIM_THRESHOLD = -1``: never give the top of the heap back (mallopt(3): "-1
   disables trimming completely").
 
 The price: memory the step freed stays counted in the process's resident size between
-steps (the peak is about the same, see ``benchmarks/bench_memory.py``). It is process-wide
+steps, and the peak grew 3% at 4 x 1024 (``benchmarks/bench_memory.py``). It is process-wide
 and cannot be undone cheaply, so it is a switch, not a default of the library:
 ``train_model`` and the command line turn it on (``keep_freed_memory=False`` in
 ``TrainOptions`` and ``NUMPYGPT_KEEP_FREED_MEMORY=0`` turn it off). Elsewhere than glibc

@@ -415,8 +415,8 @@ class AdamW(Optimizer):
     ``finfo.tiny / finfo.eps`` (~1e-31 in float32) are set to 0. A row whose gradient
     stops (an untied embedding's rare token) has m shrink by b1 = 0.9 a step, and after
     ~750 steps m is subnormal, where every multiply takes a slow microcode path: measured,
-    one AdamW step of a (50257, 768) embedding took 79 ms with normal moments and 343 ms
-    with m subnormal on 96% of its rows. Between two flushes m shrinks by 0.9^50 ~ 5e-3,
+    one AdamW step of a (50257, 768) embedding took 80 ms with normal moments and 335 ms
+    with m subnormal on 96% of its rows (benchmarks/bench_adamw_subnormal.py). Between two flushes m shrinks by 0.9^50 ~ 5e-3,
     so it never gets from the threshold down to subnormal. What is dropped is below
     1e-31 against an eps of 1e-8 in the denominator: a change of the update far under
     float32's rounding (exact results before step FLUSH_EVERY are untouched).

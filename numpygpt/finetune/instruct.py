@@ -374,7 +374,7 @@ def finetune_instruct(pretrained: str = "gpt2-medium", data=None, out: str = "ru
                    "data": os.path.abspath(data_path), "batch_size": batch_size, "epochs": epochs, "lr": lr,
                    "weight_decay": weight_decay, "seed": seed, "drop_rate": drop_rate,
                    "mask_instruction": mask_instruction, "lora_rank": lora_rank,
-                   "lora_alpha": (lora_alpha if lora_alpha is not None else lora_rank) if lora_rank else None,
+                   "lora_alpha": lora_alpha if lora_alpha is not None else lora_rank,
                    "allowed_max_length": allowed_max_length, "dtype": dtype}
     resume_state = _resume_state(paths["checkpoint"], model, optimizer, run_options) if resume else None
     if resume_state is None:
