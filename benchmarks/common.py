@@ -13,7 +13,6 @@ NumPy or torch at module level.
 from __future__ import annotations
 
 import argparse
-
 import os
 import platform
 import statistics
