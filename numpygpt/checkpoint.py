@@ -34,7 +34,7 @@ import numpy as np
 from safetensors import safe_open
 
 from . import backend
-from .config import GPTConfig
+from .config import GPTConfig, lora_tensor_shapes
 from .fileio import write_safetensors
 from .model import GPTModel
 from .pretrained import hf_tensor_shapes
@@ -216,8 +216,6 @@ def _check_tensor_table(path: str, config: GPTConfig, f, model_keys: list) -> No
         )
     shapes = hf_tensor_shapes(config)
     if config.lora_rank is not None:
-        from .lora import lora_tensor_shapes
-
         shapes.update(lora_tensor_shapes(config))
     expected = {MODEL_PREFIX + k: v for k, v in shapes.items()}
     problems = []

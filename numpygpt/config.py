@@ -116,6 +116,28 @@ PRESET_ALIASES = {"gpt2": "gpt2-small", "gpt2-124m": "gpt2-small", "gpt2-355m": 
                   "gpt2-774m": "gpt2-large", "gpt2-1558m": "gpt2-xl"}
 
 
+def lora_tensor_shapes(cfg) -> dict:
+    """name -> shape of every adapter tensor apply_lora gives a model with this config
+    (rank ``cfg.lora_rank``), in model order; computed from the config alone."""
+    C, r = cfg.emb_dim, cfg.lora_rank
+    shapes = {}
+
+    def adapter(name, n_in, n_out, splits=1):
+        shapes[name + ".lora_A"] = (splits, n_in, r)
+        shapes[name + ".lora_B"] = (splits, r, n_out // splits)
+
+    for i in range(cfg.n_layers):
+        adapter(f"h.{i}.attn.c_attn", C, 3 * C, splits=3)
+        adapter(f"h.{i}.attn.c_proj", C, C)
+        adapter(f"h.{i}.mlp.c_fc", C, 4 * C)
+        adapter(f"h.{i}.mlp.c_proj", 4 * C, C)
+    if cfg.num_classes is not None:
+        adapter("score", C, cfg.num_classes)
+    elif not cfg.tie_weights:
+        adapter("lm_head", C, cfg.vocab_size)
+    return shapes
+
+
 def count_parameters(cfg: GPTConfig, tied: bool | None = None, trainable: str | None = None) -> int:
     """Parameters of a GPTModel with this config, computed from the shapes alone.
 
@@ -136,8 +158,6 @@ def count_parameters(cfg: GPTConfig, tied: bool | None = None, trainable: str | 
         head = 0 if tied else V * C  # a tied head is wte
     adapters = 0
     if cfg.lora_rank is not None:
-        from .lora import lora_tensor_shapes  # imports the layers, which import this module
-
         adapters = sum(math.prod(s) for s in lora_tensor_shapes(cfg.replace(tie_weights=tied)).values())
     ends = 2 * C + head  # ln_f + head
     if trainable is None:

@@ -22,6 +22,7 @@ import os
 from safetensors import safe_open
 
 from . import backend
+from .config import lora_tensor_shapes  # computed from the config alone; public here as before
 from .fileio import write_safetensors
 from .nn import LoRALinear, LoRAOutputHead, LowRankAdapter
 
@@ -30,28 +31,6 @@ __all__ = ["apply_lora", "merge_lora", "unmerge_lora", "save_lora", "load_lora",
 
 LORA_FORMAT = "numpygpt-lora"
 LORA_SUFFIXES = (".lora_A", ".lora_B")
-
-
-def lora_tensor_shapes(cfg) -> dict:
-    """name -> shape of every adapter tensor apply_lora gives a model with this config
-    (rank ``cfg.lora_rank``), in model order; computed from the config alone."""
-    C, r = cfg.emb_dim, cfg.lora_rank
-    shapes = {}
-
-    def adapter(name, n_in, n_out, splits=1):
-        shapes[name + ".lora_A"] = (splits, n_in, r)
-        shapes[name + ".lora_B"] = (splits, r, n_out // splits)
-
-    for i in range(cfg.n_layers):
-        adapter(f"h.{i}.attn.c_attn", C, 3 * C, splits=3)
-        adapter(f"h.{i}.attn.c_proj", C, C)
-        adapter(f"h.{i}.mlp.c_fc", C, 4 * C)
-        adapter(f"h.{i}.mlp.c_proj", 4 * C, C)
-    if cfg.num_classes is not None:
-        adapter("score", C, cfg.num_classes)
-    elif not cfg.tie_weights:
-        adapter("lm_head", C, cfg.vocab_size)
-    return shapes
 
 
 def lora_layers(model) -> list:

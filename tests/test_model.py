@@ -201,3 +201,20 @@ def test_init_false_draws_nothing_and_layers_default_to_gpt2_std(device):
     w = backend.to_host(Linear(64, 256, seed=0).weight.data)
     assert abs(w.std() - 0.02) < 0.001
     np.testing.assert_array_equal(w, backend.to_host(Linear(64, 256, seed=0).weight.data))
+
+
+def test_config_module_imports_nothing_above_it():
+    """config.py sits at the bottom of the package: importing the layers from it made the
+    circle config -> lora -> nn -> nn.readout -> config (issue 21). Read from its source,
+    so a lazy import inside a function counts too."""
+    import ast
+
+    import numpygpt.config
+    import numpygpt.options
+
+    def package_imports(module):
+        tree = ast.parse(open(module.__file__, encoding="utf-8").read())
+        return {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level > 0}
+
+    assert package_imports(numpygpt.config) == {"options"}
+    assert package_imports(numpygpt.options) == set()
