@@ -213,13 +213,14 @@ class GPTModel(Module):
             raise ValueError("a classifier reads whole sequences: it takes no KV cache")
         B, T = idx.shape
         xp = backend.array_module(self.wte.weight.data)
-        # stage -1 is the embeddings, stage i block i; stages below _grad_from train nothing
-        self._grad_from = self._lowest_trainable_stage() if is_grad_enabled() else 0
+        # stage -1 is the embeddings, stage i block i; stages below grad_from train nothing
+        grad_from = self._lowest_trainable_stage() if is_grad_enabled() else 0
+        self._save(grad_from=grad_from)
         pos = xp.arange(start, start + T)[None, :]  # (1, T)
-        with self._stage(-1):
+        with self._stage(-1, grad_from):
             x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
         for i, block in enumerate(self.h):
-            with self._stage(i):
+            with self._stage(i, grad_from):
                 x = block(x, kv_caches[i] if kv_caches else None)
         if self.is_classifier:
             x = self.readout(x, idx)  # (B, C): ln_f acts per position, so read first
@@ -231,7 +232,7 @@ class GPTModel(Module):
     def backward(self, dlogits) -> None:
         """The forward pass read in reverse; adds into every parameter's .grad. It stops
         above the stages the forward ran without a cache (nothing below them trains)."""
-        grad_from = getattr(self, "_grad_from", -1)
+        grad_from = self._take()["grad_from"]
         if self.is_classifier:
             dx = self.score.backward(dlogits)  # (B, C)
             dx = self.ln_f.backward(dx)
@@ -258,9 +259,10 @@ class GPTModel(Module):
                 return i
         return len(self.h)
 
-    def _stage(self, i: int):
+    @staticmethod
+    def _stage(i: int, grad_from: int):
         """no_grad() for a stage below the lowest trainable one: no cache, no backward."""
-        return no_grad() if i < self._grad_from else nullcontext()
+        return no_grad() if i < grad_from else nullcontext()
 
     def new_kv_caches(self) -> list:
         return [KVCache(self.cfg.context_length) for _ in self.h]

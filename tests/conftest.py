@@ -51,3 +51,32 @@ def assert_grads_ok(errors: dict, tol: float = 1e-6):
 
     assert errors, "nothing was checked"
     assert max(errors.values()) <= tol, "\n" + report(errors, tol)
+
+
+def backward_with_eval_between(layer, x, dout, evaluate=None, seed=0):
+    """Forward ``x``, then (if given) ``evaluate()`` under no_grad, then backward ``dout``:
+    (the backward's return on the host or None, {name: grad on the host}). The dropout
+    generator is seeded first, so two calls draw the same masks for the forward."""
+    from numpygpt.nn import no_grad
+
+    backend.manual_seed(seed)
+    layer.zero_grad()
+    layer(x)
+    if evaluate is not None:
+        with no_grad():
+            evaluate()
+    dx = layer.backward(dout)
+    grads = {n: to_host(p.grad) for n, p in layer.named_parameters() if p.grad is not None}
+    return (None if dx is None else to_host(dx)), grads
+
+
+def assert_eval_between_changes_nothing(layer, x, dout, evaluate):
+    """A no_grad forward between a forward and its backward leaves the backward's result
+    and every gradient bit for bit as without it."""
+    dx_alone, grads_alone = backward_with_eval_between(layer, x, dout)
+    dx, grads = backward_with_eval_between(layer, x, dout, evaluate)
+    assert grads_alone and grads.keys() == grads_alone.keys()
+    for name, g in grads_alone.items():
+        np.testing.assert_array_equal(grads[name], g, err_msg=name)
+    if dx_alone is not None:
+        np.testing.assert_array_equal(dx, dx_alone)

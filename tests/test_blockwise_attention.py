@@ -10,7 +10,7 @@ from numpygpt import GPTConfig, GPTModel, backend, parallel
 from numpygpt.gradcheck import check_layer, report
 from numpygpt.nn import BlockwiseAttention, KVCache, MultiHeadAttention, make_attention, no_grad
 from numpygpt.nn import blockwise_attention
-from conftest import to_dev
+from conftest import assert_eval_between_changes_nothing, to_dev
 
 F64 = "float64"
 
@@ -154,3 +154,17 @@ def test_model_logits_and_gradients_match_dense(device, rng):
 def test_backward_without_forward_raises():
     with pytest.raises(RuntimeError, match="without a cached forward"):
         BlockwiseAttention(4, 4, 2, mode="blockwise").backward(np.zeros((1, 2, 4), dtype=np.float32))
+
+
+@pytest.mark.parametrize("T_train, T_eval", [(3, 6), (6, 3)])
+def test_no_grad_forward_between_forward_and_backward_changes_nothing(monkeypatch, T_train, T_eval):
+    """mode="auto" takes the plain path below AUTO_MIN_T queries and the tiles from it up: an
+    evaluation that takes the other path between a forward and its backward leaves the
+    backward on its own forward's path, with its gradients bit for bit. NumPy only: on CuPy
+    mode="auto" always takes the plain path."""
+    monkeypatch.setattr(blockwise_attention, "AUTO_MIN_T", 5)
+    rng = np.random.default_rng(0)
+    layer = BlockwiseAttention(6, 6, 2, qkv_bias=True, dtype=F64, mode="auto", block_q=2, block_k=2)
+    x, other = (to_dev(rng.standard_normal((2, T, 6)), F64) for T in (T_train, T_eval))
+    dout = to_dev(rng.standard_normal((2, T_train, 6)), F64)
+    assert_eval_between_changes_nothing(layer, x, dout, lambda: layer(other))

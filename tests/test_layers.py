@@ -14,7 +14,7 @@ from numpygpt.model import FeedForward, OutputHead, TransformerBlock
 from numpygpt.config import GPTConfig
 from numpygpt.nn import (CrossEntropyLoss, Dropout, Embedding, GELU, LayerNorm, Linear, MultiHeadAttention,
                          Parameter, Softmax, no_grad)
-from conftest import to_dev
+from conftest import assert_eval_between_changes_nothing, to_dev, to_host
 
 TOL = 1e-6
 F64 = "float64"
@@ -274,3 +274,24 @@ def test_embedding_gradient_buffer_is_reused_and_rezeroed(device, rng):
     expected = np.zeros((6, 3))
     np.add.at(expected, backend.to_host(ids2).reshape(-1), backend.to_host(d).reshape(3, 3))
     np.testing.assert_array_equal(backend.to_host(layer.weight.grad), expected)
+
+
+def test_no_grad_forward_between_forward_and_backward_changes_nothing(device, rng):
+    """A block with dropout (masks, attention, LayerNorm, GELU, Linear) and the loss: an
+    evaluation on another input between a forward and its backward keeps no cache and
+    replaces none, so the backward is its own forward's."""
+    cfg = GPTConfig(vocab_size=5, context_length=8, emb_dim=6, n_heads=2, n_layers=1, drop_rate=0.3, dtype=F64)
+    block = TransformerBlock(cfg)
+    randomize(block, rng)
+    x, other = (to_dev(rng.standard_normal((2, T, 6)), F64) for T in (5, 3))
+    dout = to_dev(rng.standard_normal((2, 5, 6)), F64)
+    assert_eval_between_changes_nothing(block, x, dout, lambda: block(other))
+
+    loss_fn = CrossEntropyLoss()
+    logits, targets = to_dev(rng.standard_normal((4, 7)), F64), to_dev(np.array([0, 6, 2, 3]))
+    loss_fn(logits, targets)
+    dlogits = to_host(loss_fn.backward())
+    loss_fn(logits, targets)
+    with no_grad():
+        loss_fn(logits[:2] * 3.0, targets[:2])
+    np.testing.assert_array_equal(to_host(loss_fn.backward()), dlogits)

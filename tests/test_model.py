@@ -7,7 +7,7 @@ from hypothesis import given, strategies as st
 
 from numpygpt import CrossEntropyLoss, GPTConfig, GPTModel, backend, count_parameters, no_grad
 from numpygpt.gradcheck import check_model_loss, report
-from conftest import to_dev
+from conftest import assert_eval_between_changes_nothing, to_dev
 
 TOL = 1e-6
 
@@ -218,3 +218,21 @@ def test_config_module_imports_nothing_above_it():
 
     assert package_imports(numpygpt.config) == {"options"}
     assert package_imports(numpygpt.options) == set()
+
+
+@pytest.mark.parametrize("trainable", [None, "last-block"])
+def test_no_grad_forward_between_forward_and_backward_changes_nothing(device, trainable):
+    """Which stages the backward runs through is the forward's (kept in its cache): an
+    evaluation in between, which trains nothing and runs every stage without a cache,
+    changes neither that nor any gradient. The language model with dropout, and a
+    classifier trained from its last block up."""
+    rng = np.random.default_rng(0)
+    idx, other = to_dev(rng.integers(0, 128, (2, 6))), to_dev(rng.integers(0, 128, (3, 4)))
+    if trainable is None:
+        model = GPTModel(tiny(n_layers=3, drop_rate=0.2, dtype="float64"), seed=0)
+        dlogits = to_dev(rng.standard_normal((2, 6, 128)), "float64")
+    else:
+        model = GPTModel(tiny(n_layers=3, dtype="float64"), seed=0).to_classifier(2, seed=1)
+        model.set_trainable(trainable)
+        dlogits = to_dev(rng.standard_normal((2, 2)), "float64")
+    assert_eval_between_changes_nothing(model, idx, dlogits, lambda: model(other))

@@ -162,7 +162,6 @@ class BlockwiseAttention(MultiHeadAttention):
             raise ValueError(f"tile sizes must be positive, got block_q={block_q}, block_k={block_k}")
         self.mode = mode
         self.block_q, self.block_k = int(block_q), int(block_k)
-        self._dense_step = False  # which path the last forward took
 
     def uses_blockwise(self, x) -> bool:
         """Whether a forward on x (B, T, C) takes the blockwise path."""
@@ -173,9 +172,8 @@ class BlockwiseAttention(MultiHeadAttention):
         return x.shape[1] >= AUTO_MIN_T and not backend.is_cupy_array(x)
 
     def forward(self, x, kv_cache: KVCache | None = None):
-        self._dense_step = not self.uses_blockwise(x)
-        if self._dense_step:
-            return super().forward(x, kv_cache)
+        if not self.uses_blockwise(x):
+            return super().forward(x, kv_cache)  # its cache has no "lse": backward knows the path
         B, T, C = x.shape
         NH, hs = self.num_heads, self.head_dim
         G = B * NH
@@ -205,8 +203,8 @@ class BlockwiseAttention(MultiHeadAttention):
         return self.c_proj(y)
 
     def backward(self, dout):
-        if self._dense_step:
-            return super().backward(dout)
+        if "lse" not in (self._cache or {}):
+            return super().backward(dout)  # the forward took the plain path (or ran none: that raises)
         cache = self._take()
         q, k, v, out, lse = cache["q"], cache["k"], cache["v"], cache["out"], cache["lse"]
         G, T, hs = q.shape

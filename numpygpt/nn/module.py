@@ -20,7 +20,8 @@ _grad_enabled = True
 
 @contextmanager
 def no_grad():
-    """Inside this block forward passes keep no cache (evaluation, generation)."""
+    """Inside this block forward passes keep no cache (evaluation, generation), and leave
+    alone the cache an earlier forward kept: its backward still runs, unchanged."""
     global _grad_enabled
     before = _grad_enabled
     _grad_enabled = False
@@ -148,6 +149,7 @@ class Module:
     """
 
     training = True
+    _cache = None  # what the last forward with gradients kept for its backward (see _save)
 
     def __call__(self, *args, **kwargs):
         return self.forward(*args, **kwargs)
@@ -161,12 +163,16 @@ class Module:
     # -- the cache that forward leaves for backward ----------------------------------
 
     def _save(self, **arrays) -> None:
-        """Keep what backward needs (only when gradients are enabled)."""
-        self._cache = arrays if _grad_enabled else None
+        """Keep what backward needs (only when gradients are enabled). Everything the
+        backward reads from its forward goes here, never into another attribute: a
+        ``no_grad`` forward in between (an evaluation) keeps nothing and replaces nothing,
+        so the pending backward sees its own forward's state."""
+        if _grad_enabled:
+            self._cache = arrays
 
     def _take(self) -> dict:
         """Hand the cache to backward and drop it, freeing the activations."""
-        cache = getattr(self, "_cache", None)
+        cache = self._cache
         if cache is None:
             raise RuntimeError(
                 f"{type(self).__name__}.backward called without a cached forward pass: "
