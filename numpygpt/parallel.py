@@ -51,6 +51,7 @@ CHUNK_BYTES = 1 << 18  # input bytes per chunk: 256 KiB, so a layer's few tempor
 _num_threads: int | None = None  # None: NUMPYGPT_NUM_THREADS or every core we may run on
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
+_pool_lock = threading.Lock()  # held from choosing the pool to the last submit on it
 _in_worker = threading.local()  # set in pool threads: nested parallel calls run inline
 _blas_controller = None
 
@@ -95,15 +96,26 @@ def num_threads(n: int):
         set_num_threads(before)
 
 
-def _get_pool(workers: int) -> ThreadPoolExecutor:
+def _submit(fn, copies: int) -> list:
+    """Futures of ``copies`` runs of ``fn`` on the pool, grown to ``copies`` threads first.
+
+    Under the lock: a thread that grows the pool shuts the old one down, so without it a
+    thread that had just been handed the old pool would submit to a shut-down executor
+    (RuntimeError), and two threads growing it at once would each start one. The old
+    pool finishes what was submitted to it (``shutdown(wait=False)`` cancels nothing).
+    Nothing waits while holding the lock, and pool threads never take it (nested calls
+    run inline).
+    """
     global _pool, _pool_size
-    if _pool is None or _pool_size < workers:
-        if _pool is not None:
-            _pool.shutdown(wait=False)
-        _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="numpygpt",
-                                   initializer=_mark_worker)
-        _pool_size = workers
-    return _pool
+    with _pool_lock:
+        if _pool is None or _pool_size < copies:
+            old = _pool
+            _pool = ThreadPoolExecutor(max_workers=copies, thread_name_prefix="numpygpt",
+                                       initializer=_mark_worker)
+            _pool_size = copies
+            if old is not None:
+                old.shutdown(wait=False)
+        return [_pool.submit(fn) for _ in range(copies)]
 
 
 def _mark_worker() -> None:
@@ -111,9 +123,10 @@ def _mark_worker() -> None:
 
 
 def _forget_pool() -> None:
-    """In a forked child the pool's threads do not exist: start a new pool when needed."""
-    global _pool, _pool_size
-    _pool, _pool_size = None, 0
+    """In a forked child the pool's threads do not exist: start a new pool when needed
+    (and a new lock: a thread of the parent may have held the old one at the fork)."""
+    global _pool, _pool_size, _pool_lock
+    _pool, _pool_size, _pool_lock = None, 0, threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):
@@ -162,8 +175,7 @@ def for_chunks(fn, n: int, grain: int, blas: bool = False) -> list:
                 return
 
     with single_thread_blas() if blas else nullcontext():
-        pool = _get_pool(workers - 1)
-        futures = [pool.submit(work) for _ in range(workers - 1)]
+        futures = _submit(work, workers - 1)
         work()  # the calling thread takes chunks too
         for f in futures:
             f.result()

@@ -190,3 +190,55 @@ def test_a_forked_child_gets_a_working_pool():
 def _chunks_in_child():
     with parallel.num_threads(2):
         return parallel.for_chunks(lambda s, e: s, 4, 1)
+
+
+def test_threads_racing_to_grow_the_pool(monkeypatch):
+    """Threads that each need a bigger pool than the last replace it at once: every call
+    still runs on a live pool (none submits to one another thread shut down) and gets its
+    results. The executor's submit is slowed down to widen the window between choosing the
+    pool and submitting to it, where a replacement without the lock broke a call."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    created = []
+
+    class SlowSubmit(ThreadPoolExecutor):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            created.append(self)
+
+        def submit(self, *args, **kwargs):
+            time.sleep(0.002)
+            return super().submit(*args, **kwargs)
+
+    monkeypatch.setattr(parallel, "ThreadPoolExecutor", SlowSubmit)
+    n_callers = 6
+    errors, results = [], {}
+    try:
+        for round_ in range(3):
+            with parallel._pool_lock:
+                parallel._pool, parallel._pool_size = None, 0  # every round grows from nothing
+            barrier = threading.Barrier(n_callers, timeout=30)
+
+            def call(k):
+                try:
+                    barrier.wait()
+                    time.sleep(0.001 * k)  # the smaller pools first: each caller grows the last one's
+                    results[round_, k] = parallel.for_chunks(lambda s, e: s * 10, k + 2, 1)  # k + 1 pool threads
+                except BaseException as e:  # noqa: BLE001 - reported below
+                    errors.append(e)
+
+            with parallel.num_threads(n_callers + 1):
+                callers = [threading.Thread(target=call, args=(k,)) for k in range(n_callers)]
+                for t in callers:
+                    t.start()
+                for t in callers:
+                    t.join(timeout=60)
+        assert not errors, errors
+        assert results == {(r, k): [10 * i for i in range(k + 2)] for r in range(3) for k in range(n_callers)}
+        assert len(created) <= 3 * n_callers  # one pool per growth at most
+    finally:
+        with parallel._pool_lock:
+            parallel._pool, parallel._pool_size = None, 0
+        for pool in created:
+            pool.shutdown(wait=True)
