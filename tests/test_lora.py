@@ -13,7 +13,7 @@ from numpygpt.lora import (apply_lora, load_lora, lora_parameters, lora_tensor_s
                            unmerge_lora)
 from numpygpt.model import GPTModel
 from numpygpt.nn import CrossEntropyLoss, Linear, LoRALinear, LoRAOutputHead, OutputHead, Parameter, no_grad
-from conftest import assert_grads_ok, to_dev, to_host
+from conftest import assert_eval_between_changes_nothing, assert_grads_ok, to_dev, to_host
 
 F64 = "float64"
 
@@ -268,3 +268,19 @@ def test_lora_counts_from_config_match_the_model():
         assert model.num_parameters() == count_parameters(model.cfg)
         with no_grad():
             assert GPTModel(model.cfg, seed=0).num_parameters() == model.num_parameters()
+
+
+@pytest.mark.parametrize("classifier", [False, True])
+def test_no_grad_forward_between_forward_and_backward_changes_nothing(device, classifier):
+    """The adapters' u = s x A is kept in the layer's cache only by a forward with
+    gradients: an evaluation in between leaves the pending backward's u, so dA is its own."""
+    rng = np.random.default_rng(0)
+    model = GPTModel(tiny(dtype="float64"), seed=0)
+    if classifier:
+        model.to_classifier(2, seed=1)
+    apply_lora(model, rank=2, alpha=4, seed=0)
+    for _, p in lora_parameters(model):
+        p.data = to_dev(rng.standard_normal(p.shape) * 0.3, "float64")  # B != 0: dA depends on it
+    idx, other = to_dev(rng.integers(0, 128, (2, 5))), to_dev(rng.integers(0, 128, (2, 5)))
+    dlogits = to_dev(rng.standard_normal((2, 2) if classifier else (2, 5, 128)), "float64")
+    assert_eval_between_changes_nothing(model, idx, dlogits, lambda: model(other))

@@ -157,13 +157,12 @@ class LoRALinear(Linear, LowRankAdapter):
             return y
         x2 = x.reshape(-1, self.weight.shape[0])  # (N, in)
         delta, u = self._adapter_forward(x2)  # (N, out)
-        if self._cache is not None:
-            self._cache["u"] = u
+        self._save_more(u=u)
         y += delta.reshape(y.shape)
         return y
 
     def backward(self, dout):
-        cache = getattr(self, "_cache", None) or {}  # Linear.backward takes (and checks) it
+        cache = self._cache or {}  # Linear.backward takes (and checks) it
         dx = Linear.backward(self, dout)  # dy @ W^T (and dW, db if unfrozen)
         return self._add_adapter_dx(dx, cache, dout)
 
@@ -205,13 +204,12 @@ class LoRAOutputHead(OutputHead, LowRankAdapter):
             return logits
         x2 = x.reshape(-1, self.weight.shape[1])  # (B T, C)
         delta, u = self._adapter_forward(x2)  # (B T, V)
-        if self._cache is not None:
-            self._cache["u"] = u
+        self._save_more(u=u)
         logits += delta.reshape(logits.shape)
         return logits
 
     def backward(self, dout):
-        cache = getattr(self, "_cache", None) or {}
+        cache = self._cache or {}
         dx = OutputHead.backward(self, dout)  # dlogits @ W
         return self._add_adapter_dx(dx, cache, dout)
 

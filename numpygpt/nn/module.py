@@ -170,6 +170,12 @@ class Module:
         if _grad_enabled:
             self._cache = arrays
 
+    def _save_more(self, **arrays) -> None:
+        """Add to the cache this forward kept with ``_save`` (a subclass's extra arrays);
+        nothing under no_grad, where the cache is still the pending forward's."""
+        if _grad_enabled:
+            self._cache.update(arrays)
+
     def _take(self) -> dict:
         """Hand the cache to backward and drop it, freeing the activations."""
         cache = self._cache
