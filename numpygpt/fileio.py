@@ -156,9 +156,27 @@ def atomic_write(target):
     fsync_dir(directory)
 
 
+class LazyTensor:
+    """A tensor for ``write_safetensors`` made only when its bytes are written: its shape
+    and dtype go in the header first, then ``make()`` is called and its array dropped
+    after writing, so tensors computed for the file (merged LoRA weights) exist one at a
+    time, never all at once."""
+
+    def __init__(self, shape, dtype, make):
+        self.shape, self.dtype, self.make = tuple(shape), dtype, make
+
+    @property
+    def size(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= int(s)
+        return n
+
+
 def write_safetensors(path, named_arrays, metadata: dict | None = None) -> None:
-    """Write ``[(name, array), ...]`` (host or device arrays) as a safetensors file, atomically,
-    streaming one tensor at a time to the host so no second copy of the model is made.
+    """Write ``[(name, array), ...]`` (host or device arrays, or ``LazyTensor``) as a
+    safetensors file, atomically, streaming one tensor at a time to the host so no second
+    copy of the model is made.
 
     Format: 8-byte little-endian header length N, N bytes of JSON
     ``{name: {dtype, shape, data_offsets: [begin, end)}, "__metadata__": {str: str}}`` padded
@@ -183,6 +201,8 @@ def write_safetensors(path, named_arrays, metadata: dict | None = None) -> None:
         fh.write(struct.pack("<Q", len(blob)))
         fh.write(blob)
         for _, a in named_arrays:
+            if isinstance(a, LazyTensor):
+                a = a.make()
             host = numpy.ascontiguousarray(backend.to_host(a))
             host = host.astype(host.dtype.newbyteorder("<"), copy=False)
             fh.write(host.reshape(-1).view(numpy.uint8))

@@ -1,8 +1,9 @@
-"""LoRA on a whole GPTModel: apply, merge, unmerge, save and load adapters.
+"""LoRA on a whole GPTModel: apply, merge, unmerge, save and load adapters, save merged.
 
     apply_lora(model, rank=16, alpha=16, seed=123)   # adapters on every block Linear and the head
     ...train: only lora_A / lora_B have requires_grad...
     save_lora(model, "adapters.safetensors")          # the adapters alone (a few MB)
+    save_merged(model, "out/")                        # a plain GPT-2 with them folded in, model unchanged
     merge_lora(model)                                 # fold into the weights for inference
 
 What gets an adapter: in every block ``attn.c_attn`` (three, for Q, K and V: splits=3),
@@ -21,21 +22,17 @@ import os
 
 from safetensors import safe_open
 
-from . import backend
+from . import backend, pretrained
 from .config import lora_tensor_shapes  # computed from the config alone; public here as before
-from .fileio import write_safetensors
-from .nn import LoRALinear, LoRAOutputHead, LowRankAdapter
+from .fileio import LazyTensor, write_safetensors
+from .nn import LoRALinear, LoRAOutputHead
+from .nn.lora import LORA_SUFFIXES, is_merged, lora_layers  # beside the layers; public here as before
 
-__all__ = ["apply_lora", "merge_lora", "unmerge_lora", "save_lora", "load_lora", "lora_layers",
-           "lora_parameters", "lora_tensor_shapes"]
+__all__ = ["apply_lora", "merge_lora", "unmerge_lora", "save_lora", "load_lora", "save_merged", "lora_layers",
+           "lora_parameters", "lora_tensor_shapes", "ADAPTERS_FILE"]
 
 LORA_FORMAT = "numpygpt-lora"
-LORA_SUFFIXES = (".lora_A", ".lora_B")
-
-
-def lora_layers(model) -> list:
-    """The model's LoRA layers, in module order."""
-    return [m for m in model.modules() if isinstance(m, LowRankAdapter)]
+ADAPTERS_FILE = "lora-adapters.safetensors"  # save_merged's adapters, beside the merged model
 
 
 def lora_parameters(model) -> list:
@@ -93,11 +90,6 @@ def unmerge_lora(model):
     return model
 
 
-def is_merged(model) -> bool:
-    layers = lora_layers(model)
-    return bool(layers) and any(layer.merged for layer in layers)
-
-
 def _require_lora(model) -> list:
     layers = lora_layers(model)
     if not layers:
@@ -138,6 +130,33 @@ def save_lora(model, path) -> None:
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     write_safetensors(path, [(n, p.data) for n, p in _saved_alone(model)], metadata={"numpygpt": json.dumps(meta)})
+
+
+def save_merged(model, directory) -> str | None:
+    """Write ``model`` to ``directory`` as ``save_pretrained`` does (config.json and
+    model.safetensors, a plain GPT-2 that ``from_pretrained`` reads), every LoRA adapter
+    folded into its weight (W + s A B), and the adapters alone (``save_lora``) to
+    ``directory/lora-adapters.safetensors`` (``ADAPTERS_FILE``); returns that path.
+
+    The model is not changed: each merged weight is a new array made while it is written
+    (one at a time), the same additions ``merge_lora`` makes, so the file holds the bits a
+    merged model would have and the model keeps its own, where a merge then unmerge
+    (W + d - d) leaves W off by rounding. A model without adapters is saved as it is
+    (returns None). Raises ValueError for a merged model, whose weights already hold the
+    adapters: call ``unmerge_lora`` first, or ``save_pretrained``.
+    """
+    layers = lora_layers(model)
+    if not layers:
+        pretrained.save_pretrained(model, directory)
+        return None
+    check_unmerged(model, "save the merged weights")
+    merged = {id(layer.weight): layer for layer in layers}
+    tensors = [(name, LazyTensor(p.shape, p.dtype, merged[id(p)].merged_weight) if id(p) in merged else p.data)
+               for name, p in pretrained.plain_weights(model)]
+    pretrained.write_pretrained(model, directory, tensors)
+    path = os.path.join(os.fspath(directory), ADAPTERS_FILE)
+    save_lora(model, path)
+    return path
 
 
 def load_lora(model, path):

@@ -32,6 +32,7 @@ from safetensors import safe_open
 from . import backend, download
 from .config import GPTConfig
 from .fileio import SAFETENSORS_DTYPES, atomic_write, write_safetensors
+from .nn.lora import LORA_SUFFIXES, is_merged, lora_layers
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -88,7 +89,7 @@ def hf_tensor_shapes(cfg: GPTConfig) -> dict:
 
 def _check_model_matches_table(model) -> None:
     """The model's parameters must be exactly the checkpoint's tensors (a code bug otherwise)."""
-    ours = {name: tuple(p.shape) for name, p in _weights(model)}
+    ours = {name: tuple(p.shape) for name, p in plain_weights(model)}
     if ours != hf_tensor_shapes(model.cfg):
         raise RuntimeError("GPTModel's parameter names no longer match the GPT-2 checkpoint layout")
 
@@ -350,25 +351,29 @@ def save_pretrained(model, directory) -> None:
 
     A classifier is written with its ``score`` head and ``config.json`` records its
     ``num_classes``, ``readout`` and ``pad_id``. A LoRA model must be merged first
-    (``merge_lora``): its merged weights are written, without adapters, as a plain model.
+    (``merge_lora``): its merged weights are written, without adapters, as a plain model;
+    ``numpygpt.lora.save_merged`` writes the same without changing the model.
     """
-    from .lora import is_merged, lora_layers
-
     if lora_layers(model) and not is_merged(model):
         raise ValueError("save_pretrained writes plain GPT-2 weights: call merge_lora(model) first to fold the "
-                         "LoRA adapters in (or keep them apart with save_lora / save_checkpoint)")
+                         "LoRA adapters in, or numpygpt.lora.save_merged(model, directory), which writes them folded "
+                         "in and leaves the model as it is (or keep them apart with save_lora / save_checkpoint)")
+    write_pretrained(model, directory, [(n, p.data) for n, p in plain_weights(model)])
+
+
+def write_pretrained(model, directory, tensors) -> None:
+    """``config.json`` (from ``model.cfg``, without LoRA) and ``model.safetensors`` holding
+    ``tensors``: (name, array or fileio.LazyTensor) for every name of ``plain_weights(model)``."""
     _check_model_matches_table(model)
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
-    write_safetensors(os.path.join(directory, WEIGHTS_FILE), [(n, p.data) for n, p in _weights(model)],
+    write_safetensors(os.path.join(directory, WEIGHTS_FILE), tensors,
                       metadata={"format": "pt"})  # HF transformers asks for format 'pt'
     cfg = model.cfg.replace(lora_rank=None, lora_alpha=None)
     with atomic_write(os.path.join(directory, CONFIG_FILE)) as fh:
         fh.write((json.dumps(config_to_hf(cfg), indent=2) + "\n").encode("utf-8"))
 
 
-def _weights(model) -> list:
+def plain_weights(model) -> list:
     """(name, Parameter) of the model's GPT-2 weights: LoRA adapters left out."""
-    from .lora import LORA_SUFFIXES
-
     return [(n, p) for n, p in model.named_parameters() if not n.endswith(LORA_SUFFIXES)]

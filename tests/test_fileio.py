@@ -14,7 +14,7 @@ from safetensors.numpy import load_file
 
 from numpygpt import GPTConfig, GPTModel
 from numpygpt.checkpoint import save_checkpoint
-from numpygpt.fileio import TEMP_SUFFIX, atomic_write, remove_stale_temps, write_safetensors
+from numpygpt.fileio import TEMP_SUFFIX, LazyTensor, atomic_write, remove_stale_temps, write_safetensors
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -104,3 +104,23 @@ def test_write_safetensors_reads_back(tmp_path):
     for name, a in arrays.items():
         assert back[name].dtype == a.dtype
         np.testing.assert_array_equal(back[name], a)
+
+
+def test_lazy_tensors_are_made_once_and_read_back(tmp_path):
+    """Each LazyTensor is made exactly once, in file order, and its bytes, shape and dtype
+    read back as the array's."""
+    made, values = [], {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(4, dtype=np.float64)}
+
+    def maker(name):
+        def make():
+            made.append(name)
+            return values[name]
+        return make
+
+    lazies = [(n, LazyTensor(v.shape, v.dtype, maker(n))) for n, v in values.items()]
+    write_safetensors(tmp_path / "t.safetensors", [("plain", np.zeros(2, np.int64))] + lazies)
+    assert made == ["a", "b"]
+    back = load_file(str(tmp_path / "t.safetensors"))
+    for n, v in values.items():
+        np.testing.assert_array_equal(back[n], v)
+        assert back[n].dtype == v.dtype

@@ -9,8 +9,8 @@ from numpygpt import backend
 from numpygpt.checkpoint import load_checkpoint, save_checkpoint
 from numpygpt.config import GPTConfig, count_parameters
 from numpygpt.gradcheck import check_layer, check_model_loss
-from numpygpt.lora import (apply_lora, load_lora, lora_parameters, lora_tensor_shapes, merge_lora, save_lora,
-                           unmerge_lora)
+from numpygpt.lora import (ADAPTERS_FILE, apply_lora, load_lora, lora_parameters, lora_tensor_shapes, merge_lora,
+                           save_lora, save_merged, unmerge_lora)
 from numpygpt.model import GPTModel
 from numpygpt.nn import CrossEntropyLoss, Linear, LoRALinear, LoRAOutputHead, OutputHead, Parameter, no_grad
 from conftest import assert_eval_between_changes_nothing, assert_grads_ok, to_dev, to_host
@@ -284,3 +284,51 @@ def test_no_grad_forward_between_forward_and_backward_changes_nothing(device, cl
     idx, other = to_dev(rng.integers(0, 128, (2, 5))), to_dev(rng.integers(0, 128, (2, 5)))
     dlogits = to_dev(rng.standard_normal((2, 2) if classifier else (2, 5, 128)), "float64")
     assert_eval_between_changes_nothing(model, idx, dlogits, lambda: model(other))
+
+
+def lora_model(classifier: bool, seed: int = 0):
+    """A tiny LoRA model with random adapters (an untied LM head gets one too), the same for a seed."""
+    model = GPTModel(tiny(tie_weights=False), seed=0)
+    if classifier:
+        model.to_classifier(2, seed=1)
+    apply_lora(model, rank=2, alpha=4, seed=0)
+    random_adapters(model, np.random.default_rng(seed), scale=0.3)
+    return model
+
+
+@pytest.mark.parametrize("classifier", [False, True])
+def test_save_merged_writes_the_merged_weights_and_leaves_the_model_bit_for_bit(device, tmp_path, classifier):
+    from safetensors.numpy import load_file
+
+    model = lora_model(classifier)
+    before = {n: to_host(p.data).copy() for n, p in model.named_parameters()}
+    path = save_merged(model, tmp_path / "m")
+    assert path == str(tmp_path / "m" / ADAPTERS_FILE)
+    for n, p in model.named_parameters():
+        np.testing.assert_array_equal(to_host(p.data), before[n], err_msg=n)  # not one bit moved
+    assert not any(layer.merged for layer in model.modules() if hasattr(layer, "merged"))
+
+    merged = merge_lora(lora_model(classifier))  # the same model, merged in place
+    expected = {n: to_host(p.data) for n, p in merged.named_parameters() if not n.endswith(("lora_A", "lora_B"))}
+    written = load_file(str(tmp_path / "m" / "model.safetensors"))
+    assert written.keys() == expected.keys()
+    for n, a in expected.items():
+        np.testing.assert_array_equal(written[n], a, err_msg=n)  # the bits merge_lora gives
+    assert any(not np.array_equal(written[n], before[n]) for n in written)  # the adapters are in there
+
+    plain = GPTModel.from_pretrained(tmp_path / "m")  # a plain model: no adapters
+    assert plain.cfg.lora_rank is None and not lora_parameters(plain)
+    fresh = lora_model(classifier, seed=99)
+    load_lora(fresh, path)  # the adapters alone, as save_lora writes them
+    for (n, p), q in zip(model.named_parameters(), fresh.parameters()):
+        np.testing.assert_array_equal(to_host(q.data), before[n], err_msg=n)
+
+
+def test_save_merged_refuses_a_merged_model_and_saves_a_plain_one_as_it_is(tmp_path):
+    model = merge_lora(lora_model(classifier=True))
+    with pytest.raises(ValueError, match="unmerge_lora"):
+        save_merged(model, tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+    plain = GPTModel(tiny(), seed=0)
+    assert save_merged(plain, tmp_path / "b") is None
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["config.json", "model.safetensors"]

@@ -28,6 +28,9 @@ from .module import Parameter
 from .. import backend
 
 
+LORA_SUFFIXES = (".lora_A", ".lora_B")  # the adapter tensors' names end so in a model's state dict
+
+
 class LowRankAdapter:
     """The adapter's math, shared by LoRALinear and LoRAOutputHead.
 
@@ -111,6 +114,11 @@ class LowRankAdapter:
         delta *= self.scaling
         return delta
 
+    def merged_weight(self):
+        """A new array: the weight with the adapter folded in, as ``merge`` would leave it
+        (the same additions, so the same bits); the layer is not changed."""
+        raise NotImplementedError
+
     def _add_adapter_dx(self, dx, cache: dict, dout):
         """dx (..., in) of the base layer plus the adapter's share, for the forward that made ``cache``."""
         if "u" not in cache:  # that forward ran merged: the adapter was inside W
@@ -166,6 +174,9 @@ class LoRALinear(Linear, LowRankAdapter):
         dx = Linear.backward(self, dout)  # dy @ W^T (and dW, db if unfrozen)
         return self._add_adapter_dx(dx, cache, dout)
 
+    def merged_weight(self):
+        return self.weight.data + self.delta_weight()  # (in, out)
+
     def merge(self) -> None:
         """W += s A B: the adapter folded into the weight; forward then skips it (inference)."""
         if not self.merged:
@@ -213,6 +224,9 @@ class LoRAOutputHead(OutputHead, LowRankAdapter):
         dx = OutputHead.backward(self, dout)  # dlogits @ W
         return self._add_adapter_dx(dx, cache, dout)
 
+    def merged_weight(self):
+        return self.weight.data + self.delta_weight().T  # (V, C)
+
     def merge(self) -> None:
         if not self.merged:
             self.weight.data += self.delta_weight().T
@@ -222,3 +236,13 @@ class LoRAOutputHead(OutputHead, LowRankAdapter):
         if self.merged:
             self.weight.data -= self.delta_weight().T
             self.merged = False
+
+
+def lora_layers(model) -> list:
+    """The model's LoRA layers, in module order."""
+    return [m for m in model.modules() if isinstance(m, LowRankAdapter)]
+
+
+def is_merged(model) -> bool:
+    """Whether some LoRA layer of the model has its adapter folded into its weight."""
+    return any(layer.merged for layer in lora_layers(model))
