@@ -32,6 +32,31 @@ def test_reads_tab_separated_lines_with_header_blank_lines_and_crlf(tmp_path):
     assert data.where[1] == f"{path} line 4"
 
 
+def test_reads_quoted_texts_as_the_books_pandas_reader_does(tmp_path):
+    """pd.read_csv(sep="\t", header=None) quotes a field that begins with a double quote:
+    up to the next lone quote it is all text (tabs and line breaks too), "" is one quote,
+    and what follows the closing quote joins the field. Expected rows written by those
+    rules (a quote inside a field is plain text; the fourth line's quote swallows two lines)."""
+    content = ('ham\tsaid "hi" to me\n'              # line 1: quotes inside: plain characters
+               'ham\t"Quoted, with ""doubled"" quotes"\n'  # line 2
+               'spam\t"Call now" and win\r\n'       # line 3: text after the closing quote joins
+               'ham\t"Opens a quote\n'               # line 4: never closed on its line...
+               'spam\tthis line is text\n'           # line 5 ...so this line is inside it
+               'ham\tcloses" here\n'                 # line 6 ...up to here
+               '\n'
+               'spam\tlast one\n')                   # line 8
+    data = read_labelled_texts(write(tmp_path, "SMSSpamCollection", content))
+    assert data.labels == ["ham", "ham", "spam", "ham", "spam"]
+    assert data.texts == ['said "hi" to me', 'Quoted, with "doubled" quotes', "Call now and win",
+                          "Opens a quote\nspam\tthis line is text\nham\tcloses here", "last one"]
+    assert [w.rsplit(" ", 1)[1] for w in data.where] == ["1", "2", "3", "4", "8"]
+
+
+def test_a_quote_never_closed_names_its_line(tmp_path):
+    with pytest.raises(ValueError, match=r"line 2: a text that begins with a quote .* never closed"):
+        read_labelled_texts(write(tmp_path, "sms.tsv", 'ham\thi\nham\t"unclosed\nspam\twin\n'))
+
+
 def test_reads_the_books_csv_and_named_columns(tmp_path):
     path = write(tmp_path, "train.csv", 'Label,Text\n0,"Hi, how are you"\n1,"Free entry, ""now"""\n')
     data = read_labelled_texts(path)

@@ -8,7 +8,8 @@
 Each step is a function of its own, so it can be checked on hand-made data:
 
 1. ``read_labelled_texts``: ``label<TAB>text`` lines (the SMS Spam Collection's own
-   format) or a CSV file with ``Label`` and ``Text`` columns (the book's ``train.csv``).
+   format), quoted as the book's pandas reader quotes them (a text that begins with
+   ``"``), or a CSV file with ``Label`` and ``Text`` columns (the book's ``train.csv``).
 2. ``label_names``: ``ham``/``spam`` are 0/1; any other labels are numbered in sorted
    order (numerically when every label is an integer).
 3. ``balance``: every class undersampled to the smallest class's size (seed 123).
@@ -26,6 +27,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import re
 import zipfile
 from dataclasses import dataclass, field
 from urllib.error import URLError
@@ -97,18 +99,72 @@ def read_labelled_texts(path, label_column: str | None = None, text_column: str 
 
 def _read_tsv(path: str, content: str) -> LabelledTexts:
     data = LabelledTexts()
-    for n, line in enumerate(content.split("\n"), start=1):
-        line = line.rstrip("\r")
-        if not line.strip():
-            continue
-        label, tab, text = line.partition("\t")
-        label = label.strip()
-        if not tab:
-            raise ValueError(f"{path} line {n}: no tab; expected label<TAB>text (or a CSV file with Label,Text columns)")
+    for line, fields in _tsv_records(path, content):
+        if not "".join(fields).strip():
+            continue  # a blank line
+        if len(fields) < 2:
+            raise ValueError(f"{path} line {line}: no tab; expected label<TAB>text (or a CSV file with Label,Text columns)")
+        label, text = fields[0].strip(), "\t".join(fields[1:])  # a further tab stays in the text
         if not data.texts and label.lower() == "label":
             continue  # a header line
-        _add(data, label, text, f"{path} line {n}")
+        _add(data, label, text, f"{path} line {line}")
     return data
+
+
+_FIELD_END = re.compile(r"[\t\n]")
+
+
+def _tsv_records(path: str, content: str):
+    """(line the record starts on, its fields) for every record of tab-separated ``content``,
+    quoted as the book's reader, pandas' ``read_csv(sep="\t")``, quotes them (its defaults,
+    the quoting of Python's csv module):
+
+    - a field that *begins* with ``"`` is quoted: up to the next lone ``"`` everything is
+      text, tabs and line breaks included (so one record can span lines), and ``""`` is
+      one ``"``; whatever follows the closing quote up to the tab or line end is appended;
+    - a ``"`` anywhere else in a field is an ordinary character.
+
+    So ``ham<TAB>"Hi" there`` is the text ``Hi there``, and a message that opens a quote
+    it never closes on its line takes the lines after it into its text, as pandas does:
+    that is why the book counts 4825 ham messages in a file of 4827 ham lines. A quote
+    still open at the end of the file is an error (pandas: "EOF inside string").
+    """
+    pos, line, n = 0, 1, len(content)
+    while pos < n:
+        start, fields, sep = line, [], "\t"
+        while sep == "\t":
+            value, pos, sep = _tsv_field(path, content, pos, line)
+            line += value.count("\n") + (sep == "\n")
+            fields.append(value)
+        yield start, fields
+
+
+def _tsv_field(path: str, content: str, pos: int, line: int):
+    """(the field at ``pos``, where the next one starts, the character that ended it:
+    tab, line break, or "" at the end of the content)."""
+    parts = []
+    if content.startswith('"', pos):
+        i = pos + 1
+        while True:
+            close = content.find('"', i)
+            if close < 0:
+                raise ValueError(f"{path} line {line}: a text that begins with a quote (\") is never closed; the "
+                                 "book's reader (pandas) quotes such texts too: double the quotes inside it, close "
+                                 "it, or write the data as a CSV file")
+            parts.append(content[i:close])
+            if not content.startswith('"', close + 1):
+                break
+            parts.append('"')  # "" inside quotes is one quote
+            i = close + 2
+        pos = close + 1
+    end = _FIELD_END.search(content, pos)
+    end = end.start() if end else len(content)
+    tail = content[pos:end]
+    sep = content[end:end + 1]
+    if sep != "\t" and tail.endswith("\r"):
+        tail = tail[:-1]  # a CRLF line ending
+    parts.append(tail)
+    return "".join(parts), end + 1, sep
 
 
 def _read_csv(path: str, content: str, label_column: str, text_column: str) -> LabelledTexts:
