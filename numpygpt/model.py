@@ -21,6 +21,7 @@ from .config import TRAINABLE, GPTConfig
 from .nn import (Dropout, Embedding, GELU, KVCache, LayerNorm, Linear, Module, OutputHead,
                  Parameter, SequenceReadout, is_grad_enabled, no_grad)
 from .nn.blockwise_attention import make_attention
+from .nn.linear import init_like_torch, uniform_fan_in
 from .nn.module import skip_init
 
 
@@ -153,23 +154,16 @@ class GPTModel(Module):
         if scheme == "gpt2":
             return
 
-        def uniform(p, fan_in):
-            bound = 1.0 / math.sqrt(fan_in)
-            _put_host(p, rng.uniform(-bound, bound, p.shape).astype("float32"))
-
         seen = set()  # a tied head is the token embedding: initialise it once, as an embedding
         for m in self.modules():
             if isinstance(m, Embedding) and id(m.weight) not in seen:
                 seen.add(id(m.weight))
                 _put_host(m.weight, rng.standard_normal(m.weight.shape, dtype="float32"))
             elif isinstance(m, Linear):
-                fan_in = m.weight.shape[0]  # weights are stored (in, out)
-                uniform(m.weight, fan_in)
-                if m.bias is not None:
-                    uniform(m.bias, fan_in)
+                init_like_torch(m, rng)
             elif isinstance(m, OutputHead) and id(m.weight) not in seen:
                 seen.add(id(m.weight))
-                uniform(m.weight, m.weight.shape[1])  # (V, C): logits = x @ W.T, fan_in C
+                uniform_fan_in(m.weight, m.weight.shape[1], rng)  # (V, C): logits = x @ W.T, fan_in C
 
     # -- forward and backward --------------------------------------------------------
 
@@ -283,16 +277,20 @@ class GPTModel(Module):
         """Replace the output head by ``score = Linear(emb_dim, num_classes)`` with bias, so
         ``model(idx)`` returns (B, num_classes) logits read at one position per row:
         ``readout="last"`` the last one, ``"last_non_pad"`` the last whose id is not
-        ``pad_id`` (right padding). The weight is drawn N(0, 0.02) from ``seed``, the bias
-        is 0; the body's weights are untouched and a tied head just goes (wte stays).
-        Returns the model. Apply LoRA after this, so the new head gets an adapter."""
+        ``pad_id`` (right padding). The head starts as the book's ``torch.nn.Linear(emb_dim,
+        num_classes)`` does after ``torch.manual_seed(seed)``: weight and bias
+        U(-1/sqrt(emb_dim), 1/sqrt(emb_dim)), drawn from ``seed`` on the host (the same
+        distribution as PyTorch's, not PyTorch's random stream). The body's weights are
+        untouched and a tied head just goes (wte stays). Returns the model. Apply LoRA
+        after this, so the new head gets an adapter."""
         from .nn import LowRankAdapter
 
         if any(isinstance(m, LowRankAdapter) for m in self.modules()):
             raise ValueError("this model has LoRA adapters: call to_classifier before apply_lora")
         cfg = self.cfg.replace(num_classes=num_classes, readout=readout, pad_id=pad_id)  # validates them
-        with backend.device(self.device):
-            score = Linear(cfg.emb_dim, cfg.num_classes, bias=True, dtype=cfg.dtype, seed=seed)
+        with backend.device(self.device), skip_init():
+            score = Linear(cfg.emb_dim, cfg.num_classes, bias=True, dtype=cfg.dtype)
+        init_like_torch(score, backend.host_rng(seed))
         score.training = self.training
         self.cfg, self.lm_head, self.score = cfg, None, score
         self.readout = SequenceReadout(cfg.readout, cfg.pad_id)

@@ -111,8 +111,6 @@ def test_to_classifier_keeps_the_body_and_reads_one_position(device, tied):
     for n, p in model.named_parameters():
         if n in body:
             np.testing.assert_array_equal(to_host(p.data), body[n])
-    assert float(np.abs(to_host(model.score.bias.data)).max()) == 0.0
-    assert 0.005 < float(to_host(model.score.weight.data).std()) < 0.05  # N(0, 0.02)
     # the head reads the last position: changing an earlier token changes the logits only through attention
     with no_grad():
         idx2 = idx.copy()
@@ -120,6 +118,27 @@ def test_to_classifier_keeps_the_body_and_reads_one_position(device, tied):
         assert not np.allclose(to_host(model(idx2)), to_host(logits))
     np.testing.assert_array_equal(to_host(GPTModel(tiny(tie_weights=tied), seed=0).to_classifier(4, seed=2)(idx)),
                                   to_host(logits))  # seeded head
+
+
+@pytest.mark.parametrize("C, K", [(32, 2), (64, 3)])
+def test_the_head_starts_as_the_books_torch_linear(device, C, K):
+    """torch.nn.Linear(C, K) after the seed: weight and bias U(-1/sqrt(C), 1/sqrt(C)), the
+    bias not zero; the same seed draws the same head, another seed another."""
+    def head(seed):
+        model = GPTModel(tiny(emb_dim=C), seed=0).to_classifier(K, seed=seed)
+        return to_host(model.score.weight.data), to_host(model.score.bias.data)
+
+    weight, bias = head(123)
+    assert weight.shape == (C, K) and bias.shape == (K,)
+    bound = 1.0 / np.sqrt(C)
+    for a in (weight, bias):
+        assert np.abs(a).max() <= bound and np.all(a != 0)
+    assert np.abs(weight).max() > 0.8 * bound  # spread over the range, not N(0, 0.02)
+    assert abs(float(weight.std()) - bound / np.sqrt(3)) < 0.25 * bound / np.sqrt(3)  # a uniform's std
+    again = head(123)
+    np.testing.assert_array_equal(again[0], weight)
+    np.testing.assert_array_equal(again[1], bias)
+    assert not np.array_equal(head(124)[0], weight)
 
 
 def test_to_classifier_bad_input():

@@ -3,6 +3,8 @@ language-model head logits = x @ W.T with W (V, C), the token embedding's layout
 
 from __future__ import annotations
 
+import math
+
 from .module import Module, Parameter, normal_init
 from .. import backend
 
@@ -40,6 +42,23 @@ class Linear(Module):
             self.bias.add_grad(dy.sum(axis=0))  # (out,)
         dx = dy @ self.weight.data.T  # (N, in)
         return dx.reshape(*cache["lead"], -1)
+
+
+def uniform_fan_in(p: Parameter, fan_in: int, rng) -> None:
+    """p ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)), PyTorch's default for ``nn.Linear``'s weight
+    (``kaiming_uniform_(a=sqrt(5))`` gives that bound) and bias; drawn on the host in
+    float32 from ``rng`` and moved to p's device and dtype."""
+    bound = 1.0 / math.sqrt(fan_in)
+    w = rng.uniform(-bound, bound, p.shape).astype("float32")
+    p.data, p.grad = backend.to_device(w, dtype=p.dtype, device_name=backend.device_of(p.data)), None
+
+
+def init_like_torch(layer: Linear, rng) -> None:
+    """A Linear as ``torch.nn.Linear`` starts out: weight, then bias, U(+-1/sqrt(in_features))."""
+    fan_in = layer.weight.shape[0]  # weights are stored (in, out)
+    uniform_fan_in(layer.weight, fan_in, rng)
+    if layer.bias is not None:
+        uniform_fan_in(layer.bias, fan_in, rng)
 
 
 class OutputHead(Module):
