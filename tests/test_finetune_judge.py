@@ -102,10 +102,30 @@ def test_judge_prompt_is_the_books():
         "Respond with the integer number only.")
 
 
-def test_parse_score():
+def test_parse_score_reads_as_the_books_int():
+    """int(reply), as ollama_evaluate.py: white space around is fine, a score outside 0-100
+    is kept as it is (the script has no range check), anything else is unreadable."""
     assert parse_score(" 85\n") == 85 and parse_score("0") == 0 and parse_score("100") == 100
-    for reply in ("85.", "Score: 85", "101", "-3", "", "eighty"):
+    assert parse_score("101") == 101 and parse_score("-3") == -3
+    for reply in ("85.", "Score: 85", "", "eighty", "8 5"):
         assert parse_score(reply) is None, reply
+
+
+def test_empty_responses_score_0_unasked_and_out_of_range_scores_are_kept(judge_server, tmp_path, capsys):
+    """The book's script: an empty response scores 0 and the judge is not asked; a score of
+    150 counts as 150 in the average (no range check)."""
+    entries = [dict(ENTRIES[0]), dict(ENTRIES[1], model_response=""), dict(ENTRIES[2])]
+    path = tmp_path / "responses.json"
+    path.write_text(json.dumps(entries))
+    server = judge_server(answer("150"), answer("30"))
+    assert main(["score-responses", str(path), "--judge-url", server.url, "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert [r["body"]["messages"][0]["content"] for r in server.requests] == [judge_prompt(entries[0]),
+                                                                                judge_prompt(entries[2])]
+    assert "Number of scores: 3 of 3" in out and "Average score: 60.00" in out  # (150 + 0 + 30) / 3
+    assert "Empty responses: 1" in out and "Scores outside 0-100: 1" in out
+    scores = json.loads((tmp_path / "responses-scores.json").read_text())
+    assert [(s["score"], s["judge_reply"]) for s in scores] == [(150, "150"), (0, None), (30, "30")]
 
 
 def test_request_body_and_printed_average(judge_server, responses_file, capsys):

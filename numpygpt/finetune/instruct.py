@@ -42,11 +42,10 @@ ADAPTERS_FILE = "lora-adapters.safetensors"
 
 
 def extract_response(continuation: str) -> str:
-    """The response in a generated continuation of a prompt: the text after the first
-    "### Response:" (all of it when the header is missing), stripped."""
-    header = RESPONSE_HEADER.strip()
-    _, found, after = continuation.partition(header)
-    return (after if found else continuation).strip()
+    """The response in a generated continuation of a prompt, as the book cuts it out
+    (``generated_text[len(input_text):].replace("### Response:", "").strip()``): every
+    "### Response:" removed, wherever it is, and the rest stripped."""
+    return continuation.replace(RESPONSE_HEADER.strip(), "").strip()
 
 
 def generate_response(model, entry: dict, tokenizer=None, max_new_tokens: int = 256,

@@ -9,6 +9,21 @@ Each entry's prompt, correct output and ``model_response`` go to an Ollama-compa
 options (seed 123, temperature 0, context 2048) and ``"stream": false``; the judge answers
 with a score from 0 to 100. Only the standard library talks to the server (urllib).
 
+How answers become scores follows the book's script, ``ch07/01_main-chapter-code/
+ollama_evaluate.py``:
+
+- an empty response (``""``) scores 0 and the judge is not asked;
+- the judge's answer counts when Python's ``int()`` reads it (white space around it is
+  fine; "85." or "Score: 85" is not) and is skipped otherwise: it is counted as
+  unreadable and left out of the average;
+- an integer outside 0-100 is kept as it is, in the average too: the script has no range
+  check, so neither has this (``score_file`` prints how many there were).
+
+Where the chapter's notebook (listing 7.11) differs, the script is followed: the notebook
+sends an empty response to the judge like any other. The request itself is the notebook's
+(seed, temperature and ``num_ctx`` under ``"options"``, where Ollama reads them; the script
+puts seed and temperature at the top level of the body, where Ollama ignores them).
+
 Failures the user can act on (no server, a timeout, an HTTP error, a reply that is not
 JSON) raise ``JudgeError`` with one line that says what happened. Scores are written to
 ``out_path`` after every entry (atomically), so nothing is lost, and a rerun with the
@@ -113,13 +128,13 @@ def _reply_text(raw: str, endpoint: str) -> str:
 
 
 def parse_score(reply: str) -> int | None:
-    """The score in a judge's answer: an integer from 0 to 100 and nothing else (around it
-    only white space), else None, which is counted as unreadable (the book skips them)."""
+    """The score in a judge's answer as the book reads it, ``int(reply)``: an integer and
+    nothing else (around it only white space), kept even outside 0-100; None when
+    ``int()`` cannot read it, which is counted as unreadable (the book skips those)."""
     try:
-        score = int(reply.strip())
+        return int(reply)
     except ValueError:
         return None
-    return score if 0 <= score <= 100 else None
 
 
 def load_responses(path, key: str = "model_response") -> list[dict]:
@@ -138,7 +153,8 @@ def score_responses(entries: list, judge_model: str = "llama3", judge_url: str =
                     progress: bool = True) -> dict:
     """Score every entry's ``key`` with the judge. Returns {"scores": [int or None, ...],
     "average": mean of the readable scores (None if none), "unreadable": how many answers
-    were not a score}.
+    were not a score, "out_of_range": how many scores lie outside 0-100 (kept), "empty":
+    how many responses were empty (scored 0 without asking; see the module's docstring)}.
 
     With ``out_path`` the entries scored so far, each with ``score`` and ``judge_reply``,
     are rewritten there after every answer; entries already in that file (same
@@ -148,19 +164,23 @@ def score_responses(entries: list, judge_model: str = "llama3", judge_url: str =
     scored = _previous_scores(out_path, entries, key) if out_path is not None else []
     for entry in progress_bar(entries[len(scored):], "scoring", progress, initial=len(scored),
                               total=len(entries)):
-        try:
-            reply = query_judge(judge_prompt(entry, key), judge_model, judge_url, timeout)
-        except JudgeError as e:
-            if out_path is not None and scored:
-                raise JudgeError(f"{e}; the {len(scored)} scores so far are in {out_path}") from None
-            raise
-        scored.append({**entry, "score": parse_score(reply), "judge_reply": reply})
+        if entry[key] == "":
+            scored.append({**entry, "score": 0, "judge_reply": None})  # the book's script: 0, judge not asked
+        else:
+            try:
+                reply = query_judge(judge_prompt(entry, key), judge_model, judge_url, timeout)
+            except JudgeError as e:
+                if out_path is not None and scored:
+                    raise JudgeError(f"{e}; the {len(scored)} scores so far are in {out_path}") from None
+                raise
+            scored.append({**entry, "score": parse_score(reply), "judge_reply": reply})
         if out_path is not None:
             write_json(out_path, scored)
     scores = [s["score"] for s in scored]
     readable = [s for s in scores if s is not None]
     return {"scores": scores, "average": sum(readable) / len(readable) if readable else None,
-            "unreadable": len(scores) - len(readable), "entries": scored}
+            "unreadable": len(scores) - len(readable), "out_of_range": sum(not 0 <= s <= 100 for s in readable),
+            "empty": sum(s[key] == "" for s in scored), "entries": scored}
 
 
 def _previous_scores(out_path, entries: list, key: str) -> list:
@@ -200,6 +220,10 @@ def score_file(path, judge_model: str = "llama3", judge_url: str = DEFAULT_JUDGE
     log(f"Number of scores: {n - bad} of {n}")
     log(f"Average score: {average}")
     log(f"Unreadable answers: {bad}")
+    if result["empty"]:
+        log(f"Empty responses: {result['empty']} (scored 0 without asking the judge, as the book's script does)")
+    if result["out_of_range"]:
+        log(f"Scores outside 0-100: {result['out_of_range']} (kept in the average, as the book's script keeps them)")
     log(f"Scores: {out_path}")
     result["out_path"] = out_path
     return result
