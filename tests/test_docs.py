@@ -75,7 +75,7 @@ def test_skeleton_ignores_digits_but_not_words():
 def test_readme_preset_table_matches_count_parameters():
     from numpygpt.config import GPTConfig, count_parameters
 
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    readme = (ROOT / "docs" / "model.md").read_text(encoding="utf-8")
     rows = re.findall(r"^\| `([\w-]+)`[^|]*\|(.*)\|\s*$", readme, re.M)
     presets = {name: cells for name, cells in rows if name in ("gpt2-small", "gpt2-medium", "gpt2-large",
                                                               "gpt2-xl", "tiny")}
