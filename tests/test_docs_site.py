@@ -48,3 +48,17 @@ def test_readme_links_are_rewritten_for_the_site():
     text = "[LoRA](docs/lora.md), [`benchmarks/RESULTS.md`](benchmarks/RESULTS.md), [x](https://a.b/c), [y](#z)"
     assert readme_as_index(text) == "[LoRA](lora.md), `benchmarks/RESULTS.md`, [x](https://a.b/c), [y](#z)"
     assert readme_as_index("[the script](examples/x.py)") == "the script (`examples/x.py`)"
+
+
+def test_the_derivations_are_math_for_mathjax(site):
+    """arithmatex wraps every $...$ and $$...$$ of the docstrings for MathJax; a `$` left over
+    outside them would be shown to the reader as a dollar sign."""
+    import re
+
+    page = (site / "reference" / "nn" / "index.html").read_text(encoding="utf-8")
+    blocks = re.findall(r'<div class="arithmatex">(.*?)</div>', page, re.S)
+    assert any(r"\operatorname{mean}(g \odot \hat{x})" in b for b in blocks), "LayerNorm's dx"
+    assert any(r"\frac{p_n - \operatorname{onehot}(t_n)}{N}" in b for b in blocks), "cross-entropy's dz"
+    assert len(re.findall(r'<span class="arithmatex">', page)) > 50
+    prose = re.sub(r'<(script|style|code|pre)\b.*?</\1>|<(span|div) class="arithmatex">.*?</\2>', "", page, flags=re.S)
+    assert "$" not in prose
