@@ -275,17 +275,3 @@ def test_counts_from_config_match_the_model(tied, num_classes):
     for which in ("all", "head", "last-block", "last-two-blocks"):
         assert model.set_trainable(which).num_parameters(trainable_only=True) == count_parameters(cfg, trainable=which)
 
-
-def test_the_readout_guide_runs_and_prints_what_it_shows():
-    """docs/classification-readout.md: its snippet runs (asserting that only last_non_pad
-    ignores the padding) and prints the lines shown, numbers aside (tests/test_docs.py's rules)."""
-    from pathlib import Path
-
-    from test_docs import run_snippet, skeleton, snippets
-
-    page = Path(__file__).resolve().parents[1] / "docs" / "classification-readout.md"
-    blocks = snippets(page.read_text(encoding="utf-8"))
-    assert blocks
-    for i, block in enumerate(blocks):
-        printed = run_snippet(block["code"], f"classification-readout snippet {i}")
-        assert block["text"] is not None and skeleton(printed) == skeleton(block["text"])
