@@ -242,10 +242,11 @@ class Communicator:
 
     # -- the step's one exchange --------------------------------------------------------------
 
-    def sum_gradients(self, params, loss) -> float:
+    def sum_gradients(self, params, loss, sync: bool = True):
         """Sum every parameter's ``.grad`` and ``loss`` (a 0-d array or a float) over the
-        ranks, in place; return the summed loss as a float (the step's one host sync)."""
-        return float(loss)
+        ranks, in place; return the summed loss as a float (the step's one host sync), or
+        with ``sync=False`` as it is (a 0-d device array on the GPU: no sync here)."""
+        return float(loss) if sync else loss
 
     # -- agreement ------------------------------------------------------------------------
 
@@ -384,7 +385,8 @@ class MPICommunicator(Communicator):
         for buf in buffers:
             self._allreduce(buf)
         t2 = time.perf_counter()
-        total = float(self._buckets.unpack()[0])  # the host sync (waits for NCCL too)
+        total = self._buckets.unpack()[0]  # a view into the buffer the next step refills
+        total = float(total) if sync else total.copy()  # float(): the host sync (waits for NCCL too)
         self.reduce_seconds += t2 - t1
         self.reduce_calls += len(buffers)
         self.exchange_seconds += time.perf_counter() - t0

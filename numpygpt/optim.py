@@ -534,7 +534,7 @@ def _adamw_math(xp, p, g, m, v, buf, lr, eps, wd, b1, b2, bc1, bc2_sqrt) -> None
 
 # -- gradient clipping ---------------------------------------------------------------------
 
-def clip_grad_norm(params, max_norm: float) -> float:
+def clip_grad_norm(params, max_norm: float, sync: bool = True):
     """Scale all gradients together so their global L2 norm is at most ``max_norm``.
 
     ``norm = sqrt(sum over params of sum(g^2))`` over the gradients that exist; when
@@ -543,6 +543,12 @@ def clip_grad_norm(params, max_norm: float) -> float:
     Python float: the one host sync (the per-tensor sums stay on the device until
     then). A non-finite norm is returned and the gradients are left as they are.
     ``params``: a Module, Parameters, (name, Parameter) pairs or an Optimizer.
+
+    ``sync=False``: on the GPU, no host sync at all: the norm comes back as a 0-d float64
+    array on the device and the coefficient is applied there (every gradient is
+    multiplied, by 1 when nothing is clipped), so a training step can fetch the norm
+    together with its loss in one transfer (``backend.host_floats``). On the CPU the
+    result is the same float as with ``sync=True``.
     """
     if isinstance(params, Optimizer):
         plist = [p for g in params.param_groups for p in g["params"]]
@@ -556,11 +562,23 @@ def clip_grad_norm(params, max_norm: float) -> float:
         xp = backend.array_module(g)
         sq = xp.vdot(g.ravel(), g.ravel())  # 0-d; on CuPy it stays on the device
         total = sq if total is None else total + sq
+    if not sync and backend.is_cupy_array(total):
+        return _clip_on_device(xp, grads, total, float(max_norm))
     norm = float(total) ** 0.5
     coef = float(max_norm) / (norm + 1e-6)
     if coef < 1.0:
         for g in grads:
             g *= coef
+    return norm
+
+
+def _clip_on_device(xp, grads, total, max_norm: float):
+    """clip_grad_norm's rule with the norm kept on the device; returns it (0-d float64)."""
+    norm = xp.sqrt(total.astype(xp.float64))
+    coef = max_norm / (norm + 1e-6)
+    coef = xp.where(xp.isfinite(norm) & (coef < 1.0), coef, 1.0)  # 1: leave the gradients alone
+    for g in grads:
+        g *= coef.astype(g.dtype)  # in the gradient's dtype, as the host rule's Python float
     return norm
 
 

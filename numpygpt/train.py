@@ -464,13 +464,14 @@ def train_model(model, train_loader, val_loader, optimizer, num_epochs: int, eva
 
             step = state.global_step + 1
             comm.begin_step(state.global_step)  # ranks > 0: this step's dropout masks
-            step_loss, step_tokens = forward_backward(model, loss_fn, batches, accum, comm)
+            step_loss, step_tokens = forward_backward(model, loss_fn, batches, accum, comm, sync=False)
             if opts.reduce_gradients is not None:
                 opts.reduce_gradients(model)
+            norm = clip_grad_norm(model, opts.max_grad_norm, sync=False) if opts.max_grad_norm is not None else 0.0
+            step_loss, norm = backend.host_floats(step_loss, norm)  # the step's one host transfer
             if not math.isfinite(step_loss):
                 raise diverged_error("loss", step_loss, step, state.epoch, checkpoint_path, last_saved)
             if opts.max_grad_norm is not None:
-                norm = clip_grad_norm(model, opts.max_grad_norm)
                 if not math.isfinite(norm):
                     raise diverged_error("gradient norm", norm, step, state.epoch, checkpoint_path, last_saved)
             if opts.scheduler is not None:
@@ -556,10 +557,10 @@ def _unhealthy(model, loss_fn, loader):
     return None if math.isfinite(loss) else ("loss at the updated weights", loss)
 
 
-def forward_backward(model, loss_fn, batches, accum: int, comm=None) -> tuple[float, int]:
+def forward_backward(model, loss_fn, batches, accum: int, comm=None, sync: bool = True) -> tuple[float, int]:
     """zero_grad, then forward and backward over ``accum`` micro-batches, each scaled by
     1/accum so the gradients add up to the mean's. Returns (mean loss, tokens seen); the
-    loss is the step's one device-to-host sync.
+    loss is the step's one device-to-host sync (``sync=False``: left on the device).
 
     With N ranks each takes its rows of every micro-batch, scaled also by its weight (its
     share of the batch's counted targets), and ``comm.sum_gradients`` adds the ranks'
@@ -581,7 +582,10 @@ def forward_backward(model, loss_fn, batches, accum: int, comm=None) -> tuple[fl
         model.backward(loss_fn.backward(weight / accum))
         loss = loss if weight == 1.0 else loss * weight
         loss_sum = loss if loss_sum is None else loss_sum + loss
-    return comm.sum_gradients(model, 0.0 if loss_sum is None else loss_sum) / accum, tokens
+    total = comm.sum_gradients(model, 0.0 if loss_sum is None else loss_sum, sync=sync)
+    if hasattr(total, "astype"):
+        total = total.astype("float64")  # divided in float64, as the synced Python float is
+    return total / accum, tokens
 
 
 def diverged_error(what: str, value, step: int, epoch: int, checkpoint_path, last_saved, after_update: bool = False):
