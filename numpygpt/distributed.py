@@ -329,11 +329,17 @@ class MPICommunicator(Communicator):
         return line
 
     def _set_blas_threads(self) -> None:
+        n = blas_threads_for(self.local_size)
+        from . import parallel
+
+        if not os.environ.get("NUMPYGPT_NUM_THREADS"):
+            # numpygpt's own pool (layers, AdamW) gets this rank's share whatever BLAS is told
+            parallel.set_num_threads(n)
         for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             if os.environ.get(var):
-                self._blas_note = f"BLAS threads as {var}={os.environ[var]} says"
+                self._blas_note = (f"BLAS threads as {var}={os.environ[var]} says, "
+                                   f"{parallel.get_num_threads()} numpygpt threads a rank")
                 return
-        n = blas_threads_for(self.local_size)
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         try:
             from threadpoolctl import threadpool_limits
@@ -343,9 +349,6 @@ class MPICommunicator(Communicator):
             return
         self._blas_limiter = threadpool_limits(limits=n, user_api="blas")  # kept: the limit holds while it lives
         self.blas_threads = n
-        from . import parallel
-
-        parallel.set_num_threads(n)  # numpygpt's own thread pool: the same share of the cores
         self._blas_note = f"{n} BLAS thread{'s' if n > 1 else ''} a rank ({cores} cores / {self.local_size} ranks)"
 
     # -- device ------------------------------------------------------------------------------
@@ -375,7 +378,7 @@ class MPICommunicator(Communicator):
 
     # -- the exchange ------------------------------------------------------------------------
 
-    def sum_gradients(self, params, loss) -> float:
+    def sum_gradients(self, params, loss, sync: bool = True):
         t0 = time.perf_counter()
         plist = _parameters(params)
         if self._buckets is None or self._buckets.params != [p for p in plist if p.requires_grad]:

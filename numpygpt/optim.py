@@ -26,10 +26,8 @@ saved by ``state_dict()`` as JSON-able hyperparameters plus a flat name -> array
 from __future__ import annotations
 
 import math
-import os
-from concurrent.futures import ThreadPoolExecutor
 
-from . import backend
+from . import backend, parallel
 from .nn.module import Module, Parameter
 
 __all__ = [
@@ -467,18 +465,16 @@ class AdamW(Optimizer):
     def _update_in_chunks(xp, data, g, m, v, buf, hyper) -> None:
         # On the CPU each line of _adamw_math is a full pass over memory; done in
         # cache-sized chunks the arrays are read and written about once instead of ~11
-        # times, and the chunks are shared out to the cores (NumPy's element-wise ops
-        # run on one core but release the GIL).
-        pf, gf, mf, vf = (a.reshape(-1) for a in (data, g, m, v))  # views: all contiguous
-        bf = buf.reshape(-1)
+        # times, and the chunks are shared out to numpygpt.parallel's threads (NumPy's
+        # element-wise ops run on one core but release the GIL), so the update uses the
+        # cores the layers do: NUMPYGPT_NUM_THREADS, the CPU affinity, a rank's share.
+        # buf is as large as the parameter: each chunk's scratch is its own slice of it.
+        pf, gf, mf, vf, bf = (a.reshape(-1) for a in (data, g, m, v, buf))  # views: all contiguous
 
-        def work(worker: int, start: int, stop: int) -> None:
-            scratch = bf[worker * _CHUNK:(worker + 1) * _CHUNK]
-            for s in range(start, stop, _CHUNK):
-                e = min(s + _CHUNK, stop)
-                _adamw_math(xp, pf[s:e], gf[s:e], mf[s:e], vf[s:e], scratch[:e - s], *hyper)
+        def work(start: int, stop: int) -> None:
+            _adamw_math(xp, pf[start:stop], gf[start:stop], mf[start:stop], vf[start:stop], bf[start:stop], *hyper)
 
-        _run_split(work, pf.size)
+        parallel.for_chunks(work, pf.size, _CHUNK)
 
 
 def _flush_tiny(xp, m, v) -> None:
@@ -491,24 +487,6 @@ def _flush_tiny(xp, m, v) -> None:
 
 
 _CHUNK = 1 << 16  # elements per AdamW chunk on the CPU: 256 KiB of float32, fits L2
-_POOL = None
-
-
-def _run_split(work, n: int) -> None:
-    """Split range(n) into one contiguous part per CPU core (whole chunks each) and run
-    ``work(worker, start, stop)`` on each part in a thread pool."""
-    global _POOL
-    workers = max(1, min(os.cpu_count() or 1, n // _CHUNK))
-    per = -(-n // workers)  # ceil
-    per = -(-per // _CHUNK) * _CHUNK  # whole chunks per worker
-    parts = [(w, w * per, min((w + 1) * per, n)) for w in range(workers) if w * per < n]
-    if len(parts) == 1:
-        work(*parts[0])
-        return
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="numpygpt-optim")
-    for f in [_POOL.submit(work, *part) for part in parts]:
-        f.result()
 
 
 def _adamw_math(xp, p, g, m, v, buf, lr, eps, wd, b1, b2, bc1, bc2_sqrt) -> None:
