@@ -248,6 +248,25 @@ class Communicator:
         with ``sync=False`` as it is (a 0-d device array on the GPU: no sync here)."""
         return float(loss) if sync else loss
 
+    # -- ZeRO's collectives (numpygpt.zero) -------------------------------------------------
+
+    def reduce_scatter(self, send, recv) -> None:
+        """``send`` holds world_size equal blocks; block ``rank`` of their sum over the ranks
+        lands in ``recv`` (one rank: a copy)."""
+        recv[...] = send
+
+    def all_gather(self, buf) -> None:
+        """``buf`` holds world_size equal blocks, this rank's filled in: afterwards every block
+        holds its rank's, on every rank (in place; one rank: nothing to do)."""
+
+    def gather(self, block, root: int = 0):
+        """The ranks' equal host ``block``s end to end on ``root`` (None elsewhere)."""
+        return backend.to_host(block).copy()
+
+    def sum_scalar(self, value):
+        """A 0-d array summed over the ranks, on its device (no host sync on NCCL)."""
+        return value
+
     # -- agreement ------------------------------------------------------------------------
 
     def check_same(self, value, what: str) -> None:
@@ -398,9 +417,7 @@ class MPICommunicator(Communicator):
     def _allreduce(self, buf) -> None:
         """Sum ``buf`` over the ranks in place."""
         if backend.is_cupy_array(buf):
-            if self.nccl is None and not getattr(self, "_nccl_tried", False):
-                self._setup_nccl()  # a script that never called use_device: its current GPU
-            if self.nccl is not None:
+            if self._use_nccl(buf):
                 self.nccl.allreduce(buf)
                 return
             host = backend.to_host(buf)  # no NCCL: through the host
@@ -408,6 +425,44 @@ class MPICommunicator(Communicator):
             buf.set(host)
             return
         self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)
+
+    def _use_nccl(self, buf) -> bool:
+        """NCCL for a device buffer: the communicator already set up (a stand-in, in tests of
+        the fake device), or set up now for a CuPy buffer."""
+        if self.nccl is None and backend.device_of(buf) == "cuda" and not getattr(self, "_nccl_tried", False):
+            self._setup_nccl()  # a script that never called use_device: its current GPU
+        return self.nccl is not None
+
+    def reduce_scatter(self, send, recv) -> None:
+        if not backend.is_cupy_array(send):
+            self.comm.Reduce_scatter_block(send, recv, op=self.MPI.SUM)
+        elif self._use_nccl(send):
+            self.nccl.reduce_scatter(send, recv)
+        else:  # through the host
+            mine = numpy.empty(recv.size, dtype=recv.dtype)
+            self.comm.Reduce_scatter_block(backend.to_host(send), mine, op=self.MPI.SUM)
+            recv.set(mine.reshape(recv.shape))
+
+    def all_gather(self, buf) -> None:
+        if not backend.is_cupy_array(buf):
+            self.comm.Allgather(self.MPI.IN_PLACE, buf)
+        elif self._use_nccl(buf):
+            self.nccl.all_gather(buf, self.rank, self.world_size)
+        else:
+            host = backend.to_host(buf)
+            self.comm.Allgather(self.MPI.IN_PLACE, host)
+            buf.set(host)
+
+    def gather(self, block, root: int = 0):
+        host = numpy.ascontiguousarray(backend.to_host(block))
+        out = numpy.empty(host.size * self.world_size, dtype=host.dtype) if self.rank == root else None
+        self.comm.Gather(host, out, root=root)
+        return out
+
+    def sum_scalar(self, value):
+        buf = value.reshape(1).copy()
+        self._allreduce(buf)
+        return buf.reshape(())
 
     # -- agreement ------------------------------------------------------------------------------
 
@@ -482,6 +537,19 @@ class _NCCL:
         ptr = _device_ptr(buf)
         self.comm.allReduce(ptr, ptr, buf.size, code, self.nccl.NCCL_SUM, stream)
         self.calls.append((int(buf.size), code))
+
+    def reduce_scatter(self, send, recv) -> None:
+        code = self.dtype_code(send.dtype)
+        self.comm.reduceScatter(_device_ptr(send), _device_ptr(recv), recv.size, code, self.nccl.NCCL_SUM,
+                                _current_stream_ptr(send))
+        self.calls.append((int(recv.size), code))
+
+    def all_gather(self, buf, rank: int, world_size: int) -> None:
+        """In place: this rank's block of ``buf`` is the one it sends (NCCL allows that)."""
+        code, count = self.dtype_code(buf.dtype), buf.size // world_size
+        ptr = _device_ptr(buf)
+        self.comm.allGather(ptr + rank * count * buf.dtype.itemsize, ptr, count, code, _current_stream_ptr(buf))
+        self.calls.append((int(count), code))
 
 
 def _device_ptr(buf) -> int:

@@ -462,9 +462,7 @@ class AdamW(Optimizer):
             state["exp_avg_sq"] = xp.zeros_like(p.data)
         m, v = state["exp_avg"], state["exp_avg_sq"]
         t = state["step"]
-        bc1 = 1.0 - b1**t
-        bc2_sqrt = math.sqrt(1.0 - b2**t)
-        hyper = (lr, eps, wd, b1, b2, bc1, bc2_sqrt)
+        hyper = adamw_hyper(group, t)
         if backend.is_cupy_array(p.data) or p.data.size <= 2 * _CHUNK:
             _adamw_math(xp, p.data, g, m, v, buf.reshape(-1)[:p.data.size].reshape(p.data.shape), *hyper)
         else:
@@ -486,6 +484,12 @@ class AdamW(Optimizer):
             _adamw_math(xp, pf[start:stop], gf[start:stop], mf[start:stop], vf[start:stop], bf[start:stop], *hyper)
 
         parallel.for_chunks(work, pf.size, _CHUNK)
+
+
+def adamw_hyper(group: dict, t: int) -> tuple:
+    """The scalars of ``_adamw_math`` for a parameter of ``group`` at its step ``t``."""
+    b1, b2 = group["betas"]
+    return (group["lr"], group["eps"], group["weight_decay"], b1, b2, 1.0 - b1**t, math.sqrt(1.0 - b2**t))
 
 
 def _flush_tiny(xp, m, v) -> None:
@@ -531,7 +535,9 @@ def clip_grad_norm(params, max_norm: float, sync: bool = True):
     in place (PyTorch's ``clip_grad_norm_``). Returns the norm before clipping as a
     Python float: the one host sync (the per-tensor sums stay on the device until
     then). A non-finite norm is returned and the gradients are left as they are.
-    ``params``: a Module, Parameters, (name, Parameter) pairs or an Optimizer.
+    ``params``: a Module, Parameters, (name, Parameter) pairs or an Optimizer; an optimiser
+    that holds the gradients itself (``zero.ShardedAdamW``: each rank has a shard of the
+    summed gradient) clips them with its own ``clip_grad_norm``.
 
     ``sync=False``: on the GPU, no host sync at all: the norm comes back as a 0-d float64
     array on the device and the coefficient is applied there (every gradient is
@@ -539,6 +545,8 @@ def clip_grad_norm(params, max_norm: float, sync: bool = True):
     together with its loss in one transfer (``backend.host_floats``). On the CPU the
     result is the same float as with ``sync=True``.
     """
+    if hasattr(params, "clip_grad_norm"):
+        return params.clip_grad_norm(max_norm, sync)
     if isinstance(params, Optimizer):
         plist = [p for g in params.param_groups for p in g["params"]]
     else:
@@ -551,8 +559,14 @@ def clip_grad_norm(params, max_norm: float, sync: bool = True):
         xp = backend.array_module(g)
         sq = xp.vdot(g.ravel(), g.ravel())  # 0-d; on CuPy it stays on the device
         total = sq if total is None else total + sq
+    return clip_by_total(grads, total, max_norm, sync)
+
+
+def clip_by_total(grads, total, max_norm: float, sync: bool = True):
+    """clip_grad_norm's rule once the squares are summed: ``total`` = sum of every g^2 (a 0-d
+    array; summed over the ranks by a sharded optimiser)."""
     if not sync and backend.is_cupy_array(total):
-        return _clip_on_device(xp, grads, total, float(max_norm))
+        return _clip_on_device(backend.array_module(total), grads, total, float(max_norm))
     norm = float(total) ** 0.5
     coef = float(max_norm) / (norm + 1e-6)
     if coef < 1.0:

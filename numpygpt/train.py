@@ -240,9 +240,10 @@ def train_model(model, train_loader, val_loader, optimizer, num_epochs: int, eva
     history, accum, n_batches = state.history, opts.grad_accum_steps, len(train_loader)
     comm.begin_training(model, batch_size=getattr(train_loader, "batch_size", None),
                         plan=(n_batches, accum, total_steps, state.epoch, state.batch_in_epoch))
-    ckpt = Checkpointer(opts.checkpoint_path if main else None, model, optimizer, state, objective, train_loader,
-                        every=opts.checkpoint_every, stop_requested=opts.stop_requested,
-                        resumed=opts.resume_state is not None, total_steps=total_steps)
+    collective = getattr(optimizer, "state_dict_is_collective", False)  # ZeRO: every rank takes part in a save
+    ckpt = Checkpointer(opts.checkpoint_path if main or collective else None, model, optimizer, state, objective,
+                        train_loader, every=opts.checkpoint_every, stop_requested=opts.stop_requested,
+                        resumed=opts.resume_state is not None, total_steps=total_steps, writer=main)
     report = Reporter(total_steps, state.global_step, enabled=opts.progress, log=opts.log, quiet=not main)
 
     def sample(label: str) -> None:
@@ -336,7 +337,8 @@ def _update(model, optimizer, opts: TrainOptions, state: TrainState, ckpt: Check
     step; returns the loss as a float. ``step_loss`` may still be on the device: it and the
     gradient norm cross to the host together, the step's one transfer."""
     step = state.global_step + 1
-    norm = clip_grad_norm(model, opts.max_grad_norm, sync=False) if opts.max_grad_norm is not None else 0.0
+    grads = optimizer if hasattr(optimizer, "clip_grad_norm") else model  # ZeRO: the optimiser holds the sums
+    norm = clip_grad_norm(grads, opts.max_grad_norm, sync=False) if opts.max_grad_norm is not None else 0.0
     step_loss, norm = backend.host_floats(step_loss, norm)
     if not math.isfinite(step_loss):
         raise ckpt.diverged("loss", step_loss, step=step)
