@@ -2,7 +2,7 @@
 ``mpiexec -n N`` (and imported by it for the one-process reference).
 
     mpiexec -n 2 python tests/mpi_worker.py OUT.npz [--grad-accum 2] [--drop-rate 0.1] [--zero]
-        [--fail-at STEP | --kill-at STEP | --term-at STEP | --perturb | --rank1-steps N]
+        [--device fake-cuda] [--fail-at STEP | --kill-at STEP | --term-at STEP | --perturb | --rank1-steps N]
 
 Rank 0 writes the per-step losses, the weights after every step and at the end, and each
 rank's optimiser-state bytes to OUT.npz. ``--zero``: ZeRO stage 1 (numpygpt.zero). The data are
@@ -47,9 +47,9 @@ class Windows:
         return self.inputs[indices], self.targets[indices]
 
 
-def build(drop_rate: float = 0.0, grad_accum: int = 1):
+def build(drop_rate: float = 0.0, grad_accum: int = 1, device: str = "cpu"):
     """(model, train_loader, val_loader, optimizer), the same on every rank."""
-    backend.set_device("cpu")
+    backend.set_device(device)
     backend.manual_seed(SEED)
     cfg = GPTConfig(vocab_size=V, context_length=T, emb_dim=16, n_heads=2, n_layers=2,
                     drop_rate=drop_rate, qkv_bias=True, dtype="float64")
@@ -78,10 +78,10 @@ def record_steps(model, optimizer) -> list:
 
 
 def train(grad_accum: int = 1, drop_rate: float = 0.0, fail_at=None, kill_at=None, perturb=False,
-          rank1_steps=None, term_at=None, zero=False):
+          rank1_steps=None, term_at=None, zero=False, device="cpu"):
     """Train for STEPS steps (rank 1: ``rank1_steps`` if given); returns (history, model, optimizer,
     the weights after each step)."""
-    model, train_loader, val_loader, optimizer = build(drop_rate, grad_accum)
+    model, train_loader, val_loader, optimizer = build(drop_rate, grad_accum, device)
     comm = distributed.init()
     if zero:
         from numpygpt.zero import ShardedAdamW
@@ -126,10 +126,12 @@ def main(argv=None) -> int:
     p.add_argument("--perturb", action="store_true")
     p.add_argument("--rank1-steps", type=int)
     p.add_argument("--zero", action="store_true")
+    p.add_argument("--device", default="cpu", help="fake-cuda: device arrays, collectives through the host")
     args = p.parse_args(argv)
     try:
         history, model, optimizer, snapshots = train(args.grad_accum, args.drop_rate, args.fail_at, args.kill_at,
-                                                     args.perturb, args.rank1_steps, args.term_at, args.zero)
+                                                     args.perturb, args.rank1_steps, args.term_at, args.zero,
+                                                     args.device)
     except (distributed.DistributedError, TrainingInterrupted) as e:
         what = "stopped" if isinstance(e, TrainingInterrupted) else "error"
         sys.stderr.write(f"worker: {what} (rank {distributed.current().rank}): {e}\n")  # one write: no interleaving

@@ -274,6 +274,16 @@ def test_zero_takes_the_steps_of_the_unsharded_run_with_half_the_state_a_rank(tm
     assert shards.sum() == whole[0] and shards.max() == 2 * 8 * -(-n // 2)
 
 
+def test_device_arrays_cross_the_ranks_through_the_host_without_nccl(tmp_path):
+    """On the fake GPU device (CuPy's rules, no NCCL), the all-reduce and ZeRO's
+    reduce-scatter and all-gather copy through the host: the same run as on the CPU."""
+    for name in ("cpu", "fake"):
+        (tmp_path / name).mkdir()
+    on_cpu = worker_run(tmp_path / "cpu", 2, "--zero")
+    assert_same_run(worker_run(tmp_path / "fake", 2, "--zero", "--device", "fake-cuda"), on_cpu, rel=0)
+    assert_same_run(worker_run(tmp_path / "fake", 2, "--device", "fake-cuda"), on_cpu, rel=1e-10)
+
+
 def test_zero_checkpoints_resume_on_any_number_of_ranks(tmp_path, corpus, capsys):
     """8 steps straight on 1 process == 4 on 2 ranks with --zero 1, then 4 on 1 process (plain
     AdamW) == 4 on 1 process, then 4 on 2 ranks with --zero 1: the checkpoint holds AdamW's

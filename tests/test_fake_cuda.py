@@ -212,3 +212,32 @@ def test_checkpoint_of_a_fake_device_run_resumes_on_the_cpu(fake, tmp_path):
         np.testing.assert_array_equal(backend.to_host(p.data), q.data, err_msg=name)
     key = next(iter(opt.state))
     np.testing.assert_array_equal(backend.to_host(opt.state[key]["exp_avg"]), host_opt.state[key]["exp_avg"])
+
+
+def test_the_recipes_other_pieces_on_the_fake_device(fake, tmp_path):
+    """What the fine-tuning commands do around the loop: accuracy, saving a LoRA classifier
+    (merged), loading it back, classifying a text; an instruction model's greedy answer,
+    saved and loaded for chat. Any host/device mix in them raises here."""
+    from numpygpt.finetune.classify import calc_accuracy_loader, classify_text, load_classifier, save_classifier
+    from numpygpt.finetune.instruct import chat, generate_response, load_for_chat, save_finetuned
+
+    cfg = GPTConfig(vocab_size=50257, context_length=32, emb_dim=32, n_heads=2, n_layers=2, qkv_bias=True,
+                    tie_weights=True)
+    clf = GPTModel(cfg, seed=1).to_classifier(2, readout="last_non_pad", pad_id=50256)
+    apply_lora(clf, rank=2, alpha=4.0)
+    rows = [(np.r_[np.full(5, 7 + i), np.full(3, 50256)], np.int64(i % 2)) for i in range(8)]
+    accuracy = calc_accuracy_loader(clf, DataLoader(rows, 4, shuffle=False), 2)
+    assert 0.0 <= accuracy <= 1.0
+    save_classifier(clf, tmp_path / "clf", ["ham", "spam"], max_length=8, pad_id=50256)
+    loaded, info = load_classifier(tmp_path / "clf", device="fake-cuda")
+    assert backend.device_of(loaded.wte.weight.data) == "fake-cuda"
+    with fake_cuda.count_transfers() as log:
+        label = classify_text(loaded, "free cruise, call now", **info)
+    assert label in ("ham", "spam") and log.total == 1, log.report()  # the class id, once
+
+    lm = GPTModel(cfg, seed=2)
+    with fake_cuda.count_transfers() as log:
+        answer = generate_response(lm, {"instruction": "Say hi.", "input": ""}, max_new_tokens=4)
+    assert isinstance(answer, str) and log.total <= 4 + 1, log.report()  # a token each, the ids at the end
+    save_finetuned(lm, tmp_path / "lm")
+    assert isinstance(chat(load_for_chat(tmp_path / "lm", device="fake-cuda"), "Say hi.", max_new_tokens=3), str)
