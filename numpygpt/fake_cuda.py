@@ -222,10 +222,10 @@ class FakeArray:
         return FakeArray(result)
 
     def __setitem__(self, key, value):
-        if isinstance(value, (numpy.ndarray, list)) and not _has_array(key):
-            raise _mixing_error(value)  # CuPy's elementwise copy into a slice takes device data only
-        if isinstance(value, numpy.ndarray) or isinstance(value, list):
-            self._a[_index(key)] = value  # fancy assignment: CuPy copies the values over
+        if isinstance(value, (numpy.ndarray, list)):
+            if not _has_array(key):
+                raise _mixing_error(value)  # CuPy's elementwise copy into a slice takes device data only
+            self._a[_index(key)] = value  # a fancy assignment: CuPy copies the host values over
         else:
             self._a[_index(key)] = _unwrap(value)
 
@@ -379,12 +379,12 @@ class _Ufunc:
         return lambda *args, **kwargs: _call(attr, args, kwargs)
 
 
-def _device_copy_of(obj):
+def _unwrap_any(obj):
     """FakeArrays unwrapped anywhere in ``obj`` (a list of them is fine), host data kept."""
     if isinstance(obj, FakeArray):
         return obj._a
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_device_copy_of(o) for o in obj)
+        return type(obj)(_unwrap_any(o) for o in obj)
     return obj
 
 
@@ -394,7 +394,7 @@ def _from_host(fn):
             result = fn(obj._a, *args, **kwargs)
             return obj if result is obj._a else FakeArray(result)
         # host -> device is a copy: changing the host array later changes nothing here
-        return FakeArray(numpy.array(fn(_device_copy_of(obj), *args, **kwargs), copy=True))
+        return FakeArray(numpy.array(fn(_unwrap_any(obj), *args, **kwargs), copy=True))
 
     return create
 
@@ -428,12 +428,6 @@ class _Module:
 
 
 xp = _Module(numpy)
-xp.ndarray = FakeArray
-
-
-def asarray(x, dtype=None) -> FakeArray:
-    """Host data (NumPy, a list, a scalar) or a FakeArray -> a FakeArray of ``dtype``."""
-    return xp.asarray(x, dtype=dtype)
 
 
 # -- what backend wraps ------------------------------------------------------------------------
@@ -458,8 +452,3 @@ def default_rng(seed) -> _Generator:
 def scatter_add(dst: FakeArray, ids, src) -> None:
     """``cupyx.scatter_add``: dst[ids[n]] += src[n] for every n, repeats counted."""
     numpy.add.at(dst._a, _index(ids), _unwrap(src))
-
-
-def is_fake(x) -> bool:
-    return isinstance(x, FakeArray)
-
