@@ -227,7 +227,7 @@ def torch_param_groups(tmodel: TorchGPT, weight_decay: float) -> list[dict]:
     from numpygpt import Parameter
     from numpygpt.optim import param_groups
 
-    named = [(n, Parameter(p.detach().numpy())) for n, p in tmodel.named_parameters()]
+    named = [(n, Parameter(p.detach().cpu().numpy())) for n, p in tmodel.named_parameters()]  # CUDA: a copy
     tparams = dict(tmodel.named_parameters())
     return [{"params": [tparams[name] for name, _ in g["params"]], "weight_decay": g["weight_decay"]}
             for g in param_groups(named, weight_decay)]

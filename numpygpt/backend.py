@@ -5,7 +5,7 @@ single call (or the ``NUMPYGPT_DEVICE`` environment variable) and is resolved wh
 it is asked for, never frozen at import time::
 
     from numpygpt import backend
-    backend.set_device("cuda")        # or "cpu" / "auto"
+    backend.set_device("cuda")        # or "cpu" / "auto" ("fake-cuda": tests, see fake_cuda)
     x = backend.xp.zeros((2, 3))      # backend.xp is numpy or cupy, looked up now
 
 Layer code follows two rules: create arrays with ``backend.xp`` and operate on
@@ -24,7 +24,8 @@ from contextlib import contextmanager
 
 import numpy
 
-_VALID = ("cpu", "cuda", "auto")
+_VALID = ("cpu", "cuda", "auto", "fake-cuda")
+FAKE = "fake-cuda"  # numpygpt.fake_cuda: CuPy's strictness on the CPU, for tests
 _device: str | None = None  # None means: read NUMPYGPT_DEVICE when asked
 
 
@@ -70,14 +71,18 @@ def _resolve(name: str) -> str:
 
 
 def set_device(name: str) -> str:
-    """Choose 'cpu', 'cuda' or 'auto' for arrays created from now on; returns the choice."""
+    """Choose 'cpu', 'cuda' or 'auto' for arrays created from now on; returns the choice.
+
+    'fake-cuda' is for tests: arrays that compute with NumPy but refuse what CuPy refuses
+    and count host transfers (``numpygpt.fake_cuda``)."""
     global _device
     _device = _resolve(name)
     return _device
 
 
 def get_device() -> str:
-    """The current device, 'cpu' or 'cuda' (NUMPYGPT_DEVICE decides until set_device is called)."""
+    """The current device, 'cpu' or 'cuda' ('fake-cuda' in tests; NUMPYGPT_DEVICE decides until
+    set_device is called)."""
     global _device
     if _device is None:
         _device = _resolve(os.environ.get("NUMPYGPT_DEVICE", "cpu"))
@@ -97,11 +102,19 @@ def device(name: str):
 
 
 def get_xp():
-    """The array library of the current device: numpy or cupy."""
-    if get_device() == "cuda":
+    """The array library of the current device: numpy or cupy (or fake_cuda's xp)."""
+    return _library(get_device())
+
+
+def _library(device_name: str):
+    if device_name == "cuda":
         import cupy
 
         return cupy
+    if device_name == FAKE:
+        from . import fake_cuda
+
+        return fake_cuda.xp
     return numpy
 
 
@@ -112,20 +125,22 @@ def __getattr__(name):  # PEP 562: ``backend.xp`` is looked up at every access
 
 
 def is_cupy_array(x) -> bool:
-    return type(x).__module__.startswith("cupy")
+    """True for an array on the GPU: a CuPy array, or the fake device's stand-in for one
+    (every caller means "on the device, not NumPy's")."""
+    module = type(x).__module__
+    return module.startswith("cupy") or module == "numpygpt.fake_cuda"
 
 
 def array_module(x):
-    """numpy or cupy, whichever ``x`` belongs to."""
-    if is_cupy_array(x):
-        import cupy
-
-        return cupy
-    return numpy
+    """numpy or cupy (or fake_cuda's xp), whichever ``x`` belongs to."""
+    return _library(device_of(x))
 
 
 def device_of(x) -> str:
-    return "cuda" if is_cupy_array(x) else "cpu"
+    module = type(x).__module__
+    if module.startswith("cupy"):
+        return "cuda"
+    return FAKE if module == "numpygpt.fake_cuda" else "cpu"
 
 
 # -- moving data --------------------------------------------------------------------
@@ -144,7 +159,20 @@ def to_device(x, dtype=None, device_name: str | None = None):
         import cupy
 
         return cupy.asarray(x, dtype=dtype)
+    if target == FAKE:
+        return _library(FAKE).asarray(x, dtype=dtype)
     return numpy.asarray(to_host(x), dtype=dtype)
+
+
+def host_floats(*values) -> tuple:
+    """Python floats of numbers and 0-d arrays, with one device-to-host transfer for all
+    the device ones (a training step's loss and gradient norm cross together)."""
+    on_device = [v for v in values if is_cupy_array(v)]
+    if not on_device:
+        return tuple(float(v) for v in values)
+    xp = array_module(on_device[0])
+    fetched = iter(to_host(xp.stack([v.astype(xp.float64).reshape(()) for v in on_device])).tolist())
+    return tuple(next(fetched) if is_cupy_array(v) else float(v) for v in values)
 
 
 def synchronize() -> None:
@@ -166,7 +194,10 @@ def scatter_add_rows(dst, ids, src) -> None:
     (unique) row sums in one fancy-indexed step.
     """
     if is_cupy_array(dst):
-        import cupyx
+        if device_of(dst) == FAKE:
+            from . import fake_cuda as cupyx
+        else:
+            import cupyx
 
         cupyx.scatter_add(dst, ids, src)
         return
@@ -202,6 +233,10 @@ def get_rng(device_name: str | None = None):
             import cupy
 
             _rngs[dev] = cupy.random.default_rng(seed)
+        elif dev == FAKE:
+            from . import fake_cuda
+
+            _rngs[dev] = fake_cuda.default_rng(seed)
         else:
             _rngs[dev] = numpy.random.default_rng(seed)
     return _rngs[dev]

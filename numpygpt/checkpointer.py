@@ -114,11 +114,15 @@ class Checkpointer:
     save every ``every`` steps. objective, loader: the health check's loss on one batch.
     stop_requested: polled after every step (``stop_on_signals``'s StopRequest).
     resumed: the model holds ``state``'s step as saved there. total_steps: for the messages.
+    writer: False on the ranks of an MPI run that do not write but must take part in each
+    save, because the optimiser's ``state_dict`` is collective (``zero.ShardedAdamW``
+    gathers its shards): they check the weights' health and hand their shard over.
     """
 
     def __init__(self, path, model, optimizer, state, objective, loader, every: int | None = None,
-                 stop_requested=None, resumed: bool = False, total_steps: int = 0):
+                 stop_requested=None, resumed: bool = False, total_steps: int = 0, writer: bool = True):
         self.path, self.every, self.stop_requested, self.total_steps = path, every, stop_requested, total_steps
+        self.writer = writer
         self.model, self.optimizer, self.state = model, optimizer, state
         self.objective, self.loader = objective, loader
         self.last_saved = state.global_step if resumed else None
@@ -153,6 +157,11 @@ class Checkpointer:
     def save(self) -> None:
         self.check_health()  # a checkpoint always holds finite weights with a finite loss
         state = self.state
+        if not self.writer:  # the writer gathers the optimiser's state from every rank
+            if getattr(self.optimizer, "state_dict_is_collective", False):
+                self.optimizer.state_dict()
+            self.last_saved = state.global_step
+            return
         if hasattr(self.loader, "state_dict"):
             state.loader_state = self.loader.state_dict()
         try:

@@ -242,10 +242,30 @@ class Communicator:
 
     # -- the step's one exchange --------------------------------------------------------------
 
-    def sum_gradients(self, params, loss) -> float:
+    def sum_gradients(self, params, loss, sync: bool = True):
         """Sum every parameter's ``.grad`` and ``loss`` (a 0-d array or a float) over the
-        ranks, in place; return the summed loss as a float (the step's one host sync)."""
-        return float(loss)
+        ranks, in place; return the summed loss as a float (the step's one host sync), or
+        with ``sync=False`` as it is (a 0-d device array on the GPU: no sync here)."""
+        return float(loss) if sync else loss
+
+    # -- ZeRO's collectives (numpygpt.zero) -------------------------------------------------
+
+    def reduce_scatter(self, send, recv) -> None:
+        """``send`` holds world_size equal blocks; block ``rank`` of their sum over the ranks
+        lands in ``recv`` (one rank: a copy)."""
+        recv[...] = send
+
+    def all_gather(self, buf) -> None:
+        """``buf`` holds world_size equal blocks, this rank's filled in: afterwards every block
+        holds its rank's, on every rank (in place; one rank: nothing to do)."""
+
+    def gather(self, block, root: int = 0):
+        """The ranks' equal host ``block``s end to end on ``root`` (None elsewhere)."""
+        return backend.to_host(block).copy()
+
+    def sum_scalar(self, value):
+        """A 0-d array summed over the ranks, on its device (no host sync on NCCL)."""
+        return value
 
     # -- agreement ------------------------------------------------------------------------
 
@@ -328,11 +348,17 @@ class MPICommunicator(Communicator):
         return line
 
     def _set_blas_threads(self) -> None:
+        n = blas_threads_for(self.local_size)
+        from . import parallel
+
+        if not os.environ.get("NUMPYGPT_NUM_THREADS"):
+            # numpygpt's own pool (layers, AdamW) gets this rank's share whatever BLAS is told
+            parallel.set_num_threads(n)
         for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             if os.environ.get(var):
-                self._blas_note = f"BLAS threads as {var}={os.environ[var]} says"
+                self._blas_note = (f"BLAS threads as {var}={os.environ[var]} says, "
+                                   f"{parallel.get_num_threads()} numpygpt threads a rank")
                 return
-        n = blas_threads_for(self.local_size)
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         try:
             from threadpoolctl import threadpool_limits
@@ -342,9 +368,6 @@ class MPICommunicator(Communicator):
             return
         self._blas_limiter = threadpool_limits(limits=n, user_api="blas")  # kept: the limit holds while it lives
         self.blas_threads = n
-        from . import parallel
-
-        parallel.set_num_threads(n)  # numpygpt's own thread pool: the same share of the cores
         self._blas_note = f"{n} BLAS thread{'s' if n > 1 else ''} a rank ({cores} cores / {self.local_size} ranks)"
 
     # -- device ------------------------------------------------------------------------------
@@ -374,7 +397,7 @@ class MPICommunicator(Communicator):
 
     # -- the exchange ------------------------------------------------------------------------
 
-    def sum_gradients(self, params, loss) -> float:
+    def sum_gradients(self, params, loss, sync: bool = True):
         t0 = time.perf_counter()
         plist = _parameters(params)
         if self._buckets is None or self._buckets.params != [p for p in plist if p.requires_grad]:
@@ -384,7 +407,8 @@ class MPICommunicator(Communicator):
         for buf in buffers:
             self._allreduce(buf)
         t2 = time.perf_counter()
-        total = float(self._buckets.unpack()[0])  # the host sync (waits for NCCL too)
+        total = self._buckets.unpack()[0]  # a view into the buffer the next step refills
+        total = float(total) if sync else total.copy()  # float(): the host sync (waits for NCCL too)
         self.reduce_seconds += t2 - t1
         self.reduce_calls += len(buffers)
         self.exchange_seconds += time.perf_counter() - t0
@@ -393,9 +417,7 @@ class MPICommunicator(Communicator):
     def _allreduce(self, buf) -> None:
         """Sum ``buf`` over the ranks in place."""
         if backend.is_cupy_array(buf):
-            if self.nccl is None and not getattr(self, "_nccl_tried", False):
-                self._setup_nccl()  # a script that never called use_device: its current GPU
-            if self.nccl is not None:
+            if self._use_nccl(buf):
                 self.nccl.allreduce(buf)
                 return
             host = backend.to_host(buf)  # no NCCL: through the host
@@ -403,6 +425,44 @@ class MPICommunicator(Communicator):
             buf.set(host)
             return
         self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)
+
+    def _use_nccl(self, buf) -> bool:
+        """NCCL for a device buffer: the communicator already set up (a stand-in, in tests of
+        the fake device), or set up now for a CuPy buffer."""
+        if self.nccl is None and backend.device_of(buf) == "cuda" and not getattr(self, "_nccl_tried", False):
+            self._setup_nccl()  # a script that never called use_device: its current GPU
+        return self.nccl is not None
+
+    def reduce_scatter(self, send, recv) -> None:
+        if not backend.is_cupy_array(send):
+            self.comm.Reduce_scatter_block(send, recv, op=self.MPI.SUM)
+        elif self._use_nccl(send):
+            self.nccl.reduce_scatter(send, recv)
+        else:  # through the host
+            mine = numpy.empty(recv.size, dtype=recv.dtype)
+            self.comm.Reduce_scatter_block(backend.to_host(send), mine, op=self.MPI.SUM)
+            recv.set(mine.reshape(recv.shape))
+
+    def all_gather(self, buf) -> None:
+        if not backend.is_cupy_array(buf):
+            self.comm.Allgather(self.MPI.IN_PLACE, buf)
+        elif self._use_nccl(buf):
+            self.nccl.all_gather(buf, self.rank, self.world_size)
+        else:
+            host = backend.to_host(buf)
+            self.comm.Allgather(self.MPI.IN_PLACE, host)
+            buf.set(host)
+
+    def gather(self, block, root: int = 0):
+        host = numpy.ascontiguousarray(backend.to_host(block))
+        out = numpy.empty(host.size * self.world_size, dtype=host.dtype) if self.rank == root else None
+        self.comm.Gather(host, out, root=root)
+        return out
+
+    def sum_scalar(self, value):
+        buf = value.reshape(1).copy()
+        self._allreduce(buf)
+        return buf.reshape(())
 
     # -- agreement ------------------------------------------------------------------------------
 
@@ -477,6 +537,19 @@ class _NCCL:
         ptr = _device_ptr(buf)
         self.comm.allReduce(ptr, ptr, buf.size, code, self.nccl.NCCL_SUM, stream)
         self.calls.append((int(buf.size), code))
+
+    def reduce_scatter(self, send, recv) -> None:
+        code = self.dtype_code(send.dtype)
+        self.comm.reduceScatter(_device_ptr(send), _device_ptr(recv), recv.size, code, self.nccl.NCCL_SUM,
+                                _current_stream_ptr(send))
+        self.calls.append((int(recv.size), code))
+
+    def all_gather(self, buf, rank: int, world_size: int) -> None:
+        """In place: this rank's block of ``buf`` is the one it sends (NCCL allows that)."""
+        code, count = self.dtype_code(buf.dtype), buf.size // world_size
+        ptr = _device_ptr(buf)
+        self.comm.allGather(ptr + rank * count * buf.dtype.itemsize, ptr, count, code, _current_stream_ptr(buf))
+        self.calls.append((int(count), code))
 
 
 def _device_ptr(buf) -> int:

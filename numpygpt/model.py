@@ -193,6 +193,8 @@ class GPTModel(Module):
             if lo < 0 or hi >= V:
                 bad = lo if lo < 0 else hi
                 raise ValueError(f"token id {bad} is out of range: ids must be in [0, {V}) (vocab_size={V})")
+            if self.is_classifier:
+                self.readout.check_rows(idx)  # here, on the host, not on the device
         return backend.to_device(idx, device_name=backend.device_of(self.wte.weight.data))
 
     def forward(self, idx, kv_caches: list | None = None):

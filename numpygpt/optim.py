@@ -26,10 +26,8 @@ saved by ``state_dict()`` as JSON-able hyperparameters plus a flat name -> array
 from __future__ import annotations
 
 import math
-import os
-from concurrent.futures import ThreadPoolExecutor
 
-from . import backend
+from . import backend, parallel
 from .nn.module import Module, Parameter
 
 __all__ = [
@@ -464,9 +462,7 @@ class AdamW(Optimizer):
             state["exp_avg_sq"] = xp.zeros_like(p.data)
         m, v = state["exp_avg"], state["exp_avg_sq"]
         t = state["step"]
-        bc1 = 1.0 - b1**t
-        bc2_sqrt = math.sqrt(1.0 - b2**t)
-        hyper = (lr, eps, wd, b1, b2, bc1, bc2_sqrt)
+        hyper = adamw_hyper(group, t)
         if backend.is_cupy_array(p.data) or p.data.size <= 2 * _CHUNK:
             _adamw_math(xp, p.data, g, m, v, buf.reshape(-1)[:p.data.size].reshape(p.data.shape), *hyper)
         else:
@@ -478,18 +474,22 @@ class AdamW(Optimizer):
     def _update_in_chunks(xp, data, g, m, v, buf, hyper) -> None:
         # On the CPU each line of _adamw_math is a full pass over memory; done in
         # cache-sized chunks the arrays are read and written about once instead of ~11
-        # times, and the chunks are shared out to the cores (NumPy's element-wise ops
-        # run on one core but release the GIL).
-        pf, gf, mf, vf = (a.reshape(-1) for a in (data, g, m, v))  # views: all contiguous
-        bf = buf.reshape(-1)
+        # times, and the chunks are shared out to numpygpt.parallel's threads (NumPy's
+        # element-wise ops run on one core but release the GIL), so the update uses the
+        # cores the layers do: NUMPYGPT_NUM_THREADS, the CPU affinity, a rank's share.
+        # buf is as large as the parameter: each chunk's scratch is its own slice of it.
+        pf, gf, mf, vf, bf = (a.reshape(-1) for a in (data, g, m, v, buf))  # views: all contiguous
 
-        def work(worker: int, start: int, stop: int) -> None:
-            scratch = bf[worker * _CHUNK:(worker + 1) * _CHUNK]
-            for s in range(start, stop, _CHUNK):
-                e = min(s + _CHUNK, stop)
-                _adamw_math(xp, pf[s:e], gf[s:e], mf[s:e], vf[s:e], scratch[:e - s], *hyper)
+        def work(start: int, stop: int) -> None:
+            _adamw_math(xp, pf[start:stop], gf[start:stop], mf[start:stop], vf[start:stop], bf[start:stop], *hyper)
 
-        _run_split(work, pf.size)
+        parallel.for_chunks(work, pf.size, _CHUNK)
+
+
+def adamw_hyper(group: dict, t: int) -> tuple:
+    """The scalars of ``_adamw_math`` for a parameter of ``group`` at its step ``t``."""
+    b1, b2 = group["betas"]
+    return (group["lr"], group["eps"], group["weight_decay"], b1, b2, 1.0 - b1**t, math.sqrt(1.0 - b2**t))
 
 
 def _flush_tiny(xp, m, v) -> None:
@@ -502,24 +502,6 @@ def _flush_tiny(xp, m, v) -> None:
 
 
 _CHUNK = 1 << 16  # elements per AdamW chunk on the CPU: 256 KiB of float32, fits L2
-_POOL = None
-
-
-def _run_split(work, n: int) -> None:
-    """Split range(n) into one contiguous part per CPU core (whole chunks each) and run
-    ``work(worker, start, stop)`` on each part in a thread pool."""
-    global _POOL
-    workers = max(1, min(os.cpu_count() or 1, n // _CHUNK))
-    per = -(-n // workers)  # ceil
-    per = -(-per // _CHUNK) * _CHUNK  # whole chunks per worker
-    parts = [(w, w * per, min((w + 1) * per, n)) for w in range(workers) if w * per < n]
-    if len(parts) == 1:
-        work(*parts[0])
-        return
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="numpygpt-optim")
-    for f in [_POOL.submit(work, *part) for part in parts]:
-        f.result()
 
 
 def _adamw_math(xp, p, g, m, v, buf, lr, eps, wd, b1, b2, bc1, bc2_sqrt) -> None:
@@ -545,7 +527,7 @@ def _adamw_math(xp, p, g, m, v, buf, lr, eps, wd, b1, b2, bc1, bc2_sqrt) -> None
 
 # -- gradient clipping ---------------------------------------------------------------------
 
-def clip_grad_norm(params, max_norm: float) -> float:
+def clip_grad_norm(params, max_norm: float, sync: bool = True):
     """Scale all gradients together so their global L2 norm is at most ``max_norm``.
 
     ``norm = sqrt(sum over params of sum(g^2))`` over the gradients that exist; when
@@ -553,8 +535,18 @@ def clip_grad_norm(params, max_norm: float) -> float:
     in place (PyTorch's ``clip_grad_norm_``). Returns the norm before clipping as a
     Python float: the one host sync (the per-tensor sums stay on the device until
     then). A non-finite norm is returned and the gradients are left as they are.
-    ``params``: a Module, Parameters, (name, Parameter) pairs or an Optimizer.
+    ``params``: a Module, Parameters, (name, Parameter) pairs or an Optimizer; an optimiser
+    that holds the gradients itself (``zero.ShardedAdamW``: each rank has a shard of the
+    summed gradient) clips them with its own ``clip_grad_norm``.
+
+    ``sync=False``: on the GPU, no host sync at all: the norm comes back as a 0-d float64
+    array on the device and the coefficient is applied there (every gradient is
+    multiplied, by 1 when nothing is clipped), so a training step can fetch the norm
+    together with its loss in one transfer (``backend.host_floats``). On the CPU the
+    result is the same float as with ``sync=True``.
     """
+    if hasattr(params, "clip_grad_norm"):
+        return params.clip_grad_norm(max_norm, sync)
     if isinstance(params, Optimizer):
         plist = [p for g in params.param_groups for p in g["params"]]
     else:
@@ -567,11 +559,29 @@ def clip_grad_norm(params, max_norm: float) -> float:
         xp = backend.array_module(g)
         sq = xp.vdot(g.ravel(), g.ravel())  # 0-d; on CuPy it stays on the device
         total = sq if total is None else total + sq
+    return clip_by_total(grads, total, max_norm, sync)
+
+
+def clip_by_total(grads, total, max_norm: float, sync: bool = True):
+    """clip_grad_norm's rule once the squares are summed: ``total`` = sum of every g^2 (a 0-d
+    array; summed over the ranks by a sharded optimiser)."""
+    if not sync and backend.is_cupy_array(total):
+        return _clip_on_device(backend.array_module(total), grads, total, float(max_norm))
     norm = float(total) ** 0.5
     coef = float(max_norm) / (norm + 1e-6)
     if coef < 1.0:
         for g in grads:
             g *= coef
+    return norm
+
+
+def _clip_on_device(xp, grads, total, max_norm: float):
+    """clip_grad_norm's rule with the norm kept on the device; returns it (0-d float64)."""
+    norm = xp.sqrt(total.astype(xp.float64))
+    coef = max_norm / (norm + 1e-6)
+    coef = xp.where(xp.isfinite(norm) & (coef < 1.0), coef, 1.0)  # 1: leave the gradients alone
+    for g in grads:
+        g *= coef.astype(g.dtype)  # in the gradient's dtype, as the host rule's Python float
     return norm
 
 

@@ -24,6 +24,7 @@ from . import backend, distributed
 from .generate import SAMPLING_DEFAULTS, describe_sampling, generate_text
 from .model import GPTModel
 from .optim import AdamW, CosineWithWarmup, param_groups
+from .zero import ShardedAdamW
 from .options import DROP_RATE, FRACTION, NONNEG_FLOAT, NONNEG_INT, POSITIVE_INT, Options, option
 from .plots import plot_losses
 from .progress import say as _progress_say
@@ -111,6 +112,8 @@ class TrainCommandOptions(Options):
     grad_clip: float = option(1.0, "clip the global gradient norm; 0 disables", check=NONNEG_FLOAT,
                               metavar="NORM", group=OPT_GROUP)
     grad_accum: int = option(1, "micro-batches per optimiser step", check=POSITIVE_INT, metavar="K", group=OPT_GROUP)
+    zero: int = option(0, "ZeRO stage: 1 shards AdamW's moments over the mpiexec ranks (numpygpt.zero), 0 keeps "
+                       "them whole on every rank", choices=(0, 1), check=NONNEG_INT, group=OPT_GROUP)
     seed: int = option(123, "seeds weights, dropout and data order", group=OPT_GROUP)
 
     eval_freq: int = option(50, "evaluate every N steps", check=POSITIVE_INT, group="run")
@@ -300,7 +303,9 @@ def run_training(given) -> dict:
     train_loader, val_loader, tokenizer = _build_loaders(text, opts, T)
     if opts.lr is None:
         opts.lr = SMALL_MODEL_LR if not (opts.preset or opts.init_from) else DEFAULT_LR
-    optimizer = AdamW(param_groups(model, opts.weight_decay), lr=opts.lr, weight_decay=opts.weight_decay)
+    groups = param_groups(model, opts.weight_decay)
+    optimizer = (ShardedAdamW(groups, comm, lr=opts.lr, weight_decay=opts.weight_decay) if opts.zero
+                 else AdamW(groups, lr=opts.lr, weight_decay=opts.weight_decay))
     if saved is not None:
         _restore(saved, resume_state, model, optimizer, train_loader, opts)
         del saved
@@ -324,7 +329,8 @@ def run_training(given) -> dict:
         grad_accum_steps=opts.grad_accum, max_grad_norm=opts.grad_clip or None, scheduler=scheduler,
         max_steps=total, checkpoint_path=run.checkpoint, checkpoint_every=opts.checkpoint_every,
         resume_state=resume_state, run_options=run_options, extra={"tokenizer": "gpt2"},
-        progress=not opts.no_progress, sample_tokens=opts.sample_tokens, sampling=sampling)
+        progress=not opts.no_progress, sample_tokens=opts.sample_tokens, sampling=sampling,
+        comm=getattr(optimizer, "comm", None))  # ZeRO: gradients reduce-scattered into the optimiser
     history = run.train(model, train_loader, val_loader, optimizer, epochs, opts.eval_freq, opts.eval_iter,
                         start_context=prompt or None, tokenizer=tokenizer, options=options)
     final = _write_outputs(run, model, history, train_loader, val_loader, opts.eval_iter, comm)

@@ -43,6 +43,7 @@ import itertools
 import math
 from dataclasses import dataclass
 
+from . import backend
 from .checkpointer import (Checkpointer, StopRequest, TrainingDivergedError, TrainingInterrupted, diverged_error,
                            stop_on_signals)
 from .nn import CrossEntropyLoss, eval_mode, no_grad
@@ -239,9 +240,10 @@ def train_model(model, train_loader, val_loader, optimizer, num_epochs: int, eva
     history, accum, n_batches = state.history, opts.grad_accum_steps, len(train_loader)
     comm.begin_training(model, batch_size=getattr(train_loader, "batch_size", None),
                         plan=(n_batches, accum, total_steps, state.epoch, state.batch_in_epoch))
-    ckpt = Checkpointer(opts.checkpoint_path if main else None, model, optimizer, state, objective, train_loader,
-                        every=opts.checkpoint_every, stop_requested=opts.stop_requested,
-                        resumed=opts.resume_state is not None, total_steps=total_steps)
+    collective = getattr(optimizer, "state_dict_is_collective", False)  # ZeRO: every rank takes part in a save
+    ckpt = Checkpointer(opts.checkpoint_path if main or collective else None, model, optimizer, state, objective,
+                        train_loader, every=opts.checkpoint_every, stop_requested=opts.stop_requested,
+                        resumed=opts.resume_state is not None, total_steps=total_steps, writer=main)
     report = Reporter(total_steps, state.global_step, enabled=opts.progress, log=opts.log, quiet=not main)
 
     def sample(label: str) -> None:
@@ -256,10 +258,10 @@ def train_model(model, train_loader, val_loader, optimizer, num_epochs: int, eva
                 batches = _epoch_batches(train_loader, state)
             step = state.global_step + 1
             comm.begin_step(state.global_step)  # ranks > 0: this step's dropout masks
-            step_loss, seen = forward_backward(model, objective, batches, accum, comm)
+            step_loss, seen = forward_backward(model, objective, batches, accum, comm, sync=False)
             if opts.reduce_gradients is not None:
                 opts.reduce_gradients(model)
-            _update(model, optimizer, opts, state, ckpt, step_loss)
+            step_loss = _update(model, optimizer, opts, state, ckpt, step_loss)
             state.global_step, state.tokens_seen = step, state.tokens_seen + seen
             state.batch_in_epoch += accum
             history["step_losses"].append(step_loss)
@@ -330,19 +332,23 @@ def _epoch_batches(train_loader, state: TrainState):
     return loader_batches(train_loader, state.epoch, state.batch_in_epoch)
 
 
-def _update(model, optimizer, opts: TrainOptions, state: TrainState, ckpt: Checkpointer, step_loss: float) -> None:
-    """Check the loss, clip, set the learning rate and take the optimiser step."""
+def _update(model, optimizer, opts: TrainOptions, state: TrainState, ckpt: Checkpointer, step_loss) -> float:
+    """Clip, check the loss (and the norm), set the learning rate and take the optimiser
+    step; returns the loss as a float. ``step_loss`` may still be on the device: it and the
+    gradient norm cross to the host together, the step's one transfer."""
     step = state.global_step + 1
+    grads = optimizer if hasattr(optimizer, "clip_grad_norm") else model  # ZeRO: the optimiser holds the sums
+    norm = clip_grad_norm(grads, opts.max_grad_norm, sync=False) if opts.max_grad_norm is not None else 0.0
+    step_loss, norm = backend.host_floats(step_loss, norm)
     if not math.isfinite(step_loss):
         raise ckpt.diverged("loss", step_loss, step=step)
-    if opts.max_grad_norm is not None:
-        norm = clip_grad_norm(model, opts.max_grad_norm)
-        if not math.isfinite(norm):
-            raise ckpt.diverged("gradient norm", norm, step=step)
+    if not math.isfinite(norm):
+        raise ckpt.diverged("gradient norm", norm, step=step)
     if opts.scheduler is not None:
         optimizer.lr = opts.scheduler(state.global_step)
     state.history["lrs"].append(float(optimizer.lr))
     optimizer.step()
+    return step_loss
 
 
 def _evaluate(model, train_loader, val_loader, eval_iter: int, objective, state: TrainState, ckpt: Checkpointer,
@@ -378,10 +384,11 @@ def _record(history: dict, metrics) -> None:
         history.setdefault(name, []).append(float(value))
 
 
-def forward_backward(model, objective, batches, accum: int, comm=None) -> tuple[float, int]:
+def forward_backward(model, objective, batches, accum: int, comm=None, sync: bool = True) -> tuple[float, int]:
     """zero_grad, then forward and backward over ``accum`` micro-batches, each scaled by
     1/accum so the gradients add up to the mean's. Returns (mean loss, what the step saw:
-    tokens or examples, ``objective.count``); the loss is the step's one device-to-host sync.
+    tokens or examples, ``objective.count``); the loss is the step's one device-to-host sync
+    (``sync=False``: it stays on the device, a 0-d float64 array, for ``backend.host_floats``).
 
     With N ranks each takes its rows of every micro-batch (``objective.split``), scaled also
     by its weight (its share of the batch's counted targets), and ``comm.sum_gradients``
@@ -406,4 +413,7 @@ def forward_backward(model, objective, batches, accum: int, comm=None) -> tuple[
         objective.backward(model, weight / accum)
         loss = loss if weight == 1.0 else loss * weight
         loss_sum = loss if loss_sum is None else loss_sum + loss
-    return comm.sum_gradients(model, 0.0 if loss_sum is None else loss_sum) / accum, seen
+    total = comm.sum_gradients(model, 0.0 if loss_sum is None else loss_sum, sync=sync)
+    if hasattr(total, "astype"):
+        total = total.astype("float64")  # divided in float64, as the synced Python float is
+    return total / accum, seen

@@ -1,5 +1,6 @@
-"""Shared fixtures: every test that takes ``device`` runs on NumPy and, where a CUDA
-device exists, again on CuPy."""
+"""Shared fixtures: every test that takes ``device`` runs on NumPy, on the fake CUDA device
+(NumPy underneath, CuPy's refusals on top: numpygpt.fake_cuda) and, where a CUDA device
+exists, again on CuPy."""
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ _CUDA = backend.cuda_available()
 
 DEVICES = [
     pytest.param("cpu", id="cpu"),
+    pytest.param("fake-cuda", id="fake-cuda"),
     pytest.param("cuda", id="cuda", marks=[pytest.mark.cuda,
                                             pytest.mark.skipif(not _CUDA, reason="no CUDA device/CuPy here")]),
 ]

@@ -316,3 +316,30 @@ def test_run_cli_names_the_rank_and_aborts_only_for_one_rank_errors(monkeypatch,
     assert run_cli(fail) == code
     assert capsys.readouterr().err == f"numpygpt: error (rank 1 of 2): {err}\n"
     assert comm.aborted == (code if aborts else None)
+
+
+@pytest.mark.parametrize("omp", [None, "1"])
+def test_each_rank_gets_its_share_of_numpygpts_threads_whatever_omp_says(monkeypatch, omp):
+    """MPICommunicator gives numpygpt's pool cores // local ranks threads, with or without
+    OMP_NUM_THREADS (which only decides BLAS's); NUMPYGPT_NUM_THREADS is left to rule."""
+    from numpygpt import parallel
+
+    monkeypatch.setattr(distributed, "blas_threads_for", lambda local_ranks, cores=None: 3)
+    monkeypatch.setattr(parallel, "_num_threads", None)
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMPYGPT_NUM_THREADS"):
+        monkeypatch.delenv(var, raising=False)
+    if omp is not None:
+        monkeypatch.setenv("OMP_NUM_THREADS", omp)
+    comm = distributed.MPICommunicator.__new__(distributed.MPICommunicator)  # no MPI needed for this part
+    comm.local_size = 2
+    comm._set_blas_threads()
+    if hasattr(comm, "_blas_limiter"):
+        comm._blas_limiter.restore_original_limits()
+    assert parallel.get_num_threads() == 3
+    assert ("OMP_NUM_THREADS=1" in comm._blas_note) == (omp is not None)
+    monkeypatch.setenv("NUMPYGPT_NUM_THREADS", "5")
+    monkeypatch.setattr(parallel, "_num_threads", None)
+    comm._set_blas_threads()
+    if hasattr(comm, "_blas_limiter"):
+        comm._blas_limiter.restore_original_limits()
+    assert parallel.get_num_threads() == 5

@@ -71,9 +71,10 @@ def worker_run(tmp_path, n: int, *flags):
 
 
 def assert_same_run(got: dict, want: dict, rel: float = 1e-6) -> None:
-    """Same per-step losses and final weights, to ``rel`` relative (per tensor: the largest
-    difference over the largest magnitude)."""
+    """Same per-step losses, weights after every step and final weights, to ``rel`` relative
+    (per tensor: the largest difference over the largest magnitude)."""
     np.testing.assert_allclose(got["step_losses"], want["step_losses"], rtol=rel, atol=0)
+    got, want = ({k: v for k, v in d.items() if k != "state_bytes"} for d in (got, want))
     assert set(got) == set(want)
     for key in want:
         scale = np.abs(want[key]).max()
@@ -82,8 +83,8 @@ def assert_same_run(got: dict, want: dict, rel: float = 1e-6) -> None:
 
 def reference(grad_accum=1, drop_rate=0.0) -> dict:
     """The same training in this process, alone."""
-    history, model = mpi_worker.train(grad_accum, drop_rate)
-    out = {"step_losses": np.array(history["step_losses"])}
+    history, model, _, snapshots = mpi_worker.train(grad_accum, drop_rate)
+    out = {"step_losses": np.array(history["step_losses"]), "per_step": np.array(snapshots)}
     out.update({f"w:{name}": backend.to_host(p.data).copy() for name, p in model.named_parameters()})
     return out
 
@@ -107,6 +108,7 @@ def emulate_two_ranks_with_dropout(drop_rate: float) -> dict:
     from numpygpt.optim import clip_grad_norm
 
     model, train_loader, _, optimizer = mpi_worker.build(drop_rate)
+    snapshots = mpi_worker.record_steps(model, optimizer)
     backend.manual_seed(mpi_worker.SEED)
     rank0_stream = backend.get_rng_state()
     loss_fn = CrossEntropyLoss()
@@ -130,7 +132,7 @@ def emulate_two_ranks_with_dropout(drop_rate: float) -> dict:
         clip_grad_norm(model, 1.0)
         optimizer.step()
         losses.append(step_loss)
-    out = {"step_losses": np.array(losses)}
+    out = {"step_losses": np.array(losses), "per_step": np.array(snapshots)}
     out.update({f"w:{name}": backend.to_host(p.data).copy() for name, p in model.named_parameters()})
     return out
 
@@ -234,9 +236,14 @@ def test_a_checkpoint_resumes_across_a_change_of_ranks(tmp_path, corpus, capsys)
     assert proc.returncode == 0, proc.stderr
     capsys.readouterr()
 
+    assert_like_straight(straight, (two_then_one, one_then_two))
+
+
+def assert_like_straight(straight, runs) -> None:
+    """Each run folder holds 8 steps whose losses and final weights are the straight run's."""
     want_losses = json.loads((straight / "history.json").read_text())["step_losses"]
     want = _weights(straight / "checkpoint.safetensors")
-    for run in (two_then_one, one_then_two):
+    for run in runs:
         history = json.loads((run / "history.json").read_text())
         assert history["global_step"] == 8
         np.testing.assert_allclose(history["step_losses"], want_losses, rtol=1e-6, atol=0)
@@ -244,3 +251,60 @@ def test_a_checkpoint_resumes_across_a_change_of_ranks(tmp_path, corpus, capsys)
         assert set(got) == set(want)
         for key in want:
             assert np.abs(got[key] - want[key]).max() <= 1e-6 * np.abs(want[key]).max(), (run.name, key)
+
+
+# -- ZeRO stage 1: AdamW's moments in shards (numpygpt.zero) ---------------------------------------
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_zero_takes_the_steps_of_the_unsharded_run_with_half_the_state_a_rank(tmp_path, grad_accum):
+    """2 ranks with sharded moments against 2 ranks with whole ones: the weights after every
+    step agree to rounding (float64 here; only clipping's norm is summed in another order),
+    and each rank holds half of AdamW's state."""
+    (tmp_path / "zero").mkdir()
+    (tmp_path / "plain").mkdir()
+    zero = worker_run(tmp_path / "zero", 2, "--grad-accum", grad_accum, "--zero")
+    plain = worker_run(tmp_path / "plain", 2, "--grad-accum", grad_accum)
+    assert zero["per_step"].shape == plain["per_step"].shape == (mpi_worker.STEPS, zero["per_step"].shape[1])
+    assert_same_run(zero, plain, rel=1e-10)  # far inside float32 rounding (1.2e-7)
+    assert_same_run(zero, reference(grad_accum), rel=1e-6)  # and one process's run, as DP is
+    whole = plain["state_bytes"]  # both moments of every parameter, on each rank
+    n = sum(v.size for k, v in plain.items() if k.startswith("w:"))
+    assert list(whole) == [2 * 8 * n] * 2  # float64
+    shards = zero["state_bytes"]  # the two halves of the flat vector: ceil(n / 2) and the rest
+    assert shards.sum() == whole[0] and shards.max() == 2 * 8 * -(-n // 2)
+
+
+def test_device_arrays_cross_the_ranks_through_the_host_without_nccl(tmp_path):
+    """On the fake GPU device (CuPy's rules, no NCCL), the all-reduce and ZeRO's
+    reduce-scatter and all-gather copy through the host: the same run as on the CPU."""
+    for name in ("cpu", "fake"):
+        (tmp_path / name).mkdir()
+    on_cpu = worker_run(tmp_path / "cpu", 2, "--zero")
+    assert_same_run(worker_run(tmp_path / "fake", 2, "--zero", "--device", "fake-cuda"), on_cpu, rel=0)
+    assert_same_run(worker_run(tmp_path / "fake", 2, "--device", "fake-cuda"), on_cpu, rel=1e-10)
+
+
+def test_zero_checkpoints_resume_on_any_number_of_ranks(tmp_path, corpus, capsys):
+    """8 steps straight on 1 process == 4 on 2 ranks with --zero 1, then 4 on 1 process (plain
+    AdamW) == 4 on 1 process, then 4 on 2 ranks with --zero 1: the checkpoint holds AdamW's
+    whole state whatever wrote it."""
+    from numpygpt.cli import main
+
+    straight = tmp_path / "straight"
+    assert main(cli_args(corpus, straight, 8)) == 0
+    zero_then_one = tmp_path / "zero_then_one"
+    proc = mpirun(2, ["-m", "numpygpt", *cli_args(corpus, zero_then_one, 4), "--zero", "1"])
+    assert proc.returncode == 0, proc.stderr
+    from numpygpt.checkpoint import read_checkpoint
+
+    assert read_checkpoint(zero_then_one / "checkpoint.safetensors").extra["cli_options"]["zero"] == 1
+    assert main(["train", "--resume", str(zero_then_one / "checkpoint.safetensors"), "--max-steps", "8",
+                 "--zero", "0", "--no-progress", "--out", str(zero_then_one)]) == 0
+    one_then_zero = tmp_path / "one_then_zero"
+    assert main(cli_args(corpus, one_then_zero, 4)) == 0
+    proc = mpirun(2, ["-m", "numpygpt", "train", "--resume", one_then_zero / "checkpoint.safetensors",
+                      "--max-steps", "8", "--zero", "1", "--no-progress", "--out", one_then_zero])
+    assert proc.returncode == 0, proc.stderr
+    capsys.readouterr()
+
+    assert_like_straight(straight, (zero_then_one, one_then_zero))

@@ -127,10 +127,11 @@ def test_float32_forward_agrees_with_float64(device, rng):
 def test_bad_inputs_raise_clear_errors(device):
     model = GPTModel(tiny())
     V, T = model.cfg.vocab_size, model.cfg.context_length
+    # ids are checked on the host (device ids are trusted: CuPy would wrap, not raise)
     with pytest.raises(ValueError, match=rf"token id {V} .*\[0, {V}\)"):
-        model(to_dev(np.array([[1, V]])))
+        model(np.array([[1, V]]))
     with pytest.raises(ValueError, match=r"token id -1 "):
-        model(to_dev(np.array([[-1, 2]])))
+        model(np.array([[-1, 2]]))
     with pytest.raises(ValueError, match=rf"sequence length {T + 1} exceeds context_length {T}"):
         model(to_dev(np.zeros((1, T + 1), dtype=np.int64)))
     with pytest.raises(ValueError, match="integers"):

@@ -569,3 +569,35 @@ def test_adamw_chunked_cpu_path_equals_whole_array_update(monkeypatch):
             opt.step()
         results.append(p.data)
     np.testing.assert_array_equal(results[0], results[1])
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_adamw_chunks_run_on_numpygpts_pool_with_its_thread_count(monkeypatch, threads):
+    """The chunked update takes parallel's threads (NUMPYGPT_NUM_THREADS, affinity, a rank's
+    share), not a pool of its own sized from os.cpu_count(); the bits do not depend on them."""
+    import threading
+
+    from numpygpt import optim as optim_mod
+    from numpygpt import parallel
+
+    monkeypatch.setattr(optim_mod, "_CHUNK", 1000)
+    seen, math_before = set(), optim_mod._adamw_math
+
+    def recording(*args):
+        seen.add(threading.current_thread().name)
+        return math_before(*args)
+
+    monkeypatch.setattr(optim_mod, "_adamw_math", recording)
+    rng = np.random.default_rng(0)
+    data = rng.standard_normal((64, 250)).astype(np.float32)  # 16 chunks
+    p = Parameter(data.copy())
+    p.grad = rng.standard_normal(data.shape).astype(np.float32)
+    with parallel.num_threads(threads):
+        AdamW([p], lr=1e-2).step()
+    assert len(seen) <= threads
+    assert all(name == threading.main_thread().name or name.startswith("numpygpt_") for name in seen), seen
+    q = Parameter(data.copy())
+    q.grad = p.grad
+    monkeypatch.setattr(optim_mod, "_CHUNK", 10**9)  # the whole array at once
+    AdamW([q], lr=1e-2).step()
+    np.testing.assert_array_equal(p.data, q.data)

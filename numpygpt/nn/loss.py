@@ -39,7 +39,7 @@ class CrossEntropyLoss(Module):
             # device targets are trusted; n stays a device scalar (all ignored gives NaN)
             t = targets.reshape(-1)
             keep = t != self.ignore_index  # (N_all,)
-            n = keep.sum()
+            n = keep.sum(dtype=logits.dtype)  # in the logits' dtype: an int64 n would promote the loss
         else:
             # host targets (the data loader's): checked here, once, then moved
             t_host = targets.reshape(-1)

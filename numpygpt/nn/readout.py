@@ -34,12 +34,21 @@ class SequenceReadout(Module):
             return None
         if idx is None:
             raise ValueError('readout="last_non_pad" needs the token ids: call readout(x, idx)')
+        if not backend.is_cupy_array(idx):
+            self.check_rows(idx)  # device ids were checked on the host by the model: no sync here
         not_pad = idx != self.pad_id  # (B, T)
-        if not bool(not_pad.any(axis=1).all()):
-            row = int(xp.argmin(not_pad.any(axis=1)))
-            raise ValueError(f"row {row} of the batch is all padding (pad_id={self.pad_id}): nothing to read")
         # the last True of each row: T - 1 - (first True of the reversed row)
         return T - 1 - xp.argmax(not_pad[:, ::-1], axis=1)  # (B,)
+
+    def check_rows(self, idx) -> None:
+        """ValueError naming the first row of host ids (B, T) that is all padding (with
+        readout "last_non_pad" there would be nothing to read)."""
+        if self.mode == "last":
+            return
+        has_text = (idx != self.pad_id).any(axis=1)  # (B,)
+        if not has_text.all():
+            row = int(has_text.argmin())
+            raise ValueError(f"row {row} of the batch is all padding (pad_id={self.pad_id}): nothing to read")
 
     def forward(self, x, idx=None):
         B, T, C = x.shape
