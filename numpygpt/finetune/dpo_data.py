@@ -15,12 +15,12 @@ alone: the header is the same in both texts and says nothing about which one is 
 
 from __future__ import annotations
 
-import json
 import os
 from typing import NamedTuple
 
 import numpy as np
 
+from ..fileio import read_json
 from ..tokenizer import EOT_ID
 from .instruct_data import RESPONSE_HEADER, format_input, split_data, validate_entries
 
@@ -51,15 +51,7 @@ def validate_preferences(data, source: str = "data") -> list[dict]:
 
 def load_preference_data(path) -> list[dict]:
     """Read and check a preference file (see ``validate_preferences``)."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"preference data {path!r} does not exist (or is not a file)")
-    with open(path, encoding="utf-8") as fh:
-        try:
-            data = json.load(fh)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from e
-    return validate_preferences(data, source=path)
+    return validate_preferences(read_json(path, "preference data"), source=os.fspath(path))
 
 
 class PreferencePair(NamedTuple):
