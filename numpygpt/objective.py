@@ -49,6 +49,8 @@ class NextTokenObjective:
     counted targets, so the summed loss is the mean over every counted target of the batch.
     """
 
+    perplexity = True  # the loop logs exp(val loss) beside the losses
+
     def __init__(self, loss_fn=None):
         self.loss_fn = loss_fn if loss_fn is not None else CrossEntropyLoss()
 
@@ -72,7 +74,10 @@ class NextTokenObjective:
 
 class ClassifierObjective(NextTokenObjective):
     """The classifier's loss is the same cross-entropy, over (B, K) logits and (B,) labels;
-    what a step sees is counted in examples, as the book's ``examples_seen``."""
+    what a step sees is counted in examples, as the book's ``examples_seen``; a perplexity of
+    class predictions means nothing, so none is logged."""
+
+    perplexity = False
 
     def count(self, batch) -> int:
         return int(batch[0].shape[0])  # examples

@@ -360,7 +360,8 @@ def _evaluate(model, train_loader, val_loader, eval_iter: int, objective, state:
     history["track_tokens_seen"].append(state.tokens_seen)
     history["track_steps"].append(step)
     report.say(f"Ep {state.epoch + 1} (step {step:6d}/{ckpt.total_steps}): train loss {train_loss:.3f}, "
-               f"val loss {val_loss:.3f}, val perplexity {ppl:.1f}")
+               f"val loss {val_loss:.3f}" + (f", val perplexity {ppl:.1f}" if getattr(objective, "perplexity", True)
+                                             else ""))
     _record(history, _call_hook(opts.on_evaluate, model, state, report))
 
 

@@ -121,10 +121,10 @@ def plot_classifier_history(history: dict, loss_path, accuracy_path) -> None:
     """Two PNGs: loss against steps, accuracy against epochs; examples seen on the top axis."""
     from ..plots import plot_curves, plot_losses
 
-    epochs = list(range(1, len(history["train_accs"]) + 1))
-    per_epoch = history["epoch_examples_seen"][0] if history["epoch_examples_seen"] else 0
+    train_accs, val_accs = history.get("train_accs", []), history.get("val_accs", [])  # none before an epoch ends
+    per_epoch = history["epoch_examples_seen"][0] if history.get("epoch_examples_seen") else 0
     plot_losses(history, loss_path, seen="Examples seen")
-    plot_curves(accuracy_path, epochs, history["train_accs"], history["val_accs"], "Epochs", "Accuracy",
+    plot_curves(accuracy_path, list(range(1, len(train_accs) + 1)), train_accs, val_accs, "Epochs", "Accuracy",
                 per_x=per_epoch, seen="Examples seen")
 
 
@@ -234,6 +234,7 @@ class ClassifyOptions(LoRAOptions):
                               check=NONNEG_FLOAT)
     weight_decay: float = option(0.1, "AdamW weight decay", check=NONNEG_FLOAT)
     epochs: int = option(5, "", check=AT_LEAST_ONE)
+    max_steps: int | None = option(None, "stop after this many optimiser steps", check=AT_LEAST_ONE)
     batch_size: int = option(8, "", check=AT_LEAST_ONE)
     grad_accum: int = option(1, "micro-batches per optimiser step", check=AT_LEAST_ONE, metavar="K")
     eval_freq: int = option(50, "evaluate the losses every N steps", check=AT_LEAST_ONE)
@@ -352,19 +353,22 @@ def finetune_classifier(options: ClassifyOptions | None = None, log=print, **giv
     optimizer = AdamW([(n, p) for n, p in model.named_parameters() if p.requires_grad], lr=o.learning_rate,
                       weight_decay=o.weight_decay)
     run = RunFolder(o.out, is_main=comm.is_main)  # an unusable --out fails now, before the training
-    run_options = {k: v for k, v in o.to_dict().items() if k not in ("device", "out", "resume", "no_progress")}
+    run_options = {k: v for k, v in o.to_dict().items()
+                   if k not in ("device", "out", "resume", "no_progress", "max_steps", "checkpoint_every")}
     state = run.resume(model, optimizer, run_options) if o.resume else None
     _print_plan(o, model, data, data_path, device, what, log)
     options = classifier_options(data.train_loader, data.val_loader, o.eval_iter, not o.no_progress, log, TrainOptions(
-        grad_accum_steps=o.grad_accum, checkpoint_path=run.checkpoint, checkpoint_every=o.checkpoint_every,
-        resume_state=state, run_options=run_options))
+        grad_accum_steps=o.grad_accum, max_steps=o.max_steps, checkpoint_path=run.checkpoint,
+        checkpoint_every=o.checkpoint_every, resume_state=state, run_options=run_options))
     history = run.train(model, data.train_loader, data.val_loader, optimizer, o.epochs, o.eval_freq, o.eval_iter,
                         resume_hint="the same command with --resume", options=options)
     history["examples_seen"] = history["tokens_seen"]
-    accuracy = {name: calc_accuracy_loader(model, loader)
-                for name, loader in (("train", data.train_loader), ("val", data.val_loader),
-                                     ("test", data.test_loader))}
-    _write_outputs(run, model, data, history, accuracy)
+    accuracy = {}
+    if run.is_main:  # under mpiexec one rank evaluates and writes
+        accuracy = {name: calc_accuracy_loader(model, loader)
+                    for name, loader in (("train", data.train_loader), ("val", data.val_loader),
+                                         ("test", data.test_loader))}
+        _write_outputs(run, model, data, history, accuracy)
     seconds = time.perf_counter() - t_start
     _print_summary(run, accuracy, o.lora_rank is not None, seconds, log)
     return {"model": model, "data": data, "history": history, "accuracy": accuracy, "out": o.out,
@@ -372,15 +376,15 @@ def finetune_classifier(options: ClassifyOptions | None = None, log=print, **giv
 
 
 def _write_outputs(run, model, data, history: dict, accuracy: dict) -> None:
-    """The classifier directory, the two plots and the history (the main process only)."""
-    if not run.is_main:
-        return
+    """The classifier directory, the two plots and the history."""
     save_classifier(model, run.out, data.label_names, data.train.max_length)
     plot_classifier_history(history, run.path("loss.png"), run.path("accuracy.png"))
     run.write_json("history.json", {**history, "accuracy": accuracy, "label_names": data.label_names})
 
 
 def _print_summary(run, accuracy: dict, lora: bool, seconds: float, log) -> None:
+    if not run.is_main:
+        return
     out = run.out
     _say("", log)
     _say(f"accuracy    training {accuracy['train'] * 100:.2f}%, validation {accuracy['val'] * 100:.2f}%, "
