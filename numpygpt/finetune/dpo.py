@@ -46,6 +46,8 @@ class DPOObjective:
     evaluated instead of running both models over them again.
     """
 
+    perplexity = False  # exp(DPO loss) means nothing: the loop logs no perplexity
+
     def __init__(self, reference, beta: float = 0.1, reduction: str = "mean"):
         self.reference = reference
         self.loss_fn = DPOLoss(beta, reduction)
