@@ -179,3 +179,26 @@ def test_make_preferences_with_no_judge_is_one_line(tmp_path, capsys):
     finally:
         judge.close()
     assert "answered HTTP 404" in one_line_error(capsys)
+
+
+def test_the_example_makes_preferences_then_tunes(tmp_path, pretrained, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "preference_tuning", Path(__file__).resolve().parents[1] / "examples" / "preference_tuning.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    source = tmp_path / "instructions.json"
+    source.write_text(json.dumps(INSTRUCTIONS * 7))  # 21 entries: 17 train, 2 test, 2 val
+    judge = Judge([answer("Thank you for asking! It is this.")] * 21)
+    try:
+        rc = example.main(["--instructions", str(source), "--judge-url", judge.url, "--model", str(pretrained),
+                           "--out", str(tmp_path / "out"), "--batch-size", "2", "--max-steps", "2", "--device", "cpu",
+                           "--no-progress"])
+    finally:
+        judge.close()
+    assert rc == 0, capsys.readouterr().err
+    assert len(judge.requests) == 21
+    assert len(json.loads((tmp_path / "instructions-preferences.json").read_text())) == 21
+    assert json.loads((tmp_path / "out" / "history.json").read_text())["global_step"] == 2
