@@ -202,3 +202,11 @@ def test_the_example_makes_preferences_then_tunes(tmp_path, pretrained, capsys):
     assert len(judge.requests) == 21
     assert len(json.loads((tmp_path / "instructions-preferences.json").read_text())) == 21
     assert json.loads((tmp_path / "out" / "history.json").read_text())["global_step"] == 2
+
+
+def test_no_test_pairs_is_said_not_a_nan(tmp_path, pretrained, capsys):
+    data = tmp_path / "prefs.json"
+    data.write_text(json.dumps(preference_entries(9)))  # 7 train, 0 test, 2 validation
+    assert dpo(pretrained, data, tmp_path / "out", "--max-steps", "1") == 0
+    assert "no test pairs" in capsys.readouterr().out
+    assert json.loads((tmp_path / "out" / "history.json").read_text())["test_metrics"] is None

@@ -129,7 +129,7 @@ def finetune_dpo(options: DPOOptions | None = None, log=print, progress: bool | 
                         resume_hint="the same command with --resume", options=train_options)
     test_metrics = None
     if comm.is_main:  # under mpiexec one rank evaluates and writes
-        test_metrics = evaluate_dpo(model, objective, loaders[2])
+        test_metrics = evaluate_dpo(model, objective, loaders[2]) if splits[1] else None
         _say("test        " + _describe(test_metrics, len(splits[1])), log)
         history["test_metrics"] = test_metrics
     paths = _write_outputs(o, run, model, history, comm.is_main, log)
@@ -200,8 +200,8 @@ def _print_plan(o: DPOOptions, model, splits, n_batches: int, device: str, log) 
         _say(line, log)
 
 
-def _describe(metrics: dict, n_pairs: int) -> str:
-    if n_pairs == 0:
+def _describe(metrics: dict | None, n_pairs: int) -> str:
+    if metrics is None:
         return "no test pairs (the split gives 10% of the entries to the test set)"
     return (f"{n_pairs} pairs: loss {metrics['loss']:.4f}, reward accuracy {metrics['reward_accuracy']:.1%}, "
             f"chosen reward {metrics['chosen_reward']:+.4f}, rejected reward {metrics['rejected_reward']:+.4f}, "

@@ -64,29 +64,31 @@ def _check_reduction(reduction: str) -> str:
     return reduction
 
 
-def _on_device(logits, targets, mask, name: str):
-    """(targets with 0 where masked, mask as 0/1 in the logits' dtype, 1/N or 1 per row) on the
+def _on_device(logits, targets, mask, name: str = ""):
+    """(targets with 0 where masked, mask as 0/1 in the logits' dtype), (B, T) each, on the
     logits' device. Host targets and masks are checked here, once: shapes, target ids in [0, V)
-    where counted, and at least one counted target per sequence."""
+    where counted, and at least one counted target per sequence. ``name``: "chosen" or
+    "rejected", for the messages."""
     xp = backend.array_module(logits)
     B, T, V = logits.shape
+    name = name + " " if name else ""
     if not all(hasattr(a, "shape") for a in (targets, mask)):
         targets, mask = backend.to_host(targets), backend.to_host(mask)
     for what, a in (("targets", targets), ("mask", mask)):
         if tuple(a.shape) != (B, T):
-            raise ValueError(f"{name} {what} have shape {tuple(a.shape)}; the logits need {(B, T)}")
+            raise ValueError(f"{name}{what} have shape {tuple(a.shape)}; the logits need {(B, T)}")
     if targets.dtype.kind not in "iu":
-        raise ValueError(f"{name} targets must be integer token ids, got dtype {targets.dtype}")
+        raise ValueError(f"{name}targets must be integer token ids, got dtype {targets.dtype}")
     if not backend.is_cupy_array(mask):  # device arrays are trusted: checking would sync
         keep = backend.to_host(mask).astype(bool)
         empty = (~keep.any(axis=1)).nonzero()[0]
         if empty.size:
-            raise ValueError(f"{name} sequence {int(empty[0])} has no response token in its mask: its "
+            raise ValueError(f"{name}sequence {int(empty[0])} has no response token in its mask: its "
                              "log-probability is undefined")
         t_host = backend.to_host(targets)
         bad = keep & ((t_host < 0) | (t_host >= V))
         if bad.any():
-            raise ValueError(f"{name} target ids must be in [0, {V}) where the mask counts them; "
+            raise ValueError(f"{name}target ids must be in [0, {V}) where the mask counts them; "
                              f"got {int(t_host[bad][0])}")
     dev = backend.device_of(logits)
     m = backend.to_device(mask, device_name=dev).astype(logits.dtype)  # (B, T) 0/1
@@ -108,7 +110,7 @@ def sequence_logprobs(logits, targets, mask, reduction: str = "mean"):
     """The log-probability (B,) of each sequence's counted targets: mean (the book's default)
     or sum over the positions where ``mask`` (B, T) is true of log softmax(logits)[target].
     No gradient: this is what the reference model gives (the book's ``compute_logprobs``)."""
-    t, m = _on_device(logits, targets, mask, "the")
+    t, m = _on_device(logits, targets, mask)
     return _logprobs(logits, t, m, _check_reduction(reduction), normalise=False)[0]
 
 
