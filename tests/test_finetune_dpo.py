@@ -111,26 +111,33 @@ class CountingModel:
 
 def test_metrics_hook_reuses_the_loops_evaluation(device, rng):
     """The hook's numbers are a fresh evaluation's, read from what the loop's evaluation measured
-    (no model runs again); the reference runs once per batch."""
+    (neither model runs again); the frozen reference runs once per batch, ever."""
     from numpygpt.train import evaluate_model
 
-    policy = tiny(0, scale=0.3)
-    reference = CountingModel(tiny(1, scale=0.3))
+    policy, reference = CountingModel(tiny(0, scale=0.3)), CountingModel(tiny(1, scale=0.3))
     objective = DPOObjective(reference, beta=0.1)
     train = DataLoader(make_pairs(rng, 8, False), 2, shuffle=True, seed=3, collate_fn=collate)
     val = DataLoader(make_pairs(rng, 5, False), 2, shuffle=False, drop_last=False, collate_fn=collate)
     evaluate_model(policy, train, val, 3, objective)
-    assert reference.calls == 6  # three training and three validation batches, once each
+    assert policy.calls == reference.calls == 6  # three training and three validation batches, once each
     said = []
     metrics = dpo_metrics_hook(objective, train, val, 3)(policy, None, said.append)
-    assert reference.calls == 6 and len(said) == 2
+    assert policy.calls == reference.calls == 6 and len(said) == 2
     fresh_train, fresh_val = evaluate_dpo(policy, objective, train, 3), evaluate_dpo(policy, objective, val, 3)
-    assert reference.calls == 12
+    assert policy.calls == 12 and reference.calls == 6
     for split, fresh in (("train", fresh_train), ("val", fresh_val)):
         assert metrics[f"{split}_margins"] == pytest.approx(fresh["margin"], rel=1e-12)
         assert metrics[f"{split}_reward_accs"] == fresh["reward_accuracy"]
         assert metrics[f"{split}_chosen_rewards"] == pytest.approx(fresh["chosen_reward"], rel=1e-12)
     assert 0 < fresh_val["reward_accuracy"] < 1  # a real mix: the check above could fail
+    # a batch that differs only in a target the mask counts is another batch
+    batch = collate(make_pairs(rng, 2, False))
+    other = {**batch, "chosen_targets": batch["chosen_targets"].copy()}
+    row, col = np.argwhere(batch["chosen_mask"])[-1]
+    other["chosen_targets"][row, col] = (other["chosen_targets"][row, col] + 1) % V
+    with no_grad():
+        assert float(objective.loss(policy, batch)) != float(objective.loss(policy, other))
+    assert reference.calls == 8
 
 
 def test_a_reference_with_another_vocabulary_is_refused(device, rng):

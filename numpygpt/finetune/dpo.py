@@ -23,6 +23,7 @@ from .. import backend
 from ..nn import eval_mode, is_grad_enabled, no_grad
 from ..nn.dpo import DPOLoss, sequence_logprobs
 from ..objective import split_rows
+from .dpo_data import BATCH_KEYS
 
 __all__ = ["DPOObjective", "evaluate_dpo", "dpo_metrics_hook", "plot_margins", "METRICS"]
 
@@ -40,7 +41,8 @@ class DPOObjective:
     ``count(batch)`` (tokens of both halves), ``split(batch, comm)`` (each rank its pairs).
 
     reference: the frozen reference model (the policy before tuning); it is only ever run
-    in eval mode under ``no_grad``. beta, reduction: ``DPOLoss``'s. What the last
+    in eval mode under ``no_grad``, once per batch (its log-probabilities are kept: it must
+    not change during the run). beta, reduction: ``DPOLoss``'s. What the last
     no-gradient evaluations measured is remembered per batch (``measured``) until the next
     training step, so the metrics hook reads the rewards of the batches the loop has just
     evaluated instead of running both models over them again.
@@ -52,20 +54,29 @@ class DPOObjective:
         self.reference = reference
         self.loss_fn = DPOLoss(beta, reduction)
         self._measured = {}
+        self._reference_logprobs = {}  # batch key -> (2B,): the reference is frozen, so they never change
 
     @property
     def beta(self) -> float:
         return self.loss_fn.beta
 
-    def reference_logprobs(self, ids, targets, mask):
-        """The reference model's sequence log-probabilities (2B,), once per batch."""
-        with eval_mode(self.reference), no_grad():
-            return sequence_logprobs(self.reference(ids), targets, mask, self.loss_fn.reduction)
+    def reference_logprobs(self, batch):
+        """The reference model's sequence log-probabilities (2B,) of a batch: computed once (in
+        eval mode, under no_grad, without a cache) and kept, as the frozen reference gives the
+        same numbers every time the batch comes back (each evaluation, a health check)."""
+        return self._reference_for(batch, _key(batch), *_stacked(batch))
+
+    def _reference_for(self, batch, key: bytes, ids, targets, mask):
+        if key not in self._reference_logprobs:
+            with eval_mode(self.reference), no_grad():
+                logits = self.reference(ids)  # (2B, T, V)
+                self._reference_logprobs[key] = sequence_logprobs(logits, targets, mask, self.loss_fn.reduction)
+        return self._reference_logprobs[key]
 
     def loss(self, model, batch):
         ids, targets, mask = _stacked(batch)  # (2B, T) each
-        B = batch["chosen"].shape[0]
-        ref = self.reference_logprobs(ids, targets, mask)  # (2B,)
+        B, key = batch["chosen"].shape[0], _key(batch)
+        ref = self._reference_for(batch, key, ids, targets, mask)  # (2B,)
         logits = model(ids)  # (2B, T, V)
         if logits.shape[-1] != self.reference.cfg.vocab_size:
             raise ValueError(f"the reference model's vocabulary ({self.reference.cfg.vocab_size} tokens) is not "
@@ -74,7 +85,7 @@ class DPOObjective:
         if is_grad_enabled():
             self._measured.clear()  # a training step: the weights are about to change
         else:
-            self._measured[_key(batch)] = out
+            self._measured[key] = out
         return out.loss
 
     def backward(self, model, scale: float = 1.0) -> None:
@@ -101,9 +112,9 @@ class DPOObjective:
 
 
 def _key(batch) -> bytes:
-    """A digest of a batch's ids and masks: the same batch collated twice has the same key."""
+    """A digest of a batch's arrays: the same batch collated twice has the same key."""
     h = hashlib.blake2b(digest_size=16)
-    for name in ("chosen", "chosen_mask", "rejected", "rejected_mask"):
+    for name in BATCH_KEYS:
         a = np.ascontiguousarray(backend.to_host(batch[name]))
         h.update(repr(a.shape).encode())
         h.update(a.tobytes())
