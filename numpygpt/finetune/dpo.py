@@ -107,8 +107,12 @@ class DPOObjective:
             out = self._measured[_key(batch)]
         return out
 
-    def forget(self) -> None:
+    def forget(self, reference: bool = False) -> None:
+        """Drop what the last evaluations measured; ``reference``: the reference's kept
+        log-probabilities too (a benchmark that times the reference's forward every step)."""
         self._measured.clear()
+        if reference:
+            self._reference_logprobs.clear()
 
 
 def _key(batch) -> bytes:
