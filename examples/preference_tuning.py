@@ -22,11 +22,9 @@ import sys
 # run from a checkout without installing: make the repository importable
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from numpygpt.cli import _one_line_errors, run_cli  # noqa: E402
-from numpygpt.finetune.dpo_recipe import add_dpo_args, finetune_dpo  # noqa: E402
-from numpygpt.finetune.judge import DEFAULT_JUDGE_URL, JudgeError  # noqa: E402
-from numpygpt.finetune.preferences import make_preferences_file  # noqa: E402
-from numpygpt.run import RunError  # noqa: E402
+from numpygpt.cli import main as numpygpt_main, run_cli, run_finetune_dpo  # noqa: E402
+from numpygpt.finetune.dpo_recipe import add_dpo_args  # noqa: E402
+from numpygpt.finetune.judge import DEFAULT_JUDGE_URL  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -38,18 +36,15 @@ def main(argv=None) -> int:
     add_dpo_args(parser)
     given = vars(parser.parse_args(argv))
     instructions = given.pop("instructions", None)
-    judge = (given.pop("judge_model", "llama3"), given.pop("judge_url", DEFAULT_JUDGE_URL))
-
-    def run():
-        if instructions is not None:
-            try:
-                made = make_preferences_file(instructions, *judge, progress=not given.get("no_progress", False))
-            except JudgeError as e:
-                raise RunError(str(e), code=1) from e
-            given["data"] = made["out_path"]
-        return finetune_dpo(**given)
-
-    return run_cli(lambda: _one_line_errors(run))
+    judge_model, judge_url = given.pop("judge_model", "llama3"), given.pop("judge_url", DEFAULT_JUDGE_URL)
+    if instructions is not None:  # numpygpt make-preferences, then tune on what it wrote
+        stem, ext = os.path.splitext(instructions)
+        given["data"] = stem + "-preferences" + (ext or ".json")
+        rc = numpygpt_main(["make-preferences", instructions, "--out", given["data"], "--judge-model", judge_model,
+                            "--judge-url", judge_url] + (["--no-progress"] if given.get("no_progress") else []))
+        if rc != 0:
+            return rc
+    return run_cli(lambda: run_finetune_dpo(given))
 
 
 if __name__ == "__main__":
