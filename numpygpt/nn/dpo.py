@@ -1,34 +1,36 @@
-"""Direct Preference Optimization's loss, from the logits of chosen and rejected responses.
+r"""Direct Preference Optimization's loss, from the logits of chosen and rejected responses.
 
-For pair b (prompt x, chosen response y_c, rejected response y_r), the sequence log-probability
-of a response under the policy is taken over its response tokens only (mask m: 1 on the
-targets that are response tokens, 0 on the prompt and the padding):
+For pair b (prompt x, chosen response $y_c$, rejected response $y_r$), a response's sequence
+log-probability is taken over its response tokens only: the mask m is 1 on the targets that
+are response tokens and 0 on the prompt and the padding. With $s_{bt} = \log
+\operatorname{softmax}(z_{bt})[y_{bt}]$ the targets' log-probabilities and $N_b = \sum_t m_{bt}$,
 
-    s[b, t]  = log softmax(z[b, t])[y[b, t]]                  token log-probability
-    logp[b]  = sum_t m[b, t] s[b, t] / N[b]                   "mean" (the book's), N = sum_t m
-             = sum_t m[b, t] s[b, t]                          "sum"  (the paper's)
-    h[b]     = beta * ((logp_c - logp_r) - (ref_c - ref_r))    ref: the frozen reference's logp
-    loss     = mean_b -log sigmoid(h[b]) = mean_b logaddexp(0, -h[b])
+$$\ell_b = \frac{1}{N_b} \sum_t m_{bt}\, s_{bt} \quad \text{("mean", the book's)} \qquad
+\ell_b = \sum_t m_{bt}\, s_{bt} \quad \text{("sum", the paper's)}$$
 
-The implicit rewards are ``beta * (logp - ref)`` for each response; the margin is their
-difference (= h); the reward accuracy is the share of pairs with a positive margin.
+and with $r_c, r_r$ the frozen reference model's $\ell$ for the same texts,
 
-Backward. With sigma(-h) = 1 - sigmoid(h) and B pairs,
+$$h_b = \beta \left( (\ell_{c,b} - \ell_{r,b}) - (r_{c,b} - r_{r,b}) \right), \qquad
+L = \frac{1}{B} \sum_b -\log \sigma(h_b) = \frac{1}{B} \sum_b \operatorname{logaddexp}(0, -h_b).$$
 
-    dloss/dh[b]       = -sigma(-h[b]) / B                        (d/dh log(1 + e^-h))
-    dloss/dlogp_c[b]  = -beta sigma(-h[b]) / B,   dloss/dlogp_r[b] = +beta sigma(-h[b]) / B
-    ds[b,t]/dz[b,t]   = onehot(y[b,t]) - softmax(z[b,t])          (log-softmax's gradient)
-    dlogp[b]/dz[b,t]  = m[b,t] / N[b] * (onehot - softmax)        (N[b] = 1 for "sum")
+The implicit rewards are $\beta(\ell - r)$ for each response; the margin is their difference
+($= h_b$); the reward accuracy is the share of pairs with a positive margin.
 
-so, row by row, with c_b = beta sigma(-h[b]) / B * dloss,
+Backward. From $-\log \sigma(h) = \log(1 + e^{-h})$, $\partial L / \partial h_b = -\sigma(-h_b)/B$;
+$\partial h_b / \partial \ell_{c,b} = \beta$ and $\partial h_b / \partial \ell_{r,b} = -\beta$; the
+log-softmax gives $\partial s_{bt} / \partial z_{bt} = \operatorname{onehot}(y_{bt}) - p_{bt}$ with
+$p_{bt} = \operatorname{softmax}(z_{bt})$, so $\partial \ell_b / \partial z_{bt} = \frac{m_{bt}}{N_b}
+(\operatorname{onehot}(y_{bt}) - p_{bt})$ ($N_b = 1$ for "sum"). With
+$c_b = \beta\, \sigma(-h_b) / B \cdot dL$, row by row:
 
-    dz_c[b, t] = c_b m_c[b,t] / N_c[b] * (softmax(z_c[b,t]) - onehot(y_c[b,t]))
-    dz_r[b, t] = -c_b m_r[b,t] / N_r[b] * (softmax(z_r[b,t]) - onehot(y_r[b,t]))
+$$dz_{c,bt} = c_b \frac{m_{c,bt}}{N_{c,b}} \left( p_{c,bt} - \operatorname{onehot}(y_{c,bt}) \right),
+\qquad dz_{r,bt} = -c_b \frac{m_{r,bt}}{N_{r,b}} \left( p_{r,bt} - \operatorname{onehot}(y_{r,bt}) \right)$$
 
-which is cross-entropy's fused gradient with a per-row weight (``loss.softmax_nll_backward``):
+This is cross-entropy's fused gradient with a per-row weight (``loss.softmax_nll_backward``):
 zero on the prompt and the padding, pushing the chosen response up and the rejected one down,
-each by how far the pair still is from being ranked right (sigma(-h) -> 0 once h >> 0).
-log sigmoid is ``-logaddexp(0, -h)`` and sigma(-h) is ``exp(-logaddexp(0, h))``: finite for any h.
+each by how far the pair still is from being ranked right ($\sigma(-h) \to 0$ once $h \gg 0$).
+$\log \sigma(h)$ is computed as ``-logaddexp(0, -h)`` and $\sigma(-h)$ as ``exp(-logaddexp(0, h))``:
+finite for any h.
 
     loss_fn = DPOLoss(beta=0.1)
     out = loss_fn(logits_c, logits_r, targets_c, targets_r, mask_c, mask_r, ref_c, ref_r)
@@ -115,8 +117,8 @@ def sequence_logprobs(logits, targets, mask, reduction: str = "mean"):
 
 
 class DPOLoss(Module):
-    """-log sigmoid(beta * ((logp_c - logp_r) - (ref_c - ref_r))), averaged over the pairs (see
-    the module docstring for the formulas and the derivation of the gradient).
+    r"""$L = \frac{1}{B} \sum_b -\log \sigma\left(\beta ((\ell_c - \ell_r) - (r_c - r_r))\right)$ over the
+    pairs (the module docstring has the formulas and the derivation of the gradient).
 
     beta: the reward scale (> 0; 0.1 in the book and the paper). reduction: "mean" (the book's:
     logp is the mean of the response tokens' log-probabilities) or "sum" (the paper's).
