@@ -5,6 +5,8 @@
     numpygpt train --resume runs/train/checkpoint.safetensors --max-steps 400
     numpygpt generate --checkpoint runs/train/checkpoint.safetensors --prompt "The for statement"
     numpygpt generate --model gpt2 --prompt "Every effort moves you" --temperature 0.8 --top-k 40
+    numpygpt make-preferences instruction-data.json --judge-model llama3   # DPO pairs from a local model
+    numpygpt finetune dpo --model runs/instruct/model --data instruction-data-preferences.json
     numpygpt gradcheck                  # finite-difference check of every layer's backward
     numpygpt walkthrough                # one backward pass of a tiny GPT, op by op (docs/backward.md)
 
@@ -174,6 +176,12 @@ def run_finetune_classify(given: dict):
     return _one_line_errors(lambda: finetune_classifier(**given))
 
 
+def run_finetune_dpo(given: dict):
+    from .finetune.dpo_recipe import finetune_dpo
+
+    return _one_line_errors(lambda: finetune_dpo(log=lambda msg="": print(msg, flush=True), **given))
+
+
 # -- instruction fine-tuning (numpygpt.finetune.instruct and .judge do the work) ----------------------
 
 def _add_finetune_instruct_args(p: argparse.ArgumentParser) -> None:
@@ -191,20 +199,31 @@ def _add_chat_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto", help="(default %(default)s)")
 
 
-def _add_score_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("file", help="responses JSON (finetune instruct's OUT/test-responses.json)")
+def _add_judge_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--judge-model", default="llama3", help="(default %(default)s)")
     p.add_argument("--judge-url", default="http://localhost:11434", help="Ollama-compatible server (default %(default)s)")
-    p.add_argument("--out", metavar="JSON", help="where the scores go (default: FILE with -scores before .json)")
-    p.add_argument("--key", default="model_response", help="the entry field to score (default %(default)s)")
     p.add_argument("--timeout", type=_nonneg_float, default=120.0, help="seconds per answer (default %(default)g)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _add_score_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", help="responses JSON (finetune instruct's OUT/test-responses.json)")
+    p.add_argument("--out", metavar="JSON", help="where the scores go (default: FILE with -scores before .json)")
+    p.add_argument("--key", default="model_response", help="the entry field to score (default %(default)s)")
+    _add_judge_args(p)
+
+
+def _add_make_preferences_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", help="instruction data, a JSON list of {instruction, input, output}")
+    p.add_argument("--out", metavar="JSON", help="where the pairs go (default: FILE with -preferences before .json)")
+    p.add_argument("--seed", type=int, default=123, help="seeds which entries get a politer answer (default %(default)s)")
+    _add_judge_args(p)
+
+
 def run_finetune_task(args: argparse.Namespace):
-    """Run ``finetune instruct``, ``chat`` or ``score-responses``: bad input is one line and
-    exit code 2, a judge that cannot be asked one line and exit code 1."""
-    from .finetune import instruct, judge
+    """Run ``finetune instruct``, ``chat``, ``score-responses`` or ``make-preferences``: bad input
+    is one line and exit code 2, a judge that cannot be asked one line and exit code 1."""
+    from .finetune import instruct, judge, preferences
 
     def say(msg: str = "") -> None:
         print(msg, flush=True)
@@ -213,6 +232,9 @@ def run_finetune_task(args: argparse.Namespace):
         if args.command == "chat":
             model = instruct.load_for_chat(args.model, device=args.device)
             print(instruct.chat(model, args.instruction, args.input, args.max_new_tokens), flush=True)
+        elif args.command == "make-preferences":
+            preferences.make_preferences_file(args.file, args.judge_model, args.judge_url, args.out, args.seed,
+                                              args.timeout, progress=not args.no_progress, log=say)
         elif args.command == "score-responses":
             judge.score_file(args.file, args.judge_model, args.judge_url, args.out, args.key, args.timeout,
                              progress=not args.no_progress, log=say)
@@ -234,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import walkthrough
 
     sub = parser.add_subparsers(dest="command",
-                                metavar="{train,generate,finetune,classify,chat,score-responses,gradcheck,walkthrough}",
+                                metavar="{train,generate,finetune,classify,chat,score-responses,make-preferences,gradcheck,walkthrough}",
                                 required=True)
     _add_train_args(sub.add_parser("train", help="train a model (a small one on Python's manual by default)",
                                    description="Train a GPT model.", argument_default=argparse.SUPPRESS))
@@ -242,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       description="Generate text from a checkpoint or GPT-2 weights."))
     finetune = sub.add_parser("finetune", help="fine-tune pretrained GPT-2 for a task",
                               description="Fine-tune pretrained GPT-2 for a task.")
-    tasks = finetune.add_subparsers(dest="task", metavar="{classify,instruct}", required=True)
+    tasks = finetune.add_subparsers(dest="task", metavar="{classify,instruct,dpo}", required=True)
     _add_finetune_classify_args(tasks.add_parser(
         "classify", help="train a text classifier (the book's chapter 6: spam or not)",
         description="Fine-tune GPT-2 as a text classifier (the book's chapter 6 recipe).",
@@ -250,12 +272,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_finetune_instruct_args(tasks.add_parser(
         "instruct", help="follow instructions (the book's chapter 7)",
         description="Instruction fine-tuning: the book's chapter-7 recipe by default."))
+    from .finetune.dpo_recipe import add_dpo_args
+
+    add_dpo_args(tasks.add_parser(
+        "dpo", help="tune to preferences with DPO (the book's chapter 7 follow-up)",
+        description="Preference tuning with Direct Preference Optimization: the book's recipe by default.",
+        argument_default=argparse.SUPPRESS))
     _add_classify_args(sub.add_parser("classify", help="label texts with a fine-tuned classifier",
                                       description="Label texts with a classifier written by `numpygpt finetune classify`."))
     _add_chat_args(sub.add_parser("chat", help="answer one instruction with an instruction-tuned model",
                                   description="Answer one instruction with an instruction-tuned model."))
     _add_score_args(sub.add_parser("score-responses", help="score responses with a judge model (Ollama API)",
                                    description="Score a responses file with a judge model (Ollama's /api/chat)."))
+    _add_make_preferences_args(sub.add_parser(
+        "make-preferences", help="make DPO preference pairs with a local model (Ollama API)",
+        description="Make preference pairs: a local model rewrites each output to be more or less polite."))
     _add_gradcheck_args(sub.add_parser("gradcheck", help="check every backward pass against finite differences",
                                        description="Check every layer's backward pass against finite differences."))
     walkthrough.add_arguments(sub.add_parser("walkthrough", help="print one backward pass of a tiny GPT, op by op",
@@ -316,8 +347,11 @@ def main(argv=None) -> int:
     if args.command == "generate":
         return run_cli(lambda: run_generate_args(args))
     if (args.command, getattr(args, "task", None)) == ("finetune", "instruct") or args.command in (
-            "chat", "score-responses"):
+            "chat", "score-responses", "make-preferences"):
         return run_cli(lambda: run_finetune_task(args))
+    if args.command == "finetune" and args.task == "dpo":
+        given = {k: v for k, v in vars(args).items() if k not in ("command", "task")}
+        return run_cli(lambda: run_finetune_dpo(given))
     if args.command == "finetune" and args.task == "classify":
         given = {k: v for k, v in vars(args).items() if k not in ("command", "task")}
         return run_cli(lambda: run_finetune_classify(given))

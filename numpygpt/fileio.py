@@ -212,3 +212,15 @@ def write_json(path, obj, indent: int = 4) -> None:
     """Write ``obj`` as indented UTF-8 JSON, atomically (temporary file, then rename)."""
     with atomic_write(path) as fh:
         fh.write((json.dumps(obj, indent=indent, ensure_ascii=False) + "\n").encode("utf-8"))
+
+
+def read_json(path, what: str = "file"):
+    """The JSON in ``path``; FileNotFoundError or ValueError naming ``what`` and the problem."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} {path!r} does not exist (or is not a file)")
+    with open(path, encoding="utf-8") as fh:
+        try:
+            return json.load(fh)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from e

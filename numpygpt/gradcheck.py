@@ -252,7 +252,27 @@ def gradcheck_checks(seed: int = 0) -> list:
         ("BlockwiseAttention", lambda: check_layer(
             randomized(BlockwiseAttention(C, C, NH, qkv_bias=True, dtype=F64, mode="blockwise", block_q=2,
                                           block_k=3)), randn(B, T, C))),
+        # preference tuning (issue 18)
+        ("DPOLoss (mean, masked)", lambda: _dpo_check(rng, "mean")),
+        ("DPOLoss (sum, masked)", lambda: _dpo_check(rng, "sum")),
     ]
+
+
+def _dpo_check(rng, reduction: str, B: int = 2, T: int = 5, V: int = 11) -> dict:
+    """The DPO loss over chosen and rejected float64 logits, prompt and padding masked (each
+    row's first target is prompt, the chosen second row's last two are padding)."""
+    from .nn.dpo import DPOLoss
+
+    def randn(*shape):
+        return backend.to_device(rng.standard_normal(shape), dtype="float64")
+
+    mask = numpy.ones((B, T), dtype=bool)
+    mask[:, 0] = mask[1, -2:] = False
+    fixed = dict(targets_c=rng.integers(0, V, (B, T)), targets_r=rng.integers(0, V, (B, T)), mask_c=mask,
+                 mask_r=mask[::-1].copy(), ref_c=randn(B), ref_r=randn(B))
+    loss_fn = DPOLoss(beta=0.5, reduction=reduction)
+    return check_gradients(lambda **kw: loss_fn(**kw, **fixed).loss, loss_fn.backward,
+                           {"logits_c": randn(B, T, V) * 2, "logits_r": randn(B, T, V) * 2}, {})
 
 
 def run_gradchecks(seed: int = 0, tol: float = 1e-6, verbose: bool = False, device: str = "cpu", out=None) -> int:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from ..options import POSITIVE_INT, Check, Options, option
 
-__all__ = ["LoRAOptions", "AT_LEAST_ONE"]
+__all__ = ["LoRAOptions", "AT_LEAST_ONE", "check_split", "trainable_adamw", "planned_steps"]
 
 AT_LEAST_ONE = Check(int, lambda v: v >= 1, "must be >= 1, got {}")
 POSITIVE_ALPHA = Check(float, lambda v: v > 0, "must be > 0, got {}")
@@ -38,3 +38,33 @@ class LoRAOptions(Options):
         if self.lora_rank is None:
             return None
         return float(self.lora_alpha) if self.lora_alpha is not None else float(self.lora_rank)
+
+
+def check_split(source, splits, batch_size: int, what: str = "entries"):
+    """(train, test, val) as given, after checking that the training split fills a batch and that
+    there is a validation split; ValueError naming ``source`` otherwise."""
+    train_data, test_data, val_data = splits
+    if len(train_data) < batch_size:
+        raise ValueError(f"{source}: the training split has {len(train_data)} {what}, fewer than the batch size "
+                         f"{batch_size}: use more entries or a smaller batch size")
+    if not val_data:
+        n = len(train_data) + len(test_data) + len(val_data)
+        raise ValueError(f"{source}: {n} entries leave no validation {what} "
+                         "(the split is 85% train, 10% test, the rest validation)")
+    return train_data, test_data, val_data
+
+
+def trainable_adamw(model, lr: float, weight_decay: float):
+    """AdamW over the model's trainable parameters (weight decay on every one, as the book's
+    ``torch.optim.AdamW(model.parameters())``)."""
+    from ..optim import AdamW
+
+    return AdamW([(name, p) for name, p in model.named_parameters() if p.requires_grad], lr=lr,
+                 weight_decay=weight_decay)
+
+
+def planned_steps(n_batches: int, grad_accum: int, epochs: int, max_steps: int | None) -> tuple[int, int]:
+    """(optimiser steps of the run, steps per epoch), as ``train_model`` will take them."""
+    per_epoch = n_batches // grad_accum
+    total = epochs * per_epoch
+    return (total if max_steps is None else min(max_steps, total)), per_epoch

@@ -18,12 +18,12 @@ model to stop), so they add nothing to the loss.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import NamedTuple
 
 import numpy as np
 
+from ..fileio import read_json
 from ..tokenizer import EOT_ID
 
 __all__ = [
@@ -85,15 +85,7 @@ def validate_entries(data, source: str = "data") -> list[dict]:
 
 def load_instruction_data(path) -> list[dict]:
     """Read and check an instruction file (see ``validate_entries``)."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"instruction data {path!r} does not exist (or is not a file)")
-    with open(path, encoding="utf-8") as fh:
-        try:
-            data = json.load(fh)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from e
-    return validate_entries(data, source=path)
+    return validate_entries(read_json(path, "instruction data"), source=os.fspath(path))
 
 
 def download_book_data(cache_dir=None) -> str:

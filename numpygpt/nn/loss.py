@@ -54,23 +54,9 @@ class CrossEntropyLoss(Module):
             t = backend.to_device(t_host, device_name=backend.device_of(logits))
             keep = backend.to_device(keep_host, device_name=backend.device_of(logits))
         z = logits.reshape(-1, V)  # (N_all, V)
-        t_safe = xp.where(keep, t, 0)
         grad = is_grad_enabled()  # the normalised softmax is only needed by backward
-        p = xp.empty_like(z)  # (N_all, V)
-        nll = xp.empty(z.shape[0], dtype=z.dtype)  # (N_all,)
-
-        def rows(start, stop):  # rows are independent: chunks of them run on every core
-            pc, tc = p[start:stop], t_safe[start:stop]
-            # log-sum-exp with the max subtracted; p is kept for backward
-            xp.subtract(z[start:stop], z[start:stop].max(axis=-1, keepdims=True), out=pc)
-            target_shifted = pc[xp.arange(stop - start), tc]
-            xp.exp(pc, out=pc)
-            sumexp = pc.sum(axis=-1)
-            xp.subtract(xp.log(sumexp), target_shifted, out=nll[start:stop])
-            if grad:
-                pc /= sumexp[:, None]
-
-        parallel.for_rows(rows, z)
+        t_safe = xp.where(keep, t, 0)
+        nll, p = softmax_nll(z, t_safe, normalise=grad)  # (N_all,), (N_all, V): p is kept for backward
         loss = (nll * keep).sum() / n  # a 0-d array on the device: no host sync
         if grad:
             self._save(p=p, t=t_safe, keep=keep, n=n, shape=logits.shape)
@@ -79,16 +65,47 @@ class CrossEntropyLoss(Module):
     def backward(self, dloss=1.0):
         cache = self._take()
         p, t, keep, n = cache["p"], cache["t"], cache["keep"], cache["n"]
-        xp = backend.array_module(p)
-        dlogits = p  # reuse p's memory: it is not needed again
+        # dlogits reuses p's memory: it is not needed again
         scale = (keep / n).astype(p.dtype)[:, None]  # (N_all, 1): 1/N, or 0 where ignored
         if not (isinstance(dloss, float) and dloss == 1.0):
             scale = (scale * dloss).astype(p.dtype)
+        return softmax_nll_backward(p, t, scale).reshape(cache["shape"])
 
-        def rows(start, stop):
-            dl = dlogits[start:stop]
-            dl[xp.arange(stop - start), t[start:stop]] -= 1.0
-            dl *= scale[start:stop]
 
-        parallel.for_rows(rows, dlogits)
-        return dlogits.reshape(cache["shape"])
+def softmax_nll(z, targets, normalise: bool = True, p=None):
+    """Per row of ``z`` (N, V): ``nll = logsumexp(z) - z[target]`` (N,) and ``p`` (N, V), the
+    softmax when ``normalise`` (else the shifted exponentials, scratch). ``targets`` (N,) must
+    all lie in [0, V) (put 0 where a row is not counted). ``p``: the array to write the softmax
+    into (default a new one). The max is subtracted before ``exp``, so no row overflows; rows
+    are independent, so chunks of them run on every core (``parallel.for_rows``).
+    """
+    xp = backend.array_module(z)
+    p = xp.empty_like(z) if p is None else p  # (N, V)
+    nll = xp.empty(z.shape[0], dtype=z.dtype)  # (N,)
+
+    def rows(start, stop):
+        pc, tc = p[start:stop], targets[start:stop]
+        xp.subtract(z[start:stop], z[start:stop].max(axis=-1, keepdims=True), out=pc)
+        target_shifted = pc[xp.arange(stop - start), tc]
+        xp.exp(pc, out=pc)
+        sumexp = pc.sum(axis=-1)
+        xp.subtract(xp.log(sumexp), target_shifted, out=nll[start:stop])
+        if normalise:
+            pc /= sumexp[:, None]
+
+    parallel.for_rows(rows, z)
+    return nll, p
+
+
+def softmax_nll_backward(p, targets, scale):
+    """``scale * (p - onehot(targets))`` per row, written into ``p`` (N, V) and returned: the
+    gradient of ``sum_rows scale * nll`` with respect to the logits, for ``scale`` (N, 1)."""
+    xp = backend.array_module(p)
+
+    def rows(start, stop):
+        dl = p[start:stop]
+        dl[xp.arange(stop - start), targets[start:stop]] -= 1.0
+        dl *= scale[start:stop]
+
+    parallel.for_rows(rows, p)
+    return p
