@@ -1,0 +1,20 @@
+"""Tokenizers: GPT-2's, ones trained on your corpus, and those of model directories.
+
+Every tokenizer here speaks tiktoken's ``Encoding`` interface (``encode``,
+``encode_ordinary``, ``decode``, ``n_vocab``, ``eot_token``), so the data loaders,
+generation and fine-tuning take any of them.
+
+- ``gpt2``: GPT-2's 50,257-token BPE, built offline for tiktoken (the default).
+- ``hf``: byte-level BPE trained on your text with Hugging Face ``tokenizers``
+  (``train_bpe``), saved and loaded as ``tokenizer.json`` (ours or Qwen3's).
+"""
+
+from .gpt2 import (EOT, EOT_ID, GPT2_PAT_STR, N_VOCAB, TokenizerFilesError, decode, encode, get_tokenizer,
+                   gpt2_bpe_files, text_to_token_ids, token_ids_to_text)
+from .hf import HFTokenizer, TokenizerError, load_tokenizer_json, merges_of, train_bpe
+
+__all__ = [
+    "EOT", "EOT_ID", "GPT2_PAT_STR", "N_VOCAB", "TokenizerFilesError", "decode", "encode", "get_tokenizer",
+    "gpt2_bpe_files", "text_to_token_ids", "token_ids_to_text",
+    "HFTokenizer", "TokenizerError", "load_tokenizer_json", "merges_of", "train_bpe",
+]
