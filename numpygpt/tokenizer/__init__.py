@@ -10,6 +10,8 @@ generation and fine-tuning take any of them.
 - ``llama3``: Llama 3's ``tokenizer.model`` (tiktoken's file format) through tiktoken.
 - ``load``: ``load_tokenizer("gpt2" | directory | file)`` and ``check_vocab_size``.
 - ``chat``: chat templates (Llama 3's header tokens, Qwen3's ``<|im_start|>``).
+- ``bits``: bits per character, the loss that compares vocabularies.
+- ``command``: ``numpygpt tokenizer train``.
 """
 
 from .gpt2 import (EOT, EOT_ID, GPT2_PAT_STR, N_VOCAB, TokenizerFilesError, decode, encode, get_tokenizer,
@@ -17,6 +19,7 @@ from .gpt2 import (EOT, EOT_ID, GPT2_PAT_STR, N_VOCAB, TokenizerFilesError, deco
 from .hf import HFTokenizer, TokenizerError, load_tokenizer_json, merges_of, train_bpe
 from .llama3 import LLAMA3_PAT_STR, TiktokenModel, llama3_special_tokens, load_tiktoken_model
 from .load import check_vocab_size, find_tokenizer_file, load_tokenizer
+from .bits import bits_per_character, text_bits_per_character
 from .chat import ChatTemplate, chat_template, encode_chat, llama3_chat, qwen3_chat
 
 __all__ = [
@@ -25,5 +28,5 @@ __all__ = [
     "HFTokenizer", "TokenizerError", "load_tokenizer_json", "merges_of", "train_bpe",
     "LLAMA3_PAT_STR", "TiktokenModel", "llama3_special_tokens", "load_tiktoken_model",
     "check_vocab_size", "find_tokenizer_file", "load_tokenizer",
-    "ChatTemplate", "chat_template", "encode_chat", "llama3_chat", "qwen3_chat",
+    "bits_per_character", "text_bits_per_character", "ChatTemplate", "chat_template", "encode_chat", "llama3_chat", "qwen3_chat",
 ]
