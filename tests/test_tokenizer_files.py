@@ -6,8 +6,9 @@ import base64
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from numpygpt.tokenizer import (HFTokenizer, TiktokenModel, TokenizerError, check_vocab_size, get_tokenizer,
-                                load_tiktoken_model, load_tokenizer, train_bpe)
+from numpygpt.tokenizer import (HFTokenizer, TiktokenModel, TokenizerError, check_same_tokenizer, check_vocab_size,
+                                get_tokenizer, load_saved_tokenizer, load_tiktoken_model, load_tokenizer,
+                                save_tokenizer, tokenizer_record, train_bpe)
 
 MERGED = [b"he", b"ll", b"hell", b" t", b" th", b" the", b"12", b"123"]
 N_BASE = 256 + len(MERGED)
@@ -109,3 +110,32 @@ def test_check_vocab_size(llama_dir):
     llama = load_tokenizer(llama_dir)
     check_vocab_size(llama, N_BASE + 256)
     assert str(N_BASE + 256) in str(pytest.raises(TokenizerError, check_vocab_size, llama, 128256).value)
+
+
+def test_a_checkpoint_carries_its_tokenizer(llama_dir, tmp_path):
+    gpt2 = get_tokenizer()
+    assert save_tokenizer(gpt2, tmp_path / "run0") == {"name": "gpt2", "n_vocab": 50257}
+    assert not (tmp_path / "run0").exists()  # GPT-2's needs no file
+    assert load_saved_tokenizer(tmp_path / "run0", None) is gpt2  # older checkpoints: no record
+    assert load_saved_tokenizer(tmp_path / "run0", "gpt2") is gpt2
+    trained = train_bpe("the cat sat on the mat, the dog sat on the log " * 10, 300)
+    for tok, file in ((trained, "tokenizer.json"), (load_tokenizer(llama_dir), "tokenizer.model")):
+        run = tmp_path / file.replace(".", "_")
+        record = save_tokenizer(tok, run)
+        assert record["file"] == file and (run / file).is_file() and len(record["sha256"]) == 64
+        back = load_saved_tokenizer(run, record)
+        assert back.n_vocab == tok.n_vocab and back.encode("the cat 1212") == tok.encode("the cat 1212")
+        assert tokenizer_record(back) == record
+    record = save_tokenizer(trained, tmp_path / "run1")
+    with pytest.raises(TokenizerError, match="trained with a tokenizer of 50257 tokens"):
+        check_same_tokenizer(trained, {"name": "gpt2", "n_vocab": 50257}, "run1")
+    other = train_bpe("a completely different text, with other pairs in it " * 10, trained.n_vocab)
+    assert other.n_vocab == trained.n_vocab
+    with pytest.raises(TokenizerError, match="a different one of the same size"):
+        check_same_tokenizer(other, record, "run1")
+    other.save(tmp_path / "run1")  # the file beside the checkpoint replaced by another
+    with pytest.raises(TokenizerError, match="different one of the same size"):
+        load_saved_tokenizer(tmp_path / "run1", record)
+    (tmp_path / "run1" / "tokenizer.json").unlink()
+    with pytest.raises(TokenizerError, match="saved beside it as tokenizer.json, which is missing"):
+        load_saved_tokenizer(tmp_path / "run1", record)

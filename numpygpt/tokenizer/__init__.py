@@ -18,7 +18,8 @@ from .gpt2 import (EOT, EOT_ID, GPT2_PAT_STR, N_VOCAB, TokenizerFilesError, deco
                    gpt2_bpe_files, text_to_token_ids, token_ids_to_text)
 from .hf import HFTokenizer, TokenizerError, load_tokenizer_json, merges_of, train_bpe
 from .llama3 import LLAMA3_PAT_STR, TiktokenModel, llama3_special_tokens, load_tiktoken_model
-from .load import check_vocab_size, find_tokenizer_file, load_tokenizer
+from .load import (check_same_tokenizer, check_vocab_size, find_tokenizer_file, is_gpt2, load_saved_tokenizer,
+                   load_tokenizer, save_tokenizer, tokenizer_record)
 from .bits import bits_per_character, text_bits_per_character
 from .chat import ChatTemplate, chat_template, encode_chat, llama3_chat, qwen3_chat
 
@@ -27,6 +28,7 @@ __all__ = [
     "gpt2_bpe_files", "text_to_token_ids", "token_ids_to_text",
     "HFTokenizer", "TokenizerError", "load_tokenizer_json", "merges_of", "train_bpe",
     "LLAMA3_PAT_STR", "TiktokenModel", "llama3_special_tokens", "load_tiktoken_model",
-    "check_vocab_size", "find_tokenizer_file", "load_tokenizer",
+    "check_same_tokenizer", "check_vocab_size", "find_tokenizer_file", "is_gpt2", "load_saved_tokenizer",
+    "load_tokenizer", "save_tokenizer", "tokenizer_record",
     "bits_per_character", "text_bits_per_character", "ChatTemplate", "chat_template", "encode_chat", "llama3_chat", "qwen3_chat",
 ]

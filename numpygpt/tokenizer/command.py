@@ -11,37 +11,29 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+
+from ..options import Check, Options, add_arguments, option
+
+VOCAB_SIZE = Check(int, lambda v: v >= 257, "must be at least 257 (the 256 bytes and <|endoftext|>), got {}")
 
 
 @dataclass
-class TokenizerTrainOptions:
-    data: str | None = None    # a UTF-8 text file; None: the default corpus
-    vocab_size: int = 4096     # tokens in all: 256 bytes, the merges and <|endoftext|>
-    out: str = "runs/tokenizer"  # the directory that gets tokenizer.json
+class TokenizerTrainOptions(Options):
+    """``numpygpt tokenizer train``'s options (each a flag, with its default)."""
 
-
-def _vocab_size(s: str) -> int:
-    from .hf import N_BYTES
-
-    v = int(s)
-    if v < N_BYTES + 1:
-        raise argparse.ArgumentTypeError(f"must be at least {N_BYTES + 1} (the 256 bytes and <|endoftext|>), got {s}")
-    return v
+    data: str | None = option(None, "UTF-8 text file to train on (default: Python's reference manual from "
+                              "pydoc_data, as numpygpt train reads it)", metavar="FILE")
+    vocab_size: int = option(4096, "tokens in the vocabulary: the 256 bytes, the merges and <|endoftext|>",
+                             check=VOCAB_SIZE, metavar="N")
+    out: str = option("runs/tokenizer", "directory to write tokenizer.json into", metavar="DIR")
 
 
 def add_tokenizer_args(parser: argparse.ArgumentParser) -> None:
-    """``tokenizer train`` and its options, defaults from TokenizerTrainOptions."""
-    defaults = TokenizerTrainOptions()
+    """``tokenizer train`` and its flags (from TokenizerTrainOptions)."""
     actions = parser.add_subparsers(dest="tokenizer_command", metavar="{train}", required=True)
-    train = actions.add_parser("train", help="train a byte-level BPE tokenizer on a text",
-                               description=__doc__.split("\n\n")[0])
-    train.add_argument("--data", metavar="FILE", default=defaults.data,
-                       help="UTF-8 text file to train on (default: Python's reference manual from pydoc_data)")
-    train.add_argument("--vocab-size", type=_vocab_size, metavar="N", default=defaults.vocab_size,
-                       help=f"tokens in the vocabulary, <|endoftext|> included (default {defaults.vocab_size})")
-    train.add_argument("--out", metavar="DIR", default=defaults.out,
-                       help=f"directory to write tokenizer.json into (default {defaults.out})")
+    add_arguments(actions.add_parser("train", help="train a byte-level BPE tokenizer on a text",
+                                     description=__doc__.split("\n\n")[0]), TokenizerTrainOptions)
 
 
 def run_tokenizer_train(options, say=print):
@@ -52,9 +44,10 @@ def run_tokenizer_train(options, say=print):
     from .hf import train_bpe
 
     if isinstance(options, argparse.Namespace):
-        options = vars(options)
+        options = {k: v for k, v in vars(options).items() if k not in ("command", "tokenizer_command")}
     if isinstance(options, dict):
-        options = TokenizerTrainOptions(**{k: v for k, v in options.items() if k in asdict(TokenizerTrainOptions())})
+        options = TokenizerTrainOptions.from_dict(options)
+    options.validate()
     text = default_corpus() if options.data is None else load_text(options.data)
     source = options.data or "the default corpus (Python's reference manual)"
     start = time.perf_counter()

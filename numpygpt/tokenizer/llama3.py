@@ -29,6 +29,7 @@ LLAMA3_PAT_STR = (
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 N_SPECIAL = 256
+TOKENIZER_MODEL = "tokenizer.model"
 # The named special tokens by offset after the last rank (Llama 3.1/3.2's table);
 # every other offset is a <|reserved_special_token_K|>, K counting up from 3 at offset 11.
 NAMED_SPECIAL = {
@@ -45,7 +46,10 @@ def llama3_special_tokens(n_base: int) -> dict[str, int]:
 
 
 class TiktokenModel(tiktoken.Encoding):
-    """A tiktoken Encoding whose end-of-text token is Llama 3's ``<|end_of_text|>``."""
+    """A tiktoken Encoding whose end-of-text token is Llama 3's ``<|end_of_text|>``;
+    ``file_bytes`` is the ``tokenizer.model`` it was read from (``save`` writes it back)."""
+
+    file_bytes: bytes = b""
 
     @property
     def eot_token(self) -> int:
@@ -56,6 +60,15 @@ class TiktokenModel(tiktoken.Encoding):
         if text not in self._special_tokens:
             raise TokenizerError(f"tokenizer {self.name!r} has no special token {text!r}")
         return self._special_tokens[text]
+
+    def save(self, directory) -> Path:
+        """Write ``directory/tokenizer.model`` (atomically) and return its path."""
+        from ..fileio import atomic_write
+
+        path = Path(directory) / TOKENIZER_MODEL
+        with atomic_write(path) as fh:
+            fh.write(self.file_bytes)
+        return path
 
 
 def load_tiktoken_model(path, name: str | None = None) -> TiktokenModel:
@@ -76,9 +89,11 @@ def load_tiktoken_model(path, name: str | None = None) -> TiktokenModel:
     missing = [b for b in range(256) if bytes([b]) not in ranks]
     if missing:
         raise TokenizerError(f"{path}: single bytes {missing[:5]} have no token, so some text cannot be encoded")
-    return TiktokenModel(
-        name=name or path.parent.name or "tokenizer.model",
+    tokenizer = TiktokenModel(
+        name=name or path.parent.name or TOKENIZER_MODEL,
         pat_str=LLAMA3_PAT_STR,
         mergeable_ranks=ranks,
         special_tokens=llama3_special_tokens(len(ranks)),
     )
+    tokenizer.file_bytes = path.read_bytes()
+    return tokenizer

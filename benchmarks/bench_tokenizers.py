@@ -1,0 +1,161 @@
+"""Which vocabulary for the default corpus? GPT-2's against tokenizers trained on it, at one budget.
+
+    python benchmarks/bench_tokenizers.py --threads 1 --budget-steps 200
+    python benchmarks/bench_tokenizers.py --threads 1 --budget-steps 200 --only 4096 --out runs/bench_tok
+
+For each vocabulary (``gpt2`` and trained byte-level BPEs of 2k, 4k, 8k and 16k tokens):
+
+1. train the tokenizer on the training split only (the first 90% of the characters, as
+   ``numpygpt train`` splits them), so the validation text is new to it too;
+2. build the model of CONFIGS: about the default model's work per token, with the
+   parameters moved from the embedding into wider or deeper blocks;
+3. time a few training steps in process CPU time, and give the run as many steps as fit
+   into the CPU time of ``--budget-steps`` steps of today's default run (GPT-2's
+   vocabulary, emb 128, 4 layers): an equal budget that other processes on a shared
+   machine do not shrink (measure with ``--threads 1``, where a waiting BLAS thread does
+   not count as work);
+4. train with ``numpygpt train``'s recipe (``run_training``: AdamW 3e-3, warmup, cosine),
+   then evaluate the whole validation split: bits per character, the figure that
+   compares vocabularies (the loss per token does not).
+
+Each vocabulary's row is written to OUT/results.json as it finishes (runs of ``--only``
+in separate processes add to the same file); the table is printed from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import common
+
+os.environ["NUMPYGPT_NUM_THREADS"] = str(common.early_threads())  # numpygpt's own pool too
+
+import numpy as np  # noqa: E402
+
+from numpygpt.tokenizer import bits_per_character, get_tokenizer, train_bpe  # noqa: E402
+
+# vocabulary -> model shape. The default model spends 50257 x 128 = 6.4M parameters on the
+# tied embedding and 0.8M on its blocks; these keep the per-token work of the blocks plus
+# the head near its 7.2M and put it into the blocks.
+CONFIGS = {
+    "gpt2": dict(emb_dim=128, n_layers=4, n_heads=4),    # today's default run
+    "16384": dict(emb_dim=192, n_layers=6, n_heads=6),   # head 3.1M, blocks 2.7M
+    "8192": dict(emb_dim=256, n_layers=6, n_heads=8),    # head 2.1M, blocks 4.7M
+    "4096": dict(emb_dim=256, n_layers=8, n_heads=8),    # head 1.0M, blocks 6.3M
+    "2048": dict(emb_dim=256, n_layers=8, n_heads=8),    # head 0.5M, blocks 6.3M
+}
+COMMON = dict(context_length=128, batch_size=8, device="cpu", no_progress=True, eval_freq=100, eval_iter=5,
+              sample_tokens=40, greedy=False)
+
+
+def _tokenizer(name: str, train_text: str, out: str):
+    """'gpt2', or the directory of a tokenizer of ``name`` tokens trained on ``train_text``."""
+    if name == "gpt2":
+        return "gpt2", get_tokenizer()
+    directory = os.path.join(out, f"tokenizer-{name}")
+    tokenizer = train_bpe(train_text, int(name))
+    tokenizer.save(directory)
+    return directory, tokenizer
+
+
+def _cpu_seconds_a_step(shape: dict, tokenizer, train_text: str, steps: int = 4) -> float:
+    """Process CPU seconds of one training step (after two warm-up steps)."""
+    from numpygpt import GPTConfig, GPTModel
+    from numpygpt.data import DataLoader, GPTDataset
+    from numpygpt.objective import NextTokenObjective
+    from numpygpt.optim import AdamW, param_groups
+    from numpygpt.train import forward_backward
+
+    cfg = GPTConfig(vocab_size=tokenizer.n_vocab, context_length=128, drop_rate=0.0, qkv_bias=False,
+                    tie_weights=True, **shape)
+    model = GPTModel(cfg, seed=0)
+    loader = DataLoader(GPTDataset.from_text(train_text[:200_000], tokenizer, 128, 128), 8, shuffle=True, seed=0)
+    optimizer, objective = AdamW(param_groups(model, 0.1), lr=1e-3), NextTokenObjective()
+    batches = iter(loader)
+    for i in range(steps + 2):
+        if i == 2:
+            start = time.process_time()
+        forward_backward(model, objective, batches, 1)
+        optimizer.step()
+    return (time.process_time() - start) / steps
+
+
+def _full_validation_bits(model, val_loader, val_chars: int) -> tuple[float, float]:
+    from numpygpt.nn import CrossEntropyLoss
+    from numpygpt.train import calc_loss_loader
+
+    loss = calc_loss_loader(model, CrossEntropyLoss(), val_loader)
+    return loss, bits_per_character(loss, len(val_loader.dataset.token_ids), val_chars)
+
+
+def run_one(name: str, budget_cpu: float, text: str, args) -> dict:
+    from numpygpt.data import split_train_val
+    from numpygpt.run import run_training
+
+    train_text, val_text = split_train_val(text, 0.9)
+    source, tokenizer = _tokenizer(name, train_text, args.out)
+    shape = CONFIGS[name]
+    per_step = _cpu_seconds_a_step(shape, tokenizer, train_text)
+    steps = max(1, int(budget_cpu / per_step))
+    start_wall, start_cpu = time.perf_counter(), time.process_time()
+    result = run_training({**COMMON, **shape, "tokenizer": source, "max_steps": steps,
+                           "out": os.path.join(args.out, f"run-{name}")})
+    wall, cpu = time.perf_counter() - start_wall, time.process_time() - start_cpu
+    from numpygpt.nn import eval_mode
+
+    model = result["model"]
+    with eval_mode(model):
+        from numpygpt.data import DataLoader, GPTDataset
+
+        val_loader = DataLoader(GPTDataset.from_text(val_text, tokenizer, 128, 128), 8, shuffle=False)
+        loss, bits = _full_validation_bits(model, val_loader, len(val_text))
+    return {"vocab": name, "n_vocab": tokenizer.n_vocab, **shape, "parameters": model.num_parameters(),
+            "chars_per_token": len(val_text) / len(tokenizer.encode_ordinary(val_text)),
+            "cpu_s_per_step": per_step, "steps": steps, "run_wall_s": wall, "run_cpu_s": cpu,
+            "val_loss": loss, "val_bits_per_char": bits}
+
+
+def table(rows: list) -> str:
+    lines = ["| vocabulary | model (emb x layers) | parameters | chars/token | steps | CPU s/step | "
+             "run wall s | val loss | val bits/char |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['vocab']} ({r['n_vocab']:,}) | {r['emb_dim']} x {r['n_layers']} | {r['parameters']:,} | "
+                     f"{r['chars_per_token']:.2f} | {r['steps']} | {r['cpu_s_per_step']:.2f} | {r['run_wall_s']:.0f} | "
+                     f"{r['val_loss']:.3f} | {r['val_bits_per_char']:.3f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=int, help="BLAS and numpygpt threads (read before NumPy loads)")
+    p.add_argument("--budget-steps", type=int, default=400, help="the budget: CPU time of this many default steps")
+    p.add_argument("--budget-cpu", type=float, help="the budget in CPU seconds (instead of --budget-steps' timing)")
+    p.add_argument("--only", nargs="*", choices=list(CONFIGS), help="these vocabularies (default all)")
+    p.add_argument("--out", default="runs/bench_tokenizers")
+    args = p.parse_args(argv)
+    from numpygpt.data import default_corpus, split_train_val
+
+    os.makedirs(args.out, exist_ok=True)
+    text = default_corpus()
+    budget_cpu = args.budget_cpu or args.budget_steps * _cpu_seconds_a_step(CONFIGS["gpt2"], get_tokenizer(),
+                                                                            split_train_val(text)[0])
+    print(f"budget: {budget_cpu:.0f} CPU s ({args.budget_steps} steps of the default run, unless --budget-cpu); "
+          f"{common.cpu_model()}, load {common.machine_load(1.0):.1f}", flush=True)
+    path = os.path.join(args.out, "results.json")
+    for name in args.only or list(CONFIGS):
+        row = {**run_one(name, budget_cpu, text, args), "budget_cpu_s": budget_cpu, "numpy": np.__version__}
+        rows = json.load(open(path)) if os.path.exists(path) else []
+        rows = [r for r in rows if r["vocab"] != name] + [row]
+        with open(path, "w") as fh:
+            json.dump(rows, fh, indent=1)
+        print(json.dumps(row), flush=True)
+    rows = json.load(open(path))
+    print(table(sorted(rows, key=lambda r: list(CONFIGS).index(r["vocab"]))))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
