@@ -9,17 +9,19 @@ For each vocabulary (``gpt2`` and trained byte-level BPEs of 2k, 4k, 8k and 16k 
    ``numpygpt train`` splits them), so the validation text is new to it too;
 2. build the model of CONFIGS: about the default model's work per token, with the
    parameters moved from the embedding into wider or deeper blocks;
-3. time a few training steps in process CPU time, and give the run as many steps as fit
-   into the CPU time of ``--budget-steps`` steps of today's default run (GPT-2's
-   vocabulary, emb 128, 4 layers): an equal budget that other processes on a shared
-   machine do not shrink (measure with ``--threads 1``, where a waiting BLAS thread does
-   not count as work);
+3. time a training step of every model in process CPU time, in turns (one step of
+   each, six times: a change in the machine's load falls on all alike), and give each
+   run as many steps as take the time of ``--budget-steps`` steps of today's default
+   run (GPT-2's vocabulary, emb 128, 4 layers): an equal budget that other processes on
+   a shared machine do not shrink (measure with ``--threads 1``, where a waiting BLAS
+   thread does not count as work);
 4. train with ``numpygpt train``'s recipe (``run_training``: AdamW 3e-3, warmup, cosine),
    then evaluate the whole validation split: bits per character, the figure that
    compares vocabularies (the loss per token does not).
 
-Each vocabulary's row is written to OUT/results.json as it finishes (runs of ``--only``
-in separate processes add to the same file); the table is printed from it.
+The timings go to OUT/step_cpu_seconds.json first; runs of ``--only`` started after it
+(in parallel, one process each) share it. Each vocabulary's row is written to
+OUT/result-NAME.json as it finishes, and the table is printed from those.
 """
 
 from __future__ import annotations
@@ -62,8 +64,8 @@ def _tokenizer(name: str, train_text: str, out: str):
     return directory, tokenizer
 
 
-def _cpu_seconds_a_step(shape: dict, tokenizer, train_text: str, steps: int = 4) -> float:
-    """Process CPU seconds of one training step (after two warm-up steps)."""
+def _training_step(shape: dict, tokenizer, train_text: str):
+    """A function that takes one training step of the model of ``shape``."""
     from numpygpt import GPTConfig, GPTModel
     from numpygpt.data import DataLoader, GPTDataset
     from numpygpt.objective import NextTokenObjective
@@ -76,12 +78,32 @@ def _cpu_seconds_a_step(shape: dict, tokenizer, train_text: str, steps: int = 4)
     loader = DataLoader(GPTDataset.from_text(train_text[:200_000], tokenizer, 128, 128), 8, shuffle=True, seed=0)
     optimizer, objective = AdamW(param_groups(model, 0.1), lr=1e-3), NextTokenObjective()
     batches = iter(loader)
-    for i in range(steps + 2):
-        if i == 2:
-            start = time.process_time()
+
+    def step():
         forward_backward(model, objective, batches, 1)
         optimizer.step()
-    return (time.process_time() - start) / steps
+
+    return step
+
+
+def calibrate(text: str, out: str, rounds: int = 6, warmup: int = 3) -> dict:
+    """CPU seconds of a training step of every config, measured in turns (one step of each,
+    ``rounds`` times, after ``warmup`` rounds) so that a change in the machine's load
+    falls on all of them alike; the median of each."""
+    from numpygpt.data import split_train_val
+    from numpygpt.memory import keep_freed_memory
+
+    keep_freed_memory()  # as train_model does: otherwise every step pays page faults, the large-vocabulary one most
+    train_text = split_train_val(text, 0.9)[0]
+    steps = {name: _training_step(shape, _tokenizer(name, train_text, out)[1], train_text)
+             for name, shape in CONFIGS.items()}
+    times = {name: [] for name in CONFIGS}
+    for _ in range(warmup + rounds):
+        for name, step in steps.items():
+            start = time.process_time()
+            step()
+            times[name].append(time.process_time() - start)
+    return {name: float(np.median(t[warmup:])) for name, t in times.items()}
 
 
 def _full_validation_bits(model, val_loader, val_chars: int) -> tuple[float, float]:
@@ -92,15 +114,13 @@ def _full_validation_bits(model, val_loader, val_chars: int) -> tuple[float, flo
     return loss, bits_per_character(loss, len(val_loader.dataset.token_ids), val_chars)
 
 
-def run_one(name: str, budget_cpu: float, text: str, args) -> dict:
+def run_one(name: str, steps: int, text: str, args) -> dict:
     from numpygpt.data import split_train_val
     from numpygpt.run import run_training
 
     train_text, val_text = split_train_val(text, 0.9)
     source, tokenizer = _tokenizer(name, train_text, args.out)
     shape = CONFIGS[name]
-    per_step = _cpu_seconds_a_step(shape, tokenizer, train_text)
-    steps = max(1, int(budget_cpu / per_step))
     start_wall, start_cpu = time.perf_counter(), time.process_time()
     result = run_training({**COMMON, **shape, "tokenizer": source, "max_steps": steps,
                            "out": os.path.join(args.out, f"run-{name}")})
@@ -115,7 +135,7 @@ def run_one(name: str, budget_cpu: float, text: str, args) -> dict:
         loss, bits = _full_validation_bits(model, val_loader, len(val_text))
     return {"vocab": name, "n_vocab": tokenizer.n_vocab, **shape, "parameters": model.num_parameters(),
             "chars_per_token": len(val_text) / len(tokenizer.encode_ordinary(val_text)),
-            "cpu_s_per_step": per_step, "steps": steps, "run_wall_s": wall, "run_cpu_s": cpu,
+            "steps": steps, "run_wall_s": wall, "run_cpu_s": cpu,
             "val_loss": loss, "val_bits_per_char": bits}
 
 
@@ -132,29 +152,30 @@ def table(rows: list) -> str:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, help="BLAS and numpygpt threads (read before NumPy loads)")
-    p.add_argument("--budget-steps", type=int, default=400, help="the budget: CPU time of this many default steps")
-    p.add_argument("--budget-cpu", type=float, help="the budget in CPU seconds (instead of --budget-steps' timing)")
+    p.add_argument("--budget-steps", type=int, default=400, help="the budget: the time of this many default steps")
     p.add_argument("--only", nargs="*", choices=list(CONFIGS), help="these vocabularies (default all)")
     p.add_argument("--out", default="runs/bench_tokenizers")
     args = p.parse_args(argv)
-    from numpygpt.data import default_corpus, split_train_val
+    from numpygpt.data import default_corpus
 
     os.makedirs(args.out, exist_ok=True)
     text = default_corpus()
-    budget_cpu = args.budget_cpu or args.budget_steps * _cpu_seconds_a_step(CONFIGS["gpt2"], get_tokenizer(),
-                                                                            split_train_val(text)[0])
-    print(f"budget: {budget_cpu:.0f} CPU s ({args.budget_steps} steps of the default run, unless --budget-cpu); "
-          f"{common.cpu_model()}, load {common.machine_load(1.0):.1f}", flush=True)
-    path = os.path.join(args.out, "results.json")
-    for name in args.only or list(CONFIGS):
-        row = {**run_one(name, budget_cpu, text, args), "budget_cpu_s": budget_cpu, "numpy": np.__version__}
-        rows = json.load(open(path)) if os.path.exists(path) else []
-        rows = [r for r in rows if r["vocab"] != name] + [row]
-        with open(path, "w") as fh:
-            json.dump(rows, fh, indent=1)
+    timing_path = os.path.join(args.out, "step_cpu_seconds.json")
+    if not os.path.exists(timing_path):  # parallel --only runs share one calibration: make it first
+        print(f"timing a step of each model on {common.cpu_model()}, load {common.machine_load(1.0):.1f}", flush=True)
+        with open(timing_path, "w") as fh:
+            json.dump(calibrate(text, args.out), fh, indent=1)
+    per_step = json.load(open(timing_path))
+    for name in args.only if args.only is not None else list(CONFIGS):
+        steps = max(1, round(args.budget_steps * per_step["gpt2"] / per_step[name]))
+        row = {**run_one(name, steps, text, args), "cpu_s_per_step": per_step[name], "numpy": np.__version__}
+        with open(os.path.join(args.out, f"result-{name}.json"), "w") as fh:
+            json.dump(row, fh, indent=1)
         print(json.dumps(row), flush=True)
-    rows = json.load(open(path))
-    print(table(sorted(rows, key=lambda r: list(CONFIGS).index(r["vocab"]))))
+    rows = [json.load(open(os.path.join(args.out, f"result-{name}.json"))) for name in CONFIGS
+            if os.path.exists(os.path.join(args.out, f"result-{name}.json"))]
+    if rows:
+        print(table(rows))
 
 
 if __name__ == "__main__":
