@@ -20,7 +20,7 @@ For each vocabulary (``gpt2`` and trained byte-level BPEs of 2k, 4k, 8k and 16k 
    compares vocabularies (the loss per token does not).
 
 The timings go to OUT/step_cpu_seconds.json first; runs of ``--only`` started after it
-(in parallel, one process each) share it. Each vocabulary's row is written to
+(in parallel, one process each) share it: time them first with ``--time-only``. Each vocabulary's row is written to
 OUT/result-NAME.json as it finishes, and the table is printed from those.
 """
 
@@ -49,17 +49,22 @@ CONFIGS = {
     "8192": dict(emb_dim=256, n_layers=6, n_heads=8),    # head 2.1M, blocks 4.7M
     "4096": dict(emb_dim=256, n_layers=8, n_heads=8),    # head 1.0M, blocks 6.3M
     "2048": dict(emb_dim=256, n_layers=8, n_heads=8),    # head 0.5M, blocks 6.3M
+    # the default model's shape with a smaller vocabulary: less work a step, so more steps
+    "8192-128x4": dict(emb_dim=128, n_layers=4, n_heads=4),
+    "4096-128x4": dict(emb_dim=128, n_layers=4, n_heads=4),
 }
 COMMON = dict(context_length=128, batch_size=8, device="cpu", no_progress=True, eval_freq=100, eval_iter=5,
               sample_tokens=40, greedy=False)
 
 
 def _tokenizer(name: str, train_text: str, out: str):
-    """'gpt2', or the directory of a tokenizer of ``name`` tokens trained on ``train_text``."""
+    """'gpt2', or the directory of a tokenizer of ``name`` tokens ("4096", "4096-128x4")
+    trained on ``train_text``."""
     if name == "gpt2":
         return "gpt2", get_tokenizer()
-    directory = os.path.join(out, f"tokenizer-{name}")
-    tokenizer = train_bpe(train_text, int(name))
+    size = name.split("-")[0]
+    directory = os.path.join(out, f"tokenizer-{size}")
+    tokenizer = train_bpe(train_text, int(size))
     tokenizer.save(directory)
     return directory, tokenizer
 
@@ -86,7 +91,7 @@ def _training_step(shape: dict, tokenizer, train_text: str):
     return step
 
 
-def calibrate(text: str, out: str, rounds: int = 6, warmup: int = 3) -> dict:
+def calibrate(text: str, out: str, names, rounds: int = 6, warmup: int = 3) -> dict:
     """CPU seconds of a training step of every config, measured in turns (one step of each,
     ``rounds`` times, after ``warmup`` rounds) so that a change in the machine's load
     falls on all of them alike; the median of each."""
@@ -96,8 +101,8 @@ def calibrate(text: str, out: str, rounds: int = 6, warmup: int = 3) -> dict:
     keep_freed_memory()  # as train_model does: otherwise every step pays page faults, the large-vocabulary one most
     train_text = split_train_val(text, 0.9)[0]
     steps = {name: _training_step(shape, _tokenizer(name, train_text, out)[1], train_text)
-             for name, shape in CONFIGS.items()}
-    times = {name: [] for name in CONFIGS}
+             for name, shape in CONFIGS.items() if name in names}
+    times = {name: [] for name in steps}
     for _ in range(warmup + rounds):
         for name, step in steps.items():
             start = time.process_time()
@@ -149,23 +154,39 @@ def table(rows: list) -> str:
     return "\n".join(lines)
 
 
+def _step_timings(text: str, args) -> dict:
+    """Every config's CPU seconds a step, from OUT/step_cpu_seconds.json; the ones missing
+    there are timed now, in turns with the default model, and scaled to the file's timing
+    of it."""
+    path = os.path.join(args.out, "step_cpu_seconds.json")
+    per_step = json.load(open(path)) if os.path.exists(path) else {}
+    missing = [name for name in (args.only or CONFIGS) if name not in per_step]
+    if missing:
+        print(f"timing a step of {', '.join(missing)} on {common.cpu_model()}, load {common.machine_load(1.0):.1f}",
+              flush=True)
+        new = calibrate(text, args.out, ["gpt2", *missing])
+        scale = per_step.get("gpt2", new["gpt2"]) / new["gpt2"]
+        per_step = {**{name: t * scale for name, t in new.items()}, **per_step}
+        with open(path, "w") as fh:
+            json.dump(per_step, fh, indent=1)
+    return per_step
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, help="BLAS and numpygpt threads (read before NumPy loads)")
     p.add_argument("--budget-steps", type=int, default=400, help="the budget: the time of this many default steps")
     p.add_argument("--only", nargs="*", choices=list(CONFIGS), help="these vocabularies (default all)")
     p.add_argument("--out", default="runs/bench_tokenizers")
+    p.add_argument("--time-only", action="store_true", help="time the models' steps, train nothing")
     args = p.parse_args(argv)
     from numpygpt.data import default_corpus
 
     os.makedirs(args.out, exist_ok=True)
     text = default_corpus()
-    timing_path = os.path.join(args.out, "step_cpu_seconds.json")
-    if not os.path.exists(timing_path):  # parallel --only runs share one calibration: make it first
-        print(f"timing a step of each model on {common.cpu_model()}, load {common.machine_load(1.0):.1f}", flush=True)
-        with open(timing_path, "w") as fh:
-            json.dump(calibrate(text, args.out), fh, indent=1)
-    per_step = json.load(open(timing_path))
+    per_step = _step_timings(text, args)
+    if args.time_only:
+        return
     for name in args.only if args.only is not None else list(CONFIGS):
         steps = max(1, round(args.budget_steps * per_step["gpt2"] / per_step[name]))
         row = {**run_one(name, steps, text, args), "cpu_s_per_step": per_step[name], "numpy": np.__version__}
