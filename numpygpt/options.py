@@ -19,7 +19,7 @@ import argparse
 import dataclasses
 import math
 
-__all__ = ["Options", "option", "add_arguments", "Check", "POSITIVE_INT", "NONNEG_INT", "NONNEG_FLOAT",
+__all__ = ["Options", "option", "add_arguments", "from_fields", "Check", "POSITIVE_INT", "NONNEG_INT", "NONNEG_FLOAT",
            "POSITIVE_FLOAT", "FRACTION", "FRACTION_OR_ONE", "DROP_RATE"]
 
 
@@ -83,11 +83,7 @@ class Options:
     @classmethod
     def from_dict(cls, given: dict):
         """The options with ``given``'s entries set (unknown names: TypeError), defaults elsewhere."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(given) - names
-        if unknown:
-            raise TypeError(f"unknown options: {sorted(unknown)}")
-        return cls(**given)
+        return from_fields(cls, given, TypeError, "options")
 
     @classmethod
     def defaults(cls) -> dict:
@@ -114,6 +110,14 @@ class Options:
 
     def check_more(self) -> None:
         """Checks between options (a subclass's)."""
+
+
+def from_fields(cls, given: dict, error=TypeError, what: str = "fields"):
+    """``cls(**given)`` for a dataclass, after refusing names it has no field for (``error``)."""
+    unknown = set(given) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise error(f"unknown {what}: {sorted(unknown)}")
+    return cls(**given)
 
 
 def add_arguments(parser, cls, suppress: bool = False, skip=()) -> None:

@@ -363,10 +363,12 @@ def finetune_classifier(options: ClassifyOptions | None = None, log=print, **giv
     history = run.train(model, data.train_loader, data.val_loader, optimizer, o.epochs, o.eval_freq, o.eval_iter,
                         resume_hint="the same command with --resume", options=options)
     history["examples_seen"] = history["tokens_seen"]
-    accuracy = {name: calc_accuracy_loader(model, loader)
-                for name, loader in (("train", data.train_loader), ("val", data.val_loader),
-                                     ("test", data.test_loader))}
-    _write_outputs(run, model, data, history, accuracy)
+    accuracy = {}
+    if run.is_main:  # under mpiexec one rank evaluates and writes
+        accuracy = {name: calc_accuracy_loader(model, loader)
+                    for name, loader in (("train", data.train_loader), ("val", data.val_loader),
+                                         ("test", data.test_loader))}
+        _write_outputs(run, model, data, history, accuracy)
     seconds = time.perf_counter() - t_start
     _print_summary(run, accuracy, o.lora_rank is not None, seconds, log)
     return {"model": model, "data": data, "history": history, "accuracy": accuracy, "out": o.out,
@@ -374,15 +376,15 @@ def finetune_classifier(options: ClassifyOptions | None = None, log=print, **giv
 
 
 def _write_outputs(run, model, data, history: dict, accuracy: dict) -> None:
-    """The classifier directory, the two plots and the history (the main process only)."""
-    if not run.is_main:
-        return
+    """The classifier directory, the two plots and the history."""
     save_classifier(model, run.out, data.label_names, data.train.max_length)
     plot_classifier_history(history, run.path("loss.png"), run.path("accuracy.png"))
     run.write_json("history.json", {**history, "accuracy": accuracy, "label_names": data.label_names})
 
 
 def _print_summary(run, accuracy: dict, lora: bool, seconds: float, log) -> None:
+    if not run.is_main:
+        return
     out = run.out
     _say("", log)
     _say(f"accuracy    training {accuracy['train'] * 100:.2f}%, validation {accuracy['val'] * 100:.2f}%, "

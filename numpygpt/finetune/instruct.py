@@ -177,8 +177,10 @@ def finetune_instruct(options: InstructOptions | None = None, log=print, progres
                            progress=not o.no_progress, log=log)
     history = _train(o, run, model, train_loader, val_loader, optimizer, options, splits[2][0], tokenizer, log)
     paths = _write_outputs(o, run, model, history, comm, log)
-    responses = generate_responses(model, splits[1], paths["responses"] if comm.is_main else None, tokenizer,
-                                   o.max_new_tokens, not o.no_progress and comm.is_main)
+    responses = []
+    if comm.is_main:  # one rank generates and writes; the others are done
+        responses = generate_responses(model, splits[1], paths["responses"], tokenizer, o.max_new_tokens,
+                                       not o.no_progress)
     _say(f"responses   {paths['responses']} ({len(responses)} test entries)", log)
     return {"model": model, "history": history, "train": splits[0], "test": splits[1], "val": splits[2],
             "responses": responses, "paths": paths}
@@ -264,17 +266,18 @@ def _train(o: InstructOptions, run, model, train_loader, val_loader, optimizer, 
     from ..train import evaluate_model
 
     state = options.resume_state
-    if state is None:
+    if state is None and run.is_main:
         train_loss, val_loss = evaluate_model(model, train_loader, val_loader, o.eval_iter)
         _say(f"before      train loss {train_loss:.3f}, val loss {val_loss:.3f}", log)
-    else:
+    elif state is not None:
         _say(f"resuming    at step {state.global_step:,} from {run.checkpoint}", log)
     history = run.train(model, train_loader, val_loader, optimizer, o.epochs, o.eval_freq, o.eval_iter,
                         resume_hint="the same command with --resume", options=options,
                         start_context=format_input(first_val), tokenizer=tokenizer)
-    train_loss, val_loss = evaluate_model(model, train_loader, val_loader, o.eval_iter)
-    _say(f"after       train loss {train_loss:.3f}, val loss {val_loss:.3f} (over {o.eval_iter} batches)", log)
-    history["final_losses"] = [train_loss, val_loss]
+    if run.is_main:  # under mpiexec one rank evaluates
+        train_loss, val_loss = evaluate_model(model, train_loader, val_loader, o.eval_iter)
+        _say(f"after       train loss {train_loss:.3f}, val loss {val_loss:.3f} (over {o.eval_iter} batches)", log)
+        history["final_losses"] = [train_loss, val_loss]
     return history
 
 
