@@ -162,7 +162,8 @@ def _step_timings(text: str, args) -> dict:
     per_step = json.load(open(path)) if os.path.exists(path) else {}
     missing = [name for name in (args.only or CONFIGS) if name not in per_step]
     if missing:
-        print(f"timing a step of {', '.join(missing)} on {common.cpu_model()}, load {common.machine_load(1.0):.1f}",
+        print(f"timing a step of {', '.join(missing)} on {common.cpu_model()}, "
+              f"{common.machine_load(1.0):.0%} of the machine busy with other work",
               flush=True)
         new = calibrate(text, args.out, ["gpt2", *missing])
         scale = per_step.get("gpt2", new["gpt2"]) / new["gpt2"]
