@@ -7,6 +7,8 @@
     numpygpt generate --model gpt2 --prompt "Every effort moves you" --temperature 0.8 --top-k 40
     numpygpt make-preferences instruction-data.json --judge-model llama3   # DPO pairs from a local model
     numpygpt finetune dpo --model runs/instruct/model --data instruction-data-preferences.json
+    numpygpt tokenizer train --data book.txt --vocab-size 4096 --out runs/tokenizer
+    numpygpt train --data book.txt --tokenizer runs/tokenizer
     numpygpt gradcheck                  # finite-difference check of every layer's backward
     numpygpt walkthrough                # one backward pass of a tiny GPT, op by op (docs/backward.md)
 
@@ -25,6 +27,7 @@ import math
 import sys
 
 from .options import add_arguments
+from .tokenizer.command import add_tokenizer_args, run_tokenizer_train
 from .run import (DEFAULT_PROMPT, GENERIC_PROMPT, TRAIN_DEFAULTS, RunError, TrainCommandOptions, run_generate,
                   run_gradcheck, run_training)
 
@@ -256,12 +259,15 @@ def build_parser() -> argparse.ArgumentParser:
     from . import walkthrough
 
     sub = parser.add_subparsers(dest="command",
-                                metavar="{train,generate,finetune,classify,chat,score-responses,make-preferences,gradcheck,walkthrough}",
+                                metavar="{train,generate,tokenizer,finetune,classify,chat,score-responses,"
+                                        "make-preferences,gradcheck,walkthrough}",
                                 required=True)
     _add_train_args(sub.add_parser("train", help="train a model (a small one on Python's manual by default)",
                                    description="Train a GPT model.", argument_default=argparse.SUPPRESS))
     _add_generate_args(sub.add_parser("generate", help="continue a prompt with a trained or pretrained model",
                                       description="Generate text from a checkpoint or GPT-2 weights."))
+    add_tokenizer_args(sub.add_parser("tokenizer", help="train a tokenizer on your text",
+                                      description="Train a byte-level BPE tokenizer on your text."))
     finetune = sub.add_parser("finetune", help="fine-tune pretrained GPT-2 for a task",
                               description="Fine-tune pretrained GPT-2 for a task.")
     tasks = finetune.add_subparsers(dest="task", metavar="{classify,instruct,dpo}", required=True)
@@ -346,6 +352,8 @@ def main(argv=None) -> int:
         return run_cli(lambda: run_training(given))
     if args.command == "generate":
         return run_cli(lambda: run_generate_args(args))
+    if args.command == "tokenizer":
+        return run_cli(lambda: _one_line_errors(lambda: run_tokenizer_train(args)))
     if (args.command, getattr(args, "task", None)) == ("finetune", "instruct") or args.command in (
             "chat", "score-responses", "make-preferences"):
         return run_cli(lambda: run_finetune_task(args))

@@ -29,6 +29,7 @@ from .options import DROP_RATE, FRACTION, NONNEG_FLOAT, NONNEG_INT, POSITIVE_INT
 from .plots import plot_losses
 from .progress import say as _progress_say
 from .scaffold import RunFolder
+from .tokenizer import bits_per_character
 from .train import TrainOptions, TrainState, evaluate_model, perplexity
 
 __all__ = ["run_training", "run_generate", "run_gradcheck", "RunError", "TrainCommandOptions", "TRAIN_DEFAULTS",
@@ -78,6 +79,9 @@ class TrainCommandOptions(Options):
     stride: int | None = option(None, "offset between training windows (default: the context length)",
                                 check=POSITIVE_INT, group="data")
     batch_size: int = option(8, "windows per micro-batch", check=POSITIVE_INT, metavar="B", group="data")
+    tokenizer: str = option("gpt2", "GPT-2's vocabulary, or a directory with a tokenizer.json (numpygpt tokenizer "
+                            "train --out DIR) or tokenizer.model; it is saved beside the checkpoint",
+                            metavar="gpt2|DIR", group="data")
 
     preset: str | None = option(None, "start from a preset: tiny, gpt2-small (gpt2), gpt2-medium, gpt2-large, gpt2-xl",
                                 group=MODEL_GROUP)
@@ -217,18 +221,17 @@ def _load_text(opts: TrainCommandOptions) -> tuple[str, str]:
     return text, f"{opts.data} ({len(text):,} characters)"
 
 
-def _model_config(opts: TrainCommandOptions):
-    """GPTConfig for a fresh model: the preset (or the small default) and the model flags."""
+def _model_config(opts: TrainCommandOptions, n_vocab: int):
+    """GPTConfig for a fresh model: the preset (or the small default) and the model flags,
+    with an embedding row for each of the tokenizer's ``n_vocab`` tokens."""
     from .config import GPTConfig
-    from .tokenizer import N_VOCAB
 
     try:
         base = GPTConfig.preset(opts.preset).to_dict() if opts.preset else {**GPTConfig().to_dict(), **SMALL_MODEL}
         for key in MODEL_KEYS[1:]:
             if getattr(opts, key) is not None:
                 base[key] = getattr(opts, key)
-        # the data are GPT-2 BPE ids, so the embedding needs GPT-2's vocabulary
-        base.update(vocab_size=N_VOCAB, dtype=opts.dtype)
+        base.update(vocab_size=n_vocab, dtype=opts.dtype)
         return GPTConfig(**base)
     except ValueError as e:
         raise RunError(f"model configuration: {e}") from e
@@ -246,13 +249,12 @@ def _describe_config(cfg) -> str:
             f"{'tied' if cfg.tie_weights else 'untied'} head, {cfg.dtype}")
 
 
-def _build_loaders(text: str, opts: TrainCommandOptions, T: int):
+def _build_loaders(text: str, opts: TrainCommandOptions, T: int, tokenizer):
+    """(train loader, val loader, ValidationBits of the validation split)."""
     from .data import DataLoader, GPTDataset, split_train_val
-    from .tokenizer import get_tokenizer
 
     stride = opts.stride or T
     train_text, val_text = split_train_val(text, opts.train_ratio)
-    tokenizer = get_tokenizer()
     datasets = []
     for name, part in (("training", train_text), ("validation", val_text)):
         try:
@@ -267,7 +269,77 @@ def _build_loaders(text: str, opts: TrainCommandOptions, T: int):
                        f"--batch-size {B}: use more text or a smaller --batch-size, --context-length or --stride")
     train_loader = DataLoader(train_set, B, shuffle=True, drop_last=True, seed=opts.seed)
     val_loader = DataLoader(val_set, B, shuffle=False, drop_last=False)
-    return train_loader, val_loader, tokenizer
+    return train_loader, val_loader, ValidationBits(len(val_set.token_ids), len(val_text))
+
+
+def _load_tokenizer(opts: TrainCommandOptions, given: dict, saved):
+    """The run's tokenizer: --tokenizer's; when resuming, the one saved beside the checkpoint
+    (a --tokenizer given again must be that one)."""
+    from .tokenizer import TokenizerError, check_same_tokenizer, load_saved_tokenizer, load_tokenizer
+
+    try:
+        if saved is None:
+            return load_tokenizer(opts.tokenizer)
+        record = (saved.extra or {}).get("tokenizer")
+        if "tokenizer" not in given:
+            return load_saved_tokenizer(os.path.dirname(os.path.abspath(saved.path)), record)
+        tokenizer = load_tokenizer(opts.tokenizer)
+        if isinstance(record, dict):
+            check_same_tokenizer(tokenizer, record, opts.resume)
+        return tokenizer
+    except (TokenizerError, OSError) as e:
+        raise RunError(f"--tokenizer: {e}") from e
+
+
+def _tokenizer_and_model(opts: TrainCommandOptions, given: dict, saved, device: str):
+    """The run's tokenizer and the model, whose vocabulary must be the tokenizer's."""
+    tokenizer = _load_tokenizer(opts, given, saved)
+    model = _build_model(opts, given, saved, device, tokenizer.n_vocab)
+    _check_tokenizer_fits(tokenizer, model)
+    return tokenizer, model
+
+
+def _check_tokenizer_fits(tokenizer, model, prefix: str = "--tokenizer: ") -> None:
+    from .tokenizer import TokenizerError, check_vocab_size
+
+    try:
+        check_vocab_size(tokenizer, model.cfg.vocab_size)
+    except TokenizerError as e:
+        raise RunError(f"{prefix}{e}") from e
+
+
+def _save_tokenizer(tokenizer, run: RunFolder) -> dict:
+    """Save the tokenizer beside the checkpoint (the main process; GPT-2's needs no file) and
+    return the record the checkpoint keeps of it."""
+    from .tokenizer import save_tokenizer, tokenizer_record
+
+    try:
+        return save_tokenizer(tokenizer, run.out) if run.is_main else tokenizer_record(tokenizer)
+    except OSError as e:
+        raise RunError(f"cannot save the tokenizer into {run.out}: {e}") from e
+
+
+def _describe_tokenizer(record: dict, val_bits: ValidationBits) -> str:
+    where = f", saved as {record['file']} beside the checkpoint" if "file" in record else ""
+    return (f"{record['name']} ({record['n_vocab']:,} tokens{where}); "
+            f"{val_bits.n_chars / max(val_bits.n_tokens, 1):.2f} characters a token on the validation split")
+
+
+@dataclass
+class ValidationBits:
+    """Validation losses in bits per character, from the validation split's token and
+    character counts; ``hook`` is the ``on_evaluate`` hook that prints and records them."""
+
+    n_tokens: int
+    n_chars: int
+
+    def __call__(self, loss: float) -> float:
+        return bits_per_character(loss, self.n_tokens, self.n_chars)
+
+    def hook(self, model, state, say) -> dict:
+        bits = self(state.history["val_losses"][-1])
+        say(f"    val bits per character {bits:.3f}")
+        return {"val_bits_per_char": bits}
 
 
 def _default_prompt(opts: TrainCommandOptions, text: str) -> str:
@@ -283,8 +355,8 @@ def run_training(given) -> dict:
     options set explicitly (``parse_train_args``'s result), the defaults (or, with ``resume``,
     the resumed run's own options) filling the rest.
 
-    Returns {"history", "model", "checkpoint", "plot", "history_path", "seconds", "final_losses"}
-    (the last step's (train, val) losses when the schedule of evaluations missed it, else None).
+    Returns {"history", "model", "checkpoint", "plot", "history_path", "seconds", "final_losses", "tokenizer"}
+    (final_losses: the last step's (train, val) losses when the schedule of evaluations missed it, else None).
     """
     t_start = time.perf_counter()
     if isinstance(given, TrainCommandOptions):
@@ -295,12 +367,12 @@ def run_training(given) -> dict:
     device = _set_device(opts.device)
     comm.use_device(device)
     text, data_desc = _load_text(opts)
-    model = _build_model(opts, given, saved, device)
+    tokenizer, model = _tokenizer_and_model(opts, given, saved, device)
     # the window length: the model's context, or a shorter one asked of a pretrained model
     T = opts.context_length or model.cfg.context_length
     if T > model.cfg.context_length:
         raise RunError(f"--context-length {T} exceeds the model's context of {model.cfg.context_length}")
-    train_loader, val_loader, tokenizer = _build_loaders(text, opts, T)
+    train_loader, val_loader, val_bits = _build_loaders(text, opts, T, tokenizer)
     if opts.lr is None:
         opts.lr = SMALL_MODEL_LR if not (opts.preset or opts.init_from) else DEFAULT_LR
     groups = param_groups(model, opts.weight_decay)
@@ -318,7 +390,9 @@ def run_training(given) -> dict:
         run = RunFolder(opts.out, is_main=comm.is_main)
     except OSError as e:
         raise RunError(str(e)) from e
-    _print_plan(opts, model, device, data_desc, train_loader, val_loader, T, total, lr_desc, resume_state, comm)
+    tokenizer_record = _save_tokenizer(tokenizer, run)
+    _print_plan(opts, model, device, data_desc, train_loader, val_loader, T, total, lr_desc, resume_state, comm,
+                _describe_tokenizer(tokenizer_record, val_bits))
 
     prompt = _default_prompt(opts, text)
     sampling = sampling_options(opts.greedy, opts.temperature, opts.top_k, opts.seed)
@@ -328,16 +402,17 @@ def run_training(given) -> dict:
     options = TrainOptions(
         grad_accum_steps=opts.grad_accum, max_grad_norm=opts.grad_clip or None, scheduler=scheduler,
         max_steps=total, checkpoint_path=run.checkpoint, checkpoint_every=opts.checkpoint_every,
-        resume_state=resume_state, run_options=run_options, extra={"tokenizer": "gpt2"},
+        resume_state=resume_state, run_options=run_options, extra={"tokenizer": tokenizer_record},
         progress=not opts.no_progress, sample_tokens=opts.sample_tokens, sampling=sampling,
+        on_evaluate=val_bits.hook,
         comm=getattr(optimizer, "comm", None))  # ZeRO: gradients reduce-scattered into the optimiser
     history = run.train(model, train_loader, val_loader, optimizer, epochs, opts.eval_freq, opts.eval_iter,
                         start_context=prompt or None, tokenizer=tokenizer, options=options)
     final = _write_outputs(run, model, history, train_loader, val_loader, opts.eval_iter, comm)
     seconds = time.perf_counter() - t_start
-    _print_summary(run, history, final, seconds, prompt, opts, sampling)
+    _print_summary(run, history, final, seconds, prompt, opts, sampling, val_bits)
     return {"history": history, "model": model, "checkpoint": run.checkpoint, "plot": run.path("loss.png"),
-            "history_path": run.path("history.json"), "seconds": seconds, "final_losses": final}
+            "history_path": run.path("history.json"), "seconds": seconds, "final_losses": final, "tokenizer": tokenizer}
 
 
 def _resolve_options(given: dict):
@@ -365,7 +440,7 @@ def _resolve_options(given: dict):
     return opts, saved, resume_state
 
 
-def _build_model(opts: TrainCommandOptions, given: dict, saved, device: str):
+def _build_model(opts: TrainCommandOptions, given: dict, saved, device: str, n_vocab: int):
     """The model: a resumed run's (its weights come with the optimiser state), pretrained
     GPT-2 (--init-from), or a fresh one drawn from the seed."""
     if saved is not None:
@@ -375,7 +450,7 @@ def _build_model(opts: TrainCommandOptions, given: dict, saved, device: str):
         _check_model_flags_unused(given, "with --init-from", allowed=("context_length", "drop_rate"))
         return _from_pretrained(opts.init_from, dtype=opts.dtype, device=device, drop_rate=opts.drop_rate or 0.0)
     backend.manual_seed(opts.seed)
-    return GPTModel(_model_config(opts), seed=opts.seed, init=opts.init)
+    return GPTModel(_model_config(opts, n_vocab), seed=opts.seed, init=opts.init)
 
 
 def _restore(saved, resume_state, model, optimizer, train_loader, opts: TrainCommandOptions) -> None:
@@ -415,7 +490,8 @@ def _schedule(opts: TrainCommandOptions, total: int):
     return scheduler, f"AdamW lr {opts.lr:g}, {warmup} warmup steps, cosine to {min_lr:g}"
 
 
-def _print_plan(opts, model, device, data_desc, train_loader, val_loader, T, total, lr_desc, resume_state, comm):
+def _print_plan(opts, model, device, data_desc, train_loader, val_loader, T, total, lr_desc, resume_state, comm,
+                tokenizer_desc: str):
     n_train, n_val = len(train_loader.dataset.token_ids), len(val_loader.dataset.token_ids)
     B, steps_per_epoch = opts.batch_size, len(train_loader) // opts.grad_accum
     _say(f"device      {device} ({'CuPy' if device == 'cuda' else 'NumPy'})")
@@ -425,6 +501,7 @@ def _print_plan(opts, model, device, data_desc, train_loader, val_loader, T, tot
     _say(f"model       {_describe_config(model.cfg)}{where}")
     _say(f"parameters  {model.num_parameters():,}")
     _say(f"data        {data_desc}")
+    _say(f"tokenizer   {tokenizer_desc}")
     _say(f"tokens      train {n_train:,} ({len(train_loader.dataset):,} windows of {T}), "
          f"val {n_val:,} ({len(val_loader.dataset):,} windows)")
     _say(f"plan        {total:,} steps ({total / steps_per_epoch:.2f} epochs of {steps_per_epoch:,} steps), "
@@ -449,14 +526,16 @@ def _write_outputs(run: RunFolder, model, history, train_loader, val_loader, eva
     return final
 
 
-def _print_summary(run: RunFolder, history, final, seconds, prompt, opts, sampling) -> None:
+def _print_summary(run: RunFolder, history, final, seconds, prompt, opts, sampling, to_bits) -> None:
+    """``to_bits(val_loss)``: the validation loss in bits per character (a ValidationBits)."""
     _say()
     if history["val_losses"]:
         _say(f"last evaluation (step {history['track_steps'][-1]}): train loss {history['train_losses'][-1]:.3f}, "
-             f"val loss {history['val_losses'][-1]:.3f}, val perplexity {history['perplexities'][-1]:.1f}")
+             f"val loss {history['val_losses'][-1]:.3f}, val perplexity {history['perplexities'][-1]:.1f}, "
+             f"val bits per character {to_bits(history['val_losses'][-1]):.3f}")
     if final is not None:
         _say(f"final (step {history['global_step']}): train loss {final[0]:.3f}, val loss {final[1]:.3f}, "
-             f"val perplexity {perplexity(final[1]):.1f}")
+             f"val perplexity {perplexity(final[1]):.1f}, val bits per character {to_bits(final[1]):.3f}")
     _say(f"checkpoint  {run.checkpoint}")
     _say(f"loss plot   {run.path('loss.png')}")
     _say(f"history     {run.path('history.json')}")
@@ -485,8 +564,11 @@ def run_generate(prompt: str | None = None, checkpoint=None, model=None, max_new
         saved = _read_checkpoint(checkpoint)
         options = (saved.extra or {}).get("cli_options") or {}
         default_corpus_run = "data" in options and options["data"] is None
+        tokenizer = _checkpoint_tokenizer(saved)
         gpt = _build_from_checkpoint(saved, device)
+        _check_tokenizer_fits(tokenizer, gpt, prefix=f"{checkpoint}: ")
     else:
+        tokenizer = None  # GPT-2's
         gpt = _from_pretrained(model, dtype=dtype, device=device)
     if prompt is None:
         prompt = DEFAULT_PROMPT if default_corpus_run else GENERIC_PROMPT
@@ -495,7 +577,7 @@ def run_generate(prompt: str | None = None, checkpoint=None, model=None, max_new
     gpt.eval()
     sampling = sampling_options(greedy, temperature, top_k, seed, top_p)
     try:
-        text = generate_text(gpt, prompt, max_new_tokens, use_cache=use_cache, **sampling)
+        text = generate_text(gpt, prompt, max_new_tokens, tokenizer=tokenizer, use_cache=use_cache, **sampling)
     except ValueError as e:  # a prompt the model cannot read, a temperature that overflows...
         raise RunError(f"cannot generate: {e}") from e
     # the settings go to stderr, so that stdout is the text alone
@@ -504,6 +586,16 @@ def run_generate(prompt: str | None = None, checkpoint=None, model=None, max_new
     print(f"numpygpt: {how}", file=sys.stderr, flush=True)
     print(text, flush=True)
     return text
+
+
+def _checkpoint_tokenizer(saved):
+    """The tokenizer a checkpoint was trained with (saved beside it), checked against its record."""
+    from .tokenizer import TokenizerError, load_saved_tokenizer
+
+    try:
+        return load_saved_tokenizer(os.path.dirname(os.path.abspath(saved.path)), (saved.extra or {}).get("tokenizer"))
+    except (TokenizerError, OSError) as e:
+        raise RunError(str(e)) from e
 
 
 def _build_from_checkpoint(saved, device: str):

@@ -14,7 +14,7 @@ import pytest
 import regex
 from hypothesis import given, settings, strategies as st
 
-from numpygpt import tokenizer as tok
+from numpygpt.tokenizer import gpt2 as tok
 from numpygpt.tokenizer import (
     EOT_ID,
     decode,

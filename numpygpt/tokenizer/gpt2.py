@@ -85,7 +85,7 @@ def _check_sha256(path: Path, expected: str) -> None:
 
 
 @contextmanager
-def _no_tiktoken_cache():
+def no_tiktoken_cache():
     # tiktoken's reader copies every file it reads into a temp-dir cache keyed by
     # path. Ours are local already, so an empty TIKTOKEN_CACHE_DIR (tiktoken's own
     # switch) turns that copy off.
@@ -107,7 +107,7 @@ def get_tokenizer() -> tiktoken.Encoding:
     # Checked here as well as inside tiktoken so the error names the file and the fix.
     _check_sha256(vocab_bpe, VOCAB_BPE_SHA256)
     _check_sha256(encoder_json, ENCODER_JSON_SHA256)
-    with _no_tiktoken_cache():
+    with no_tiktoken_cache():
         # Maps the data-gym byte alphabet back to raw bytes and asserts that the
         # merge ranks agree with encoder.json's ids.
         mergeable_ranks = data_gym_to_mergeable_bpe_ranks(
