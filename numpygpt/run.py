@@ -373,11 +373,7 @@ def run_training(given) -> dict:
     if T > model.cfg.context_length:
         raise RunError(f"--context-length {T} exceeds the model's context of {model.cfg.context_length}")
     train_loader, val_loader, val_bits = _build_loaders(text, opts, T, tokenizer)
-    if opts.lr is None:
-        opts.lr = SMALL_MODEL_LR if not (opts.preset or opts.init_from) else DEFAULT_LR
-    groups = param_groups(model, opts.weight_decay)
-    optimizer = (ShardedAdamW(groups, comm, lr=opts.lr, weight_decay=opts.weight_decay) if opts.zero
-                 else AdamW(groups, lr=opts.lr, weight_decay=opts.weight_decay))
+    optimizer = _optimizer(opts, model, comm)
     if saved is not None:
         _restore(saved, resume_state, model, optimizer, train_loader, opts)
         del saved
@@ -404,8 +400,7 @@ def run_training(given) -> dict:
         max_steps=total, checkpoint_path=run.checkpoint, checkpoint_every=opts.checkpoint_every,
         resume_state=resume_state, run_options=run_options, extra={"tokenizer": tokenizer_record},
         progress=not opts.no_progress, sample_tokens=opts.sample_tokens, sampling=sampling,
-        on_evaluate=val_bits.hook,
-        comm=getattr(optimizer, "comm", None))  # ZeRO: gradients reduce-scattered into the optimiser
+        on_evaluate=val_bits.hook, comm=getattr(optimizer, "comm", None))  # ZeRO: gradients reduce-scattered into the optimiser
     history = run.train(model, train_loader, val_loader, optimizer, epochs, opts.eval_freq, opts.eval_iter,
                         start_context=prompt or None, tokenizer=tokenizer, options=options)
     final = _write_outputs(run, model, history, train_loader, val_loader, opts.eval_iter, comm)
@@ -413,6 +408,16 @@ def run_training(given) -> dict:
     _print_summary(run, history, final, seconds, prompt, opts, sampling, val_bits)
     return {"history": history, "model": model, "checkpoint": run.checkpoint, "plot": run.path("loss.png"),
             "history_path": run.path("history.json"), "seconds": seconds, "final_losses": final, "tokenizer": tokenizer}
+
+
+def _optimizer(opts: TrainCommandOptions, model, comm):
+    """AdamW (sharded over the ranks with --zero 1) at --lr, or the model's default rate."""
+    if opts.lr is None:
+        opts.lr = SMALL_MODEL_LR if not (opts.preset or opts.init_from) else DEFAULT_LR
+    groups = param_groups(model, opts.weight_decay)
+    if opts.zero:
+        return ShardedAdamW(groups, comm, lr=opts.lr, weight_decay=opts.weight_decay)
+    return AdamW(groups, lr=opts.lr, weight_decay=opts.weight_decay)
 
 
 def _resolve_options(given: dict):
