@@ -25,7 +25,7 @@ from ..options import DROP_RATE, NONNEG_FLOAT, POSITIVE_INT, option
 from ..progress import progress_bar
 from ..progress import say as _say
 from ..tokenizer import EOT_ID
-from .common import LoRAOptions
+from .common import LoRAOptions, check_split, planned_steps, trainable_adamw
 from .instruct_data import (BOOK_DATA_URL, PREAMBLE, RESPONSE_HEADER, Example, InstructionDataset,  # noqa: F401
                             collate_instructions, download_book_data, format_example, format_input,
                             load_instruction_data, split_data, validate_entries)
@@ -161,12 +161,12 @@ def finetune_instruct(options: InstructOptions | None = None, log=print, progres
     device = backend.set_device(o.device)
     comm.use_device(device)
     data_path = os.fspath(o.data) if o.data is not None else download_book_data()
-    splits = _split(data_path, o.batch_size)
+    splits = check_split(data_path, split_data(load_instruction_data(data_path)), o.batch_size)
     backend.manual_seed(o.seed)  # dropout's generator: the same seed gives the same run
     model = _load_model(o, device)
     tokenizer = get_tokenizer()
     train_loader, val_loader = _loaders(o, model, tokenizer, splits, data_path)
-    optimizer = _optimizer(o, model)
+    optimizer = trainable_adamw(model, o.lr, o.weight_decay)
     run = RunFolder(o.out, is_main=comm.is_main)
     run_options = o.run_options(data_path)
     state = run.resume(model, optimizer, run_options) if o.resume else None
@@ -183,19 +183,6 @@ def finetune_instruct(options: InstructOptions | None = None, log=print, progres
     _say(f"responses   {paths['responses']} ({len(responses)} test entries)", log)
     return {"model": model, "history": history, "train": splits[0], "test": splits[1], "val": splits[2],
             "responses": responses, "paths": paths}
-
-
-def _split(data_path: str, batch_size: int):
-    """(train, test, val) entries of the file, 85/10/5 in file order, checked for size."""
-    entries = load_instruction_data(data_path)
-    train_data, test_data, val_data = split_data(entries)
-    if len(train_data) < batch_size:
-        raise ValueError(f"{data_path}: the training split has {len(train_data)} entries, fewer than "
-                         f"the batch size {batch_size}: use more entries or a smaller batch size")
-    if not val_data:
-        raise ValueError(f"{data_path}: {len(entries)} entries leave no validation entries "
-                         "(the split is 85% train, 10% test, the rest validation)")
-    return train_data, test_data, val_data
 
 
 def _load_model(o: InstructOptions, device: str):
@@ -233,18 +220,10 @@ def _loaders(o: InstructOptions, model, tokenizer, splits, data_path: str):
     return train_loader, val_loader
 
 
-def _optimizer(o: InstructOptions, model):
-    from ..optim import AdamW
-
-    return AdamW([(name, p) for name, p in model.named_parameters() if p.requires_grad], lr=o.lr,
-                 weight_decay=o.weight_decay)
-
-
 def _print_plan(o: InstructOptions, model, data_path: str, splits, n_batches: int, device: str, log) -> None:
     cfg = model.cfg
     n_total, n_trainable = model.num_parameters(), model.num_parameters(trainable_only=True)
-    steps_per_epoch = n_batches // o.grad_accum
-    total = o.epochs * steps_per_epoch if o.max_steps is None else min(o.max_steps, o.epochs * steps_per_epoch)
+    total, steps_per_epoch = planned_steps(n_batches, o.grad_accum, o.epochs, o.max_steps)
     n_entries = sum(len(part) for part in splits)
     for line in (
         f"device      {device}",
