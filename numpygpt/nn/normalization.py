@@ -1,4 +1,4 @@
-"""Layer normalisation over the last (channel) axis."""
+"""Normalisation over the last (channel) axis: LayerNorm (GPT-2) and RMSNorm (Llama, Qwen3)."""
 
 from __future__ import annotations
 
@@ -6,26 +6,16 @@ from .module import Module, Parameter
 from .. import backend, parallel
 
 
-class LayerNorm(Module):
-    """y = xhat * w + b,  xhat = (x - mean) * rstd,  rstd = 1 / sqrt(var + eps).
+class _RowNorm(Module):
+    """Normalise each row of the last axis: xhat = (x - centre) * rstd, y = xhat * w (+ b).
 
-    The variance is the biased one (divide by C), as in GPT-2. Backward, per row,
-    with g = dy * w (the gradient reaching xhat):
-        dw = sum_rows dy * xhat
-        db = sum_rows dy
-        dx = (g - mean(g) - xhat * mean(g * xhat)) * rstd
-    The two means come from xhat's dependence on the row's mean and variance.
-
-    On the CPU the rows are split into chunks over every core (``numpygpt.parallel``);
-    dw and db are summed per chunk and the chunks' sums added in chunk order, so the
-    result does not depend on the number of threads.
+    LayerNorm centres on the row's mean, RMSNorm does not (``centred``). Rows are split
+    into chunks over every core (``numpygpt.parallel``); the weight gradients are summed per
+    chunk and the chunks' sums added in chunk order, so the result does not depend on the
+    number of threads. Any leading shape works: (B, T, C), or (B, T, NH, hs) per head.
     """
 
-    def __init__(self, dim: int, eps: float = 1e-5, dtype="float32"):
-        xp = backend.xp
-        self.eps = float(eps)
-        self.weight = Parameter(xp.ones((dim,), dtype=dtype))
-        self.bias = Parameter(xp.zeros((dim,), dtype=dtype))
+    centred = True
 
     def forward(self, x):
         xp = backend.array_module(x)
@@ -34,15 +24,18 @@ class LayerNorm(Module):
         xhat = xp.empty_like(x_rows)
         rstd = xp.empty((x_rows.shape[0], 1), dtype=x.dtype)  # (N, 1)
         y = xp.empty_like(x_rows)
-        w, b = self.weight.data, self.bias.data
+        w, b = self.weight.data, self.bias.data if self.bias is not None else None
 
         def rows(start, stop):
-            xc = x_rows[start:stop] - x_rows[start:stop].mean(axis=-1, keepdims=True)
-            var = (xc * xc).mean(axis=-1, keepdims=True)  # biased variance
+            xc = x_rows[start:stop]
+            if self.centred:
+                xc = xc - xc.mean(axis=-1, keepdims=True)
+            var = (xc * xc).mean(axis=-1, keepdims=True)  # biased variance (LayerNorm), mean square (RMSNorm)
             xp.divide(1.0, xp.sqrt(var + self.eps), out=rstd[start:stop])
             xp.multiply(xc, rstd[start:stop], out=xhat[start:stop])
             xp.multiply(xhat[start:stop], w, out=y[start:stop])
-            y[start:stop] += b
+            if b is not None:
+                y[start:stop] += b
 
         parallel.for_rows(rows, x_rows)
         self._save(xhat=xhat.reshape(x.shape), rstd=rstd.reshape(*x.shape[:-1], 1))
@@ -61,7 +54,10 @@ class LayerNorm(Module):
             dy, xh = dout_rows[start:stop], xhat[start:stop]
             g = dy * w  # dL/dxhat
             dxc = dx[start:stop]
-            xp.subtract(g, g.mean(axis=-1, keepdims=True), out=dxc)
+            if self.centred:
+                xp.subtract(g, g.mean(axis=-1, keepdims=True), out=dxc)
+            else:
+                dxc[...] = g
             dxc -= xh * (g * xh).mean(axis=-1, keepdims=True)
             dxc *= rstd[start:stop]
             return (dy * xh).sum(axis=0), dy.sum(axis=0)  # this chunk's dw, db
@@ -69,9 +65,50 @@ class LayerNorm(Module):
         partials = parallel.for_rows(rows, dout_rows)
         if self.weight.requires_grad:
             self.weight.add_grad(_sum_in_order(p[0] for p in partials))
-        if self.bias.requires_grad:
+        if self.bias is not None and self.bias.requires_grad:
             self.bias.add_grad(_sum_in_order(p[1] for p in partials))
         return dx.reshape(cache["xhat"].shape)
+
+
+class LayerNorm(_RowNorm):
+    """y = xhat * w + b,  xhat = (x - mean) * rstd,  rstd = 1 / sqrt(var + eps).
+
+    The variance is the biased one (divide by C), as in GPT-2. Backward, per row,
+    with g = dy * w (the gradient reaching xhat):
+        dw = sum_rows dy * xhat
+        db = sum_rows dy
+        dx = (g - mean(g) - xhat * mean(g * xhat)) * rstd
+    The two means come from xhat's dependence on the row's mean and variance.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-5, dtype="float32"):
+        xp = backend.xp
+        self.eps = float(eps)
+        self.weight = Parameter(xp.ones((dim,), dtype=dtype))
+        self.bias = Parameter(xp.zeros((dim,), dtype=dtype))
+
+
+class RMSNorm(_RowNorm):
+    """y = xhat * w,  xhat = x * rstd,  rstd = 1 / sqrt(mean(x^2) + eps)   (Llama, Qwen3).
+
+    LayerNorm without the centring and the shift: only the row's scale is normalised.
+    Qwen3's QK-norm is this layer on (B, T, NH, hs) queries with a weight of size hs,
+    shared by every head.
+
+    Backward, per row of C values, with g = dy * w (the gradient reaching xhat):
+        dw = sum_rows dy * xhat
+        dx = (g - xhat * mean(g * xhat)) * rstd
+    since d rstd / dx_j = -rstd^3 x_j / C, so
+        dx_i = g_i rstd + sum_j g_j x_j (-rstd^3 x_i / C) = rstd (g_i - xhat_i mean_j(g_j xhat_j)).
+    Compared with LayerNorm's dx the - mean(g) term is gone: no mean was subtracted.
+    """
+
+    centred = False
+    bias = None
+
+    def __init__(self, dim: int, eps: float = 1e-6, dtype="float32"):
+        self.eps = float(eps)
+        self.weight = Parameter(backend.xp.ones((dim,), dtype=dtype))
 
 
 def _sum_in_order(arrays):

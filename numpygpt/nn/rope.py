@@ -1,0 +1,127 @@
+"""Rotary position embeddings (RoPE), with Llama 3's frequency scaling.
+
+Position enters attention not as a vector added to the input (GPT-2's wpe) but as a
+rotation of each query and key: the pair (x1_i, x2_i) of a head at position p turns by
+the angle p * f_i. A query at p and a key at p' then meet in q . k through the angle
+(p - p') * f_i only: the score depends on their distance, not on where they are.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy
+
+from .module import Module
+from .. import backend
+
+ROPE_TYPES = ("default", "llama3")
+LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None) -> numpy.ndarray:
+    """The head_dim / 2 angular frequencies f_i = theta^(-2i / head_dim), float64 on the host.
+
+    ``scaling`` with rope_type "llama3" stretches the slow frequencies for a longer context
+    than the model was first trained on (``original_max_position_embeddings``, L). With
+    the wavelength lambda_i = 2 pi / f_i:
+        lambda_i < L / high_freq_factor   (fast, local)     f_i unchanged
+        lambda_i > L / low_freq_factor    (slow, global)    f_i / factor
+        in between                        s = (L / lambda_i - low) / (high - low),
+                                          f_i ((1 - s) / factor + s)
+    so the middle band blends the two smoothly (s runs from 0 to 1 across it).
+    """
+    f = 1.0 / theta ** (numpy.arange(0, head_dim, 2, dtype=numpy.float64) / head_dim)  # (hs/2,)
+    rope_type = (scaling or {}).get("rope_type", "default")
+    if rope_type == "default":
+        return f
+    if rope_type != "llama3":
+        raise ValueError(f"unknown rope_type {rope_type!r}: numpygpt knows {', '.join(ROPE_TYPES)}")
+    factor, low, high, L = (scaling[k] for k in LLAMA3_KEYS)
+    wavelength = 2 * math.pi / f
+    s = (L / wavelength - low) / (high - low)
+    scaled = numpy.where(wavelength > L / low, f / factor, f)
+    middle = (wavelength >= L / high) & (wavelength <= L / low)
+    return numpy.where(middle, (1 - s) * f / factor + s * f, scaled)
+
+
+class RotaryTables:
+    """cos(p f_i) and sin(p f_i) for positions p = 0, 1, ..., (P, hs/2) each: computed once
+    per dtype and device in float64 on the host, grown (doubling) when a longer sequence
+    comes, and shared by every layer of a model."""
+
+    def __init__(self, frequencies, max_positions: int):
+        self.frequencies = numpy.asarray(frequencies, dtype=numpy.float64)
+        self.max_positions = int(max_positions)
+        self._tables = {}  # (dtype, device) -> (cos, sin)
+
+    def get(self, stop: int, xp, dtype):
+        """(cos, sin) covering positions [0, stop), in ``dtype`` on xp's device."""
+        if stop > self.max_positions:
+            raise ValueError(f"position {stop - 1} is beyond the rotary tables' {self.max_positions} positions")
+        key = (numpy.dtype(dtype).name, xp.__name__)
+        tables = self._tables.get(key)
+        if tables is None or tables[0].shape[0] < stop:
+            have = 0 if tables is None else tables[0].shape[0]
+            P = min(self.max_positions, max(stop, 2 * have, 64))
+            angles = numpy.arange(P, dtype=numpy.float64)[:, None] * self.frequencies[None, :]  # (P, hs/2)
+            tables = tuple(backend.to_device(a, dtype=dtype, device_name="cuda" if xp is not numpy else "cpu")
+                           for a in (numpy.cos(angles), numpy.sin(angles)))
+            self._tables[key] = tables
+        return tables
+
+
+class RoPE(Module):
+    """Rotate each (x1_i, x2_i) pair of a head by the angle p f_i, p its position.
+
+    Hugging Face's half-split pairing: x1 = x[..., :hs/2] and x2 = x[..., hs/2:], so
+        y1 = x1 cos - x2 sin
+        y2 = x2 cos + x1 sin          (cos, sin of p f_i, i = 0 .. hs/2 - 1)
+    (HF writes this y = x cos + rotate_half(x) sin with rotate_half(x) = (-x2, x1)).
+
+    Backward: per pair, y = R(a) x with R(a) = [[cos a, -sin a], [sin a, cos a]], linear
+    in x, so dx = R(a)^T dy; and R(a)^T = R(-a) (a rotation is orthogonal), so
+        dx1 = dy1 cos + dy2 sin
+        dx2 = dy2 cos - dy1 sin
+    the same rotation by the opposite angle. No parameters; nothing to keep but the
+    positions. ``start`` offsets positions for tokens that follow a KV cache.
+
+    x: (..., T, hs) with the positions on axis -2, e.g. (B, NH, T, hs). The tables are
+    shared: one RoPE serves every layer, so the attention layers call ``rotate``
+    themselves and keep their own ``start`` (``forward``/``backward`` are for using it
+    alone, as the gradient check does).
+    """
+
+    def __init__(self, head_dim: int, theta: float = 10000.0, scaling: dict | None = None,
+                 max_positions: int = 2048):
+        if head_dim % 2:
+            raise ValueError(f"rotary embeddings pair up a head's dimensions: head_dim must be even, got {head_dim}")
+        self.head_dim = head_dim
+        self.tables = RotaryTables(rope_frequencies(head_dim, theta, scaling), max_positions)
+
+    def rotate(self, x, start: int = 0, inverse: bool = False):
+        """x rotated by +p f_i (inverse: by -p f_i) for positions p = start, start + 1, ...; a new array."""
+        xp = backend.array_module(x)
+        T, hs = x.shape[-2], x.shape[-1]
+        h = hs // 2
+        cos, sin = self.tables.get(start + T, xp, x.dtype)
+        cos, sin = cos[start:start + T], sin[start:start + T]  # (T, hs/2)
+        if inverse:
+            sin = -sin  # R(-a) = R(a)^T
+        x1, x2 = x[..., :h], x[..., h:]
+        y = xp.empty(x.shape, dtype=x.dtype)
+        y1, y2 = y[..., :h], y[..., h:]
+        xp.multiply(x1, cos, out=y1)
+        y1 -= x2 * sin  # y1 = x1 cos - x2 sin
+        xp.multiply(x2, cos, out=y2)
+        y2 += x1 * sin  # y2 = x2 cos + x1 sin
+        return y
+
+    def forward(self, x, start: int = 0):
+        self._save(start=start)
+        return self.rotate(x, start)
+
+    def backward(self, dout):
+        start = self._take()["start"]
+        # y = R(p f) x  =>  dx = R(p f)^T dy = R(-p f) dy
+        return self.rotate(dout, start, inverse=True)
