@@ -156,19 +156,3 @@ class LlamaModel(Module):
     @property
     def head(self) -> Module:
         return self.lm_head
-
-    @classmethod
-    def from_pretrained(cls, path: str, dtype: str = "float32", **kwargs) -> "LlamaModel":
-        """Load a Hugging Face Llama/Qwen3 directory (see ``numpygpt.hf.from_pretrained``)."""
-        from .hf import from_pretrained
-
-        model = from_pretrained(path, dtype=dtype, **kwargs)
-        if not isinstance(model, cls):
-            raise ValueError(f"{path} holds a {model.cfg.model_type} model, not a Llama or Qwen3")
-        return model
-
-    def save_pretrained(self, directory: str) -> None:
-        """Write config.json + model.safetensors in Hugging Face's layout."""
-        from .hf import save_pretrained
-
-        save_pretrained(self, directory)

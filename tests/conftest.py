@@ -51,3 +51,16 @@ def assert_grads_ok(errors: dict, tol: float = 1e-6):
 
     assert errors, "nothing was checked"
     assert max(errors.values()) <= tol, "\n" + report(errors, tol)
+
+
+def traced_peak(fn):
+    """(fn(), the peak of memory tracemalloc saw while fn ran, in bytes)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        result = fn()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return result, peak
