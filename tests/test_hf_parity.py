@@ -109,3 +109,31 @@ def test_greedy_decoding_with_the_cache_equals_hf_generate(pair):
     got = generate(ours, prompt, 33, use_cache=True)  # to position 39: past the original context
     np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(generate(ours, prompt, 33, use_cache=False), got)
+
+
+@pytest.mark.parametrize("name", ["llama-3.2-1b", "llama-3.2-3b", "qwen3-0.6b", "qwen3-1.7b", "llama-small"])
+def test_count_parameters_equals_transformers_count_of_the_same_config(name):
+    """Built on torch's meta device: shapes only, no memory."""
+    from numpygpt.config import LlamaConfig, count_parameters
+    from numpygpt.hf import LLAMA_TYPES, llama_config_to_hf
+
+    cfg = LlamaConfig.preset(name)
+    hf = llama_config_to_hf(cfg)
+    config = transformers.AutoConfig.for_model(**hf)
+    with torch.device("meta"):
+        model = getattr(transformers, LLAMA_TYPES[cfg.model_type])(config)
+    assert sum(p.numel() for p in model.parameters()) == count_parameters(cfg)
+
+
+@pytest.mark.parametrize("preset", ["llama-tiny", "qwen3-tiny"])
+def test_transformers_loads_what_numpygpt_saves(tmp_path, preset):
+    from numpygpt import LlamaConfig, LlamaModel
+
+    ours = LlamaModel(LlamaConfig.preset(preset, dtype=F64, tie_weights=False), seed=0)
+    numpygpt.save_pretrained(ours, tmp_path)
+    with float32_means_float64():
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64,
+                                                                   attn_implementation="eager")
+        idx = np.random.default_rng(0).integers(0, 128, (1, 30))
+        logits_hf = theirs(torch.tensor(idx)).logits.detach().numpy()
+    np.testing.assert_allclose(ours(idx), logits_hf, rtol=1e-11, atol=1e-12)
