@@ -48,7 +48,8 @@ SNIPPETS = snippets(SOURCE)
 def test_every_section_has_a_checked_snippet():
     sections = re.findall(r"^## (.+)$", SOURCE, re.M)
     expected = ["Cross-entropy", "output head", "LayerNorm", "residual", "MLP and GELU", "Attention",
-                "embeddings", "whole model"]
+                "embeddings", "whole model", "Llama block", "RMSNorm", "Rotary", "SwiGLU", "Grouped-query",
+                "Llama and Qwen3 model"]
     for word in expected:
         assert any(word in s for s in sections), word
     covered = {_heading_before(SOURCE, m.start()) for m in SNIPPETS}
