@@ -151,3 +151,36 @@ def test_state_dict_round_trip_and_train_eval():
     assert isinstance(b.model.layers[0], Qwen3Block)
     b.zero_grad()
     assert all(p.grad is None for p in b.parameters())
+
+
+def test_training_checkpoint_of_a_llama_model_resumes_identically(tmp_path):
+    """save_checkpoint / load_checkpoint build the family the saved config names."""
+    from numpygpt.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+    from numpygpt.optim import AdamW
+
+    rng = np.random.default_rng(0)
+    batches = [rng.integers(0, 128, (2, 9)) for _ in range(5)]
+
+    def steps(model, opt, which):
+        loss_fn = CrossEntropyLoss()
+        for ids in (batches[i] for i in which):
+            model.zero_grad()
+            loss_fn(model(ids[:, :-1]), ids[:, 1:])
+            model.backward(loss_fn.backward())
+            opt.step()
+
+    model = LlamaModel(LlamaConfig.preset("qwen3-tiny", tie_weights=False), seed=0)
+    opt = AdamW(model, lr=1e-2, weight_decay=0.1)
+    steps(model, opt, [0, 1])
+    path = tmp_path / "ckpt.safetensors"
+    save_checkpoint(path, model, opt, step=2)
+    restored = load_checkpoint(path)["model"]  # no model given: built from the saved config
+    assert isinstance(restored, LlamaModel) and restored.cfg == model.cfg
+    opt2 = AdamW(restored, lr=1.0, weight_decay=0.0)
+    read_checkpoint(path).apply(restored, opt2)
+    steps(model, opt, [2, 3, 4])
+    steps(restored, opt2, [2, 3, 4])
+    for (name, p), q in zip(model.named_parameters(), restored.parameters()):
+        np.testing.assert_array_equal(to_host(p.data), to_host(q.data), err_msg=name)
+    with pytest.raises(ValueError, match="does not fit the model"):
+        load_checkpoint(path, LlamaModel(LlamaConfig.preset("llama-tiny"), seed=0))
