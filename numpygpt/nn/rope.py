@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import math
 
-import numpy
-
 from .module import Module
 from .. import backend
 
+# the same names LlamaConfig checks (config.py imports no layer, and no layer the config)
 ROPE_TYPES = ("default", "llama3")
-LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
-def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None) -> numpy.ndarray:
-    """The head_dim / 2 angular frequencies f_i = theta^(-2i / head_dim), float64 on the host.
+def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None):
+    """The head_dim / 2 angular frequencies f_i = theta^(-2i / head_dim), a float64 host array.
 
     ``scaling`` with rope_type "llama3" stretches the slow frequencies for a longer context
     than the model was first trained on (``original_max_position_embeddings``, L). With
@@ -31,42 +30,48 @@ def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None) -
                                           f_i ((1 - s) / factor + s)
     so the middle band blends the two smoothly (s runs from 0 to 1 across it).
     """
-    f = 1.0 / theta ** (numpy.arange(0, head_dim, 2, dtype=numpy.float64) / head_dim)  # (hs/2,)
     rope_type = (scaling or {}).get("rope_type", "default")
-    if rope_type == "default":
-        return f
-    if rope_type != "llama3":
+    if rope_type not in ROPE_TYPES:
         raise ValueError(f"unknown rope_type {rope_type!r}: numpygpt knows {', '.join(ROPE_TYPES)}")
-    factor, low, high, L = (scaling[k] for k in LLAMA3_KEYS)
-    wavelength = 2 * math.pi / f
-    s = (L / wavelength - low) / (high - low)
-    scaled = numpy.where(wavelength > L / low, f / factor, f)
-    middle = (wavelength >= L / high) & (wavelength <= L / low)
-    return numpy.where(middle, (1 - s) * f / factor + s * f, scaled)
+    freqs = [1.0 / theta ** (i / head_dim) for i in range(0, head_dim, 2)]  # hs/2 numbers: plain floats
+    if rope_type == "llama3":
+        freqs = [_llama3_scaled(f, **{k: scaling[k] for k in LLAMA3_ROPE_KEYS}) for f in freqs]
+    return backend.to_device(freqs, dtype="float64", device_name="cpu")
+
+
+def _llama3_scaled(f: float, factor, low_freq_factor, high_freq_factor, original_max_position_embeddings) -> float:
+    """One frequency under Llama 3's scaling (see rope_frequencies)."""
+    L, wavelength = original_max_position_embeddings, 2 * math.pi / f
+    if wavelength < L / high_freq_factor:
+        return f
+    if wavelength > L / low_freq_factor:
+        return f / factor
+    s = (L / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    return (1 - s) * f / factor + s * f
 
 
 class RotaryTables:
     """cos(p f_i) and sin(p f_i) for positions p = 0, 1, ..., (P, hs/2) each: computed once
-    per dtype and device in float64 on the host, grown (doubling) when a longer sequence
+    per dtype and device (in float64, then cast), grown (doubling) when a longer sequence
     comes, and shared by every layer of a model."""
 
     def __init__(self, frequencies, max_positions: int):
-        self.frequencies = numpy.asarray(frequencies, dtype=numpy.float64)
+        self.frequencies = frequencies  # (hs/2,) float64, on the host
         self.max_positions = int(max_positions)
-        self._tables = {}  # (dtype, device) -> (cos, sin)
+        self._tables = {}  # (dtype, array library) -> (cos, sin)
 
     def get(self, stop: int, xp, dtype):
         """(cos, sin) covering positions [0, stop), in ``dtype`` on xp's device."""
         if stop > self.max_positions:
             raise ValueError(f"position {stop - 1} is beyond the rotary tables' {self.max_positions} positions")
-        key = (numpy.dtype(dtype).name, xp.__name__)
+        key = (xp.dtype(dtype).name, xp.__name__)
         tables = self._tables.get(key)
         if tables is None or tables[0].shape[0] < stop:
             have = 0 if tables is None else tables[0].shape[0]
             P = min(self.max_positions, max(stop, 2 * have, 64))
-            angles = numpy.arange(P, dtype=numpy.float64)[:, None] * self.frequencies[None, :]  # (P, hs/2)
-            tables = tuple(backend.to_device(a, dtype=dtype, device_name="cuda" if xp is not numpy else "cpu")
-                           for a in (numpy.cos(angles), numpy.sin(angles)))
+            freqs = xp.asarray(self.frequencies, dtype="float64")
+            angles = xp.arange(P, dtype="float64")[:, None] * freqs[None, :]  # (P, hs/2)
+            tables = (xp.cos(angles).astype(dtype), xp.sin(angles).astype(dtype))
             self._tables[key] = tables
         return tables
 
