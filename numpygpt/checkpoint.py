@@ -202,7 +202,7 @@ def _check_tensor_table(path: str, config: GPTConfig, f, model_keys: list) -> No
     C, L = config.emb_dim, config.n_layers
     if isinstance(config, LlamaConfig):
         _check_llama_count(path, config, len(model_keys))
-        _check_shapes(path, f, model_keys, parameter_shapes(config))
+        _check_shapes(path, f, model_keys, {**parameter_shapes(config), **_lora_shapes(config)})
         return
     per_block = 11 + (1 if config.qkv_bias else 0)  # ln_1 2, c_attn 1 (+ bias), c_proj 2, ln_2 2, mlp 4
     if config.num_classes is not None:
@@ -218,18 +218,24 @@ def _check_tensor_table(path: str, config: GPTConfig, f, model_keys: list) -> No
             f"{path}: the metadata describes a model of {expected_count} tensors (n_layers={L}, emb_dim={C}), "
             f"but the file holds {len(model_keys)} model tensors"
         )
-    shapes = parameter_shapes(config)
-    if config.lora_rank is not None:
-        from .lora import lora_tensor_shapes
+    _check_shapes(path, f, model_keys, {**parameter_shapes(config), **_lora_shapes(config)})
 
-        shapes.update(lora_tensor_shapes(config))
-    _check_shapes(path, f, model_keys, shapes)
+
+def _lora_shapes(config) -> dict:
+    """The LoRA adapters' tensor shapes of a config with lora_rank (none without)."""
+    if config.lora_rank is None:
+        return {}
+    from .lora import lora_tensor_shapes
+
+    return lora_tensor_shapes(config)
 
 
 def _check_llama_count(path: str, config: LlamaConfig, count: int) -> None:
     """A Llama/Qwen3 checkpoint's tensor count, from the config's numbers alone."""
-    per_block = 9 + (2 if config.qk_norm else 0)  # 2 norms, q k v o (+ q_norm, k_norm), gate up down
-    expected = 2 + config.n_layers * per_block + (0 if config.tie_weights else 1)  # embed, norm (+ head)
+    lora = config.lora_rank is not None  # lora_A and lora_B on the 7 projections and an untied head
+    per_block = 9 + (2 if config.qk_norm else 0) + (14 if lora else 0)  # 2 norms, q k v o (+ q/k_norm), gate up down
+    head = 0 if config.tie_weights else 1 + (2 if lora else 0)
+    expected = 2 + config.n_layers * per_block + head  # embed_tokens, norm
     if count != expected:
         raise ValueError(f"{path}: the metadata describes a {config.model_type} model of {expected} tensors "
                          f"(n_layers={config.n_layers}), but the file holds {count} model tensors")

@@ -67,13 +67,7 @@ class GPTConfig:
             raise ValueError(f"readout must be one of {', '.join(READOUTS)}, got {self.readout!r}")
         if not _is_int(self.pad_id) or self.pad_id < 0:
             raise ValueError(f"pad_id must be a token id (an integer >= 0), got {self.pad_id!r}")
-        if (self.lora_rank is None) != (self.lora_alpha is None):
-            raise ValueError("lora_rank and lora_alpha are given together or not at all")
-        if self.lora_rank is not None and (not _is_int(self.lora_rank) or self.lora_rank < 1):
-            raise ValueError(f"LoRA rank must be a positive integer, got {self.lora_rank!r}")
-        if self.lora_alpha is not None and (isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, numbers.Real)
-                                            or not math.isfinite(self.lora_alpha) or not self.lora_alpha > 0):
-            raise ValueError(f"LoRA alpha must be a positive number, got {self.lora_alpha!r}")
+        _check_lora(self.lora_rank, self.lora_alpha)
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "GPTConfig":
@@ -108,6 +102,17 @@ def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def _check_lora(rank, alpha) -> None:
+    """LoRA's rank and alpha: both None (no adapters), or a positive integer and a positive number."""
+    if (rank is None) != (alpha is None):
+        raise ValueError("lora_rank and lora_alpha are given together or not at all")
+    if rank is not None and (not _is_int(rank) or rank < 1):
+        raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
+    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, numbers.Real)
+                              or not math.isfinite(alpha) or not alpha > 0):
+        raise ValueError(f"LoRA alpha must be a positive number, got {alpha!r}")
+
+
 READOUTS = ("last", "last_non_pad")
 TRAINABLE = ("all", "last-block", "last-two-blocks", "head")  # what GPTModel.set_trainable accepts
 
@@ -134,10 +139,7 @@ def count_parameters(cfg, tied: bool | None = None, trainable: str | None = None
     has a (C, K) head with bias instead of the language-model head.
     """
     if isinstance(cfg, LlamaConfig):
-        if trainable not in (None, "all"):
-            raise ValueError(f"count_parameters of a {cfg.model_type} model counts every parameter "
-                             f"(trainable None or 'all'), got trainable={trainable!r}")
-        return _count_llama(cfg, cfg.tie_weights if tied is None else tied)
+        return _count_llama(cfg, cfg.tie_weights if tied is None else tied, trainable)
     tied = cfg.tie_weights if tied is None else tied
     V, T, C, L = cfg.vocab_size, cfg.context_length, cfg.emb_dim, cfg.n_layers
     attn = C * 3 * C + (3 * C if cfg.qkv_bias else 0) + C * C + C
@@ -200,6 +202,10 @@ class LlamaConfig:
     tie_weights: bool = True       # tie_word_embeddings
     dtype: str = "float32"
     attn_impl: str = "auto"        # "dense", "blockwise" or "auto", as GPTConfig's
+    # LoRA (numpygpt.apply_lora) on q/k/v/o_proj, gate/up/down_proj and an untied head
+    lora_rank: int | None = None
+    lora_alpha: float | None = None
+    num_classes: ClassVar[None] = None  # a language model only (no classifier head)
 
     def __post_init__(self):
         if self.model_type not in ("llama", "qwen3"):
@@ -231,6 +237,7 @@ class LlamaConfig:
         if self.attn_impl not in ("auto", "dense", "blockwise"):
             raise ValueError(f"attn_impl must be 'auto', 'dense' or 'blockwise', got {self.attn_impl!r}")
         self.rope_scaling = _check_rope_scaling(self.rope_scaling)
+        _check_lora(self.lora_rank, self.lora_alpha)
 
     @property
     def qk_norm(self) -> bool:
@@ -310,13 +317,26 @@ LLAMA_PRESETS = {
 }
 
 
-def _count_llama(cfg: LlamaConfig, tied: bool) -> int:
-    """Parameters of a LlamaModel with this config, from the shapes alone."""
+def _count_llama(cfg: LlamaConfig, tied: bool, trainable: str | None) -> int:
+    """Parameters of a LlamaModel with this config, from the shapes alone: every one
+    (trainable None; "all" without adapters) or the LoRA adapters ("lora")."""
+    if trainable not in (None, "all", "lora"):
+        raise ValueError(f"count_parameters of a {cfg.model_type} model takes trainable None, 'all' or 'lora', "
+                         f"got {trainable!r}")
+    adapters = 0
+    if cfg.lora_rank is not None:
+        from .lora import lora_tensor_shapes  # imports the layers, which import this module
+
+        adapters = sum(math.prod(s) for s in lora_tensor_shapes(cfg.replace(tie_weights=tied)).values())
+    elif trainable == "lora":
+        raise ValueError('count_parameters(trainable="lora") needs a config with lora_rank')
+    if trainable == "lora":
+        return adapters
     V, C, H, hs = cfg.vocab_size, cfg.emb_dim, cfg.hidden_dim, cfg.head_dim
     attn = C * cfg.n_heads * hs * 2 + C * cfg.n_kv_heads * hs * 2  # q, o; k, v
     qk_norm = 2 * hs if cfg.qk_norm else 0
     block = 2 * C + attn + qk_norm + 3 * C * H  # two RMSNorms, attention, SwiGLU
-    return V * C + cfg.n_layers * block + C + (0 if tied else V * C)
+    return V * C + cfg.n_layers * block + C + (0 if tied else V * C) + (adapters if trainable is None else 0)
 
 
 def config_from_dict(d: dict):

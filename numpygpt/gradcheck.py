@@ -259,6 +259,7 @@ def _llama_checks(rng, dev, randn, randomized, seed: int) -> list:
     """gradcheck_checks' entries for the Llama 3 / Qwen3 ops and models (issue 17)."""
     from .config import LlamaConfig
     from .llama import LlamaModel
+    from .lora import apply_lora
     from .nn import CrossEntropyLoss, GroupedQueryAttention, RMSNorm, RoPE, SiLU, SwiGLU
 
     F64 = "float64"
@@ -272,11 +273,13 @@ def _llama_checks(rng, dev, randn, randomized, seed: int) -> list:
                                       dtype=F64, block_q=2, block_k=3)
         return check_layer(randomized(layer), randn(B, T, C))
 
-    def llama_check(model_type: str, tied: bool):
+    def llama_check(model_type: str, tied: bool, lora: bool = False):
         def run():
             llama_cfg = LlamaConfig.preset(f"{model_type}-tiny", vocab_size=V, emb_dim=C, hidden_dim=12,
                                            dtype=F64, tie_weights=tied)
             model = randomized(LlamaModel(llama_cfg, seed=seed), scale=0.5)
+            if lora:  # adapters drawn away from B = 0, so every adapter gradient is exercised
+                randomized(apply_lora(model, rank=2, alpha=3.0, seed=seed), scale=0.3)
             idx = dev(rng.integers(0, V, (B, T)), None)
             return check_model_loss(model, CrossEntropyLoss(), idx, dev(rng.integers(0, V, (B, T)), None), eps=1e-5)
         return run
@@ -294,6 +297,7 @@ def _llama_checks(rng, dev, randn, randomized, seed: int) -> list:
         ("Llama + loss (tied)", llama_check("llama", True)),
         ("Llama + loss (untied)", llama_check("llama", False)),
         ("Qwen3 + loss (tied)", llama_check("qwen3", True)),
+        ("Qwen3 + LoRA + loss", llama_check("qwen3", False, lora=True)),
     ]
 
 

@@ -186,13 +186,19 @@ def save_pretrained(model, directory, max_shard_bytes: int | None = None) -> Non
     size (a bigger tensor gets a shard of its own) and ``model.safetensors.index.json``.
     Tensors are in the model's dtype, copied to the host one at a time; each file is
     written to a temporary and renamed. A GPTModel is written in GPT-2's layout."""
+    from .lora import LORA_SUFFIXES, is_merged, lora_layers
+
     if isinstance(model, GPTModel):
         if max_shard_bytes is not None:
             raise ValueError("GPT-2 directories are written as one model.safetensors (no max_shard_bytes)")
         return model.save_pretrained(directory)
+    if lora_layers(model) and not is_merged(model):
+        raise ValueError("save_pretrained writes plain weights: call merge_lora(model) first to fold the LoRA "
+                         "adapters in (or keep them apart with save_lora / save_checkpoint)")
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
-    tensors = [(n, p.data.T if is_transposed(n) else p.data) for n, p in model.named_parameters()]
+    tensors = [(n, p.data.T if is_transposed(n) else p.data) for n, p in model.named_parameters()
+               if not n.endswith(LORA_SUFFIXES)]  # merged adapters are inside the weights
     if list(dict(tensors)) != list(llama_tensor_shapes(model.cfg)):
         raise RuntimeError("LlamaModel's parameter names no longer match the Hugging Face table")
     shards = _shards(tensors, max_shard_bytes)
@@ -202,7 +208,8 @@ def save_pretrained(model, directory, max_shard_bytes: int | None = None) -> Non
     else:
         _write_shards(directory, shards)
     with atomic_write(os.path.join(directory, CONFIG_FILE)) as fh:
-        fh.write((json.dumps(llama_config_to_hf(model.cfg), indent=2) + "\n").encode("utf-8"))
+        hf = llama_config_to_hf(model.cfg.replace(lora_rank=None, lora_alpha=None))
+        fh.write((json.dumps(hf, indent=2) + "\n").encode("utf-8"))
 
 
 def _shards(tensors: list, max_bytes: int | None) -> list:

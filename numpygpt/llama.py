@@ -104,7 +104,7 @@ class LlamaModel(Module):
         checkpoint's weights are loaded next."""
         if not isinstance(cfg, LlamaConfig):
             raise ValueError(f"LlamaModel is built from a LlamaConfig, got {type(cfg).__name__}")
-        self.cfg = cfg
+        self.cfg = cfg.replace(lora_rank=None, lora_alpha=None)  # apply_lora below records them
         with skip_init():  # one seeded draw for the whole model, in init_weights
             self.model = LlamaDecoder(cfg)
         if cfg.tie_weights:
@@ -113,6 +113,10 @@ class LlamaModel(Module):
             self.lm_head = OutputHead(Parameter(backend.xp.zeros((cfg.vocab_size, cfg.emb_dim), dtype=cfg.dtype)))
         if init:
             self.init_weights(seed)
+        if cfg.lora_rank is not None:
+            from .lora import apply_lora
+
+            apply_lora(self, cfg.lora_rank, cfg.lora_alpha, seed=seed)
 
     def init_weights(self, seed: int | None = 0) -> None:
         """Hugging Face's initialisation: every weight ~ N(0, 0.02), RMSNorm scales 1.
@@ -120,6 +124,8 @@ class LlamaModel(Module):
         rng = backend.host_rng(seed)
         xp = backend.array_module(self.model.embed_tokens.weight.data)
         for name, p in self.named_parameters():
+            if name.endswith((".lora_A", ".lora_B")):
+                continue  # adapters keep their own initialisation (numpygpt.nn.lora)
             if name.endswith("norm.weight"):  # input_/post_attention_layernorm, q_/k_norm, model.norm
                 p.data, p.grad = xp.ones(p.shape, dtype=p.dtype), None
             else:
@@ -148,6 +154,18 @@ class LlamaModel(Module):
     def new_kv_caches(self) -> list:
         """One cache per block; each holds that block's NKV key/value heads."""
         return [KVCache(self.cfg.context_length) for _ in self.model.layers]
+
+    def lora_targets(self) -> list:
+        """(owner module, attribute, splits) of each layer ``apply_lora`` wraps, in model
+        order: every block's q/k/v/o_proj and gate/up/down_proj, and an untied head."""
+        targets = []
+        for layer in self.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            targets += [(attn, name, 1) for name in ("q_proj", "k_proj", "v_proj", "o_proj")]
+            targets += [(mlp, name, 1) for name in ("gate_proj", "up_proj", "down_proj")]
+        if not self.cfg.tie_weights:
+            targets.append((self, "lm_head", 1))
+        return targets
 
     @property
     def is_classifier(self) -> bool:

@@ -5,9 +5,11 @@
     save_lora(model, "adapters.safetensors")          # the adapters alone (a few MB)
     merge_lora(model)                                 # fold into the weights for inference
 
-What gets an adapter: in every block ``attn.c_attn`` (three, for Q, K and V: splits=3),
-``attn.c_proj``, ``mlp.c_fc`` and ``mlp.c_proj``; and the head: a classifier's ``score``
-or an untied language-model head (a tied one is the token embedding and stays frozen).
+What gets an adapter is the model's ``lora_targets()``: for GPT-2 in every block
+``attn.c_attn`` (three, for Q, K and V: splits=3), ``attn.c_proj``, ``mlp.c_fc`` and
+``mlp.c_proj``; for Llama and Qwen3 every ``q/k/v/o_proj`` and ``gate/up/down_proj``; and
+the head: a classifier's ``score`` or an untied language-model head (a tied one is the
+token embedding and stays frozen).
 Everything else is frozen. The layer itself is numpygpt.nn.LoRALinear / LoRAOutputHead.
 
 The model's config records ``lora_rank`` and ``lora_alpha``, so ``save_checkpoint`` /
@@ -23,7 +25,7 @@ from safetensors import safe_open
 
 from . import backend
 from .fileio import write_safetensors
-from .nn import LoRALinear, LoRAOutputHead, LowRankAdapter
+from .nn import LoRALinear, LoRAOutputHead, LowRankAdapter, OutputHead
 
 __all__ = ["apply_lora", "merge_lora", "unmerge_lora", "save_lora", "load_lora", "lora_layers",
            "lora_parameters", "lora_tensor_shapes"]
@@ -35,23 +37,35 @@ LORA_SUFFIXES = (".lora_A", ".lora_B")
 def lora_tensor_shapes(cfg) -> dict:
     """name -> shape of every adapter tensor apply_lora gives a model with this config
     (rank ``cfg.lora_rank``), in model order; computed from the config alone."""
-    C, r = cfg.emb_dim, cfg.lora_rank
+    r = cfg.lora_rank
     shapes = {}
-
-    def adapter(name, n_in, n_out, splits=1):
+    for name, n_in, n_out, splits in _adapted_layers(cfg):
         shapes[name + ".lora_A"] = (splits, n_in, r)
         shapes[name + ".lora_B"] = (splits, r, n_out // splits)
-
-    for i in range(cfg.n_layers):
-        adapter(f"h.{i}.attn.c_attn", C, 3 * C, splits=3)
-        adapter(f"h.{i}.attn.c_proj", C, C)
-        adapter(f"h.{i}.mlp.c_fc", C, 4 * C)
-        adapter(f"h.{i}.mlp.c_proj", 4 * C, C)
-    if cfg.num_classes is not None:
-        adapter("score", C, cfg.num_classes)
-    elif not cfg.tie_weights:
-        adapter("lm_head", C, cfg.vocab_size)
     return shapes
+
+
+def _adapted_layers(cfg) -> list:
+    """(name, in, out, splits) of every layer apply_lora wraps, in model order (the order
+    of the model's ``lora_targets``)."""
+    C = cfg.emb_dim
+    layers = []
+    if getattr(cfg, "model_type", "gpt2") == "gpt2":
+        for i in range(cfg.n_layers):
+            layers += [(f"h.{i}.attn.c_attn", C, 3 * C, 3), (f"h.{i}.attn.c_proj", C, C, 1),
+                       (f"h.{i}.mlp.c_fc", C, 4 * C, 1), (f"h.{i}.mlp.c_proj", 4 * C, C, 1)]
+    else:  # Llama 3, Qwen3
+        q, kv, H = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.hidden_dim
+        for i in range(cfg.n_layers):
+            attn, mlp = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+            layers += [(attn + "q_proj", C, q, 1), (attn + "k_proj", C, kv, 1), (attn + "v_proj", C, kv, 1),
+                       (attn + "o_proj", q, C, 1), (mlp + "gate_proj", C, H, 1), (mlp + "up_proj", C, H, 1),
+                       (mlp + "down_proj", H, C, 1)]
+    if cfg.num_classes is not None:
+        layers.append(("score", C, cfg.num_classes, 1))
+    elif not cfg.tie_weights:
+        layers.append(("lm_head", C, cfg.vocab_size, 1))
+    return layers
 
 
 def lora_layers(model) -> list:
@@ -83,16 +97,13 @@ def apply_lora(model, rank: int, alpha: float, seed: int | None = None):
 
     for p in model.parameters():
         p.requires_grad, p.grad = False, None
-    for block in model.h:
-        attn, mlp = block.attn, block.mlp
-        attn.c_attn = LoRALinear(attn.c_attn, rank, alpha, splits=3, seed=seed_next())  # q | k | v
-        attn.c_proj = LoRALinear(attn.c_proj, rank, alpha, seed=seed_next())
-        mlp.c_fc = LoRALinear(mlp.c_fc, rank, alpha, seed=seed_next())
-        mlp.c_proj = LoRALinear(mlp.c_proj, rank, alpha, seed=seed_next())
-    if model.is_classifier:
-        model.score = LoRALinear(model.score, rank, alpha, seed=seed_next())
-    elif not model.cfg.tie_weights:
-        model.lm_head = LoRAOutputHead(model.lm_head, rank, alpha, seed=seed_next())
+    for owner, attribute, splits in model.lora_targets():  # in model order: one seed each
+        layer = getattr(owner, attribute)
+        if isinstance(layer, OutputHead):
+            adapted = LoRAOutputHead(layer, rank, alpha, seed=seed_next())
+        else:
+            adapted = LoRALinear(layer, rank, alpha, splits=splits, seed=seed_next())
+        setattr(owner, attribute, adapted)
     model.cfg = cfg
     return model
 

@@ -272,6 +272,20 @@ class GPTModel(Module):
     def new_kv_caches(self) -> list:
         return [KVCache(self.cfg.context_length) for _ in self.h]
 
+    def lora_targets(self) -> list:
+        """(owner module, attribute, splits) of each layer ``apply_lora`` wraps, in model
+        order: every block's c_attn (Q | K | V: 3 splits), attn.c_proj, mlp.c_fc, mlp.c_proj,
+        and the head unless it is the (tied) token embedding."""
+        targets = []
+        for block in self.h:
+            targets += [(block.attn, "c_attn", 3), (block.attn, "c_proj", 1), (block.mlp, "c_fc", 1),
+                        (block.mlp, "c_proj", 1)]
+        if self.is_classifier:
+            targets.append((self, "score", 1))
+        elif not self.cfg.tie_weights:
+            targets.append((self, "lm_head", 1))
+        return targets
+
     # -- fine-tuning -----------------------------------------------------------------
 
     @property
