@@ -49,11 +49,14 @@ class _Elementwise(Module):
 
 
 class GELU(_Elementwise):
-    """GPT-2's tanh approximation:  y = 0.5 x (1 + tanh(u)),  u = sqrt(2/pi) (x + 0.044715 x^3).
+    r"""GPT-2's tanh approximation: $y = \tfrac{1}{2} x (1 + \tanh u)$, $u = \sqrt{2/\pi}\,(x + 0.044715\, x^3)$.
 
-    Backward (product rule, tanh' = 1 - tanh^2):
-        dy/dx = 0.5 (1 + tanh u) + 0.5 x (1 - tanh^2 u) sqrt(2/pi) (1 + 3 * 0.044715 x^2)
-    The forward keeps t = tanh(u).
+    Backward (product rule, $\tanh' = 1 - \tanh^2$), element by element:
+
+    $$\frac{\partial y}{\partial x} = \tfrac{1}{2} \left(1 + \tanh u\right)
+    + \tfrac{1}{2}\, x \left(1 - \tanh^2 u\right) \sqrt{2/\pi}\, \left(1 + 3 \cdot 0.044715\, x^2\right)$$
+
+    and the input gradient is the upstream one times it: $dx = dy \odot \partial y / \partial x$.
     """
 
     @staticmethod
@@ -69,12 +72,15 @@ class GELU(_Elementwise):
 
 
 class SiLU(_Elementwise):
-    """y = x * sigmoid(x)   (also called swish; the gate of Llama's SwiGLU).
+    r"""$y = x\, \sigma(x)$ (also called swish; the gate of Llama's SwiGLU), $\sigma$ the logistic sigmoid.
 
-    Backward (product rule, sigmoid' = s (1 - s) with s = sigmoid(x)):
-        dy/dx = s + x s (1 - s) = s (1 + x (1 - s))
-    The forward keeps s, computed from exp(-|x|), which never overflows and keeps full
-    relative precision for large negative x (where y is a tiny negative number, not 0).
+    Backward (product rule, $\sigma' = \sigma (1 - \sigma)$), element by element:
+
+    $$\frac{\partial y}{\partial x} = \sigma(x) + x\, \sigma(x) \big(1 - \sigma(x)\big)
+    = \sigma(x) \big(1 + x (1 - \sigma(x))\big), \qquad dx = dy \odot \frac{\partial y}{\partial x}.$$
+
+    The forward keeps $\sigma(x)$, computed from $e^{-|x|}$: that never overflows, and keeps
+    full relative precision for large negative x (where y is a tiny negative number, not 0).
     """
 
     @staticmethod

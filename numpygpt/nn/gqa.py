@@ -15,27 +15,35 @@ from .. import backend
 
 
 class GroupedQueryAttention(Module):
-    """Causal attention with NH query heads and NKV <= NH key/value heads, NG = NH / NKV
-    query heads per KV head; head size hs need not be C / NH (Qwen3: 128 with C / NH = 64).
+    r"""Causal attention with NH query heads and NKV <= NH key/value heads, NG = NH / NKV
+    query heads per KV head; the head size hs need not be C / NH (Qwen3: 128 with C / NH = 64).
 
-    Forward (no biases; names are Hugging Face's):
-        q = rope(qnorm(x W_q))     (B, NH, T, hs)     qnorm: RMSNorm per head, Qwen3 only
-        k = rope(knorm(x W_k))     (B, NKV, T, hs)
-        v = x W_v                  (B, NKV, T, hs)
-        query head h reads KV head h // NG:
-        y_h = softmax(q_h k_{h//NG}^T / sqrt(hs) + mask) v_{h//NG}
-        out = concat_heads(y) W_o                (B, T, C)
+    Forward (no biases; names are Hugging Face's; qnorm, knorm are Qwen3's per-head RMSNorm):
+
+    $$
+    \begin{aligned}
+    q &= \operatorname{rope}(\operatorname{qnorm}(x W_q)) && (B, NH, T, hs) \\
+    k &= \operatorname{rope}(\operatorname{knorm}(x W_k)), \quad v = x W_v && (B, NKV, T, hs) \\
+    y_h &= \operatorname{softmax}\big(q_h k_{\lfloor h / NG \rfloor}^\top / \sqrt{hs} + M\big)\, v_{\lfloor h / NG \rfloor}
+    && (T, hs) \\
+    \text{out} &= \operatorname{concat}_{\text{heads}}(y)\, W_o && (B, T, C)
+    \end{aligned}
+    $$
+
     The NG query heads of one KV head are stacked along the rows, q as (B, NKV, NG T, hs),
     so one batched matmul against the unrepeated k (B, NKV, T_k, hs) gives every score,
     (B, NKV, NG T, T_k), and K/V are never copied NG times.
 
     Backward, the attention part as in MultiHeadAttention on those stacked rows:
-        dA = dy v^T,  dv = A^T dy,  dS = softmax'(dA) / sqrt(hs),  dq = dS k,  dk = dS^T q
-    where A^T dy and dS^T q contract over the NG T stacked rows: a KV head's gradient is
-    the sum of what its NG query heads send back, which is exactly the derivative of
-    sharing it (a value used NG times gets the sum of NG gradients). Then RoPE's backward
-    (rotation by -angle), the QK-norm's, and the three projections, whose input gradients
-    add since x feeds all three.
+
+    $$dA = dy\, v^\top, \quad dv = A^\top dy, \quad dS = \text{softmax.backward}(dA) / \sqrt{hs},
+    \quad dq = dS\, k, \quad dk = dS^\top q$$
+
+    where $A^\top dy$ and $dS^\top q$ contract over the NG T stacked rows: a KV head's
+    gradient is the sum of what its NG query heads send back, $dk_j = \sum_{h \in j} dS_h^\top q_h$,
+    which is the derivative of sharing it (a value used NG times gets the sum of NG
+    gradients). Then RoPE's backward (rotation by $-a$), the QK-norm's, and the three
+    projections, whose input gradients add since x feeds all three.
 
     ``impl`` "blockwise" (or "auto" from 128 queries on NumPy) runs the tiled attention of
     ``blockwise_attention.py``; that kernel takes one KV head per query head, so there K/V

@@ -71,14 +71,26 @@ class _RowNorm(Module):
 
 
 class LayerNorm(_RowNorm):
-    """y = xhat * w + b,  xhat = (x - mean) * rstd,  rstd = 1 / sqrt(var + eps).
+    r"""$y = \hat{x} \odot w + b$, with $\hat{x} = (x - \mu)\, r$ and $r = 1 / \sqrt{\sigma^2 + \epsilon}$.
 
-    The variance is the biased one (divide by C), as in GPT-2. Backward, per row,
-    with g = dy * w (the gradient reaching xhat):
-        dw = sum_rows dy * xhat
-        db = sum_rows dy
-        dx = (g - mean(g) - xhat * mean(g * xhat)) * rstd
-    The two means come from xhat's dependence on the row's mean and variance.
+    Per row of C channels, $\mu$ is the row's mean and $\sigma^2$ its variance, the biased
+    one (divide by C), as in GPT-2; $\hat{x}$ is ``xhat`` in the code and $r$ is ``rstd``.
+
+    Backward, per row, with $g = dy \odot w$ (the gradient reaching $\hat{x}$):
+
+    $$dw = \sum_{\text{rows}} dy \odot \hat{x}, \qquad db = \sum_{\text{rows}} dy$$
+
+    $$dx = r \left( g - \operatorname{mean}(g) - \hat{x} \odot \operatorname{mean}(g \odot \hat{x}) \right)$$
+
+    The two means come from $\hat{x}$'s dependence on the row's mean and variance:
+    $\partial \mu / \partial x_j = 1/C$ and $\partial r / \partial x_j = -r^2 \hat{x}_j / C$, so
+
+    $$\frac{\partial \hat{x}_i}{\partial x_j} = r \left( \delta_{ij} - \frac{1}{C} \right)
+    - \frac{r}{C}\, \hat{x}_i \hat{x}_j, \qquad dx_j = \sum_i g_i \frac{\partial \hat{x}_i}{\partial x_j}.$$
+
+    On the CPU the rows are split into chunks over every core (``numpygpt.parallel``);
+    dw and db are summed per chunk and the chunks' sums added in chunk order, so the
+    result does not depend on the number of threads.
     """
 
     def __init__(self, dim: int, eps: float = 1e-5, dtype="float32"):
@@ -89,18 +101,22 @@ class LayerNorm(_RowNorm):
 
 
 class RMSNorm(_RowNorm):
-    """y = xhat * w,  xhat = x * rstd,  rstd = 1 / sqrt(mean(x^2) + eps)   (Llama, Qwen3).
+    r"""$y = \hat{x} \odot w$, with $\hat{x} = x\, r$ and $r = 1 / \sqrt{\operatorname{mean}(x^2) + \epsilon}$ (Llama, Qwen3).
 
     LayerNorm without the centring and the shift: only the row's scale is normalised.
-    Qwen3's QK-norm is this layer on (B, T, NH, hs) queries with a weight of size hs,
-    shared by every head.
+    Qwen3's QK-norm is this layer on (B, T, NH, hs) queries and keys, with a weight of
+    size hs shared by every head.
 
-    Backward, per row of C values, with g = dy * w (the gradient reaching xhat):
-        dw = sum_rows dy * xhat
-        dx = (g - xhat * mean(g * xhat)) * rstd
-    since d rstd / dx_j = -rstd^3 x_j / C, so
-        dx_i = g_i rstd + sum_j g_j x_j (-rstd^3 x_i / C) = rstd (g_i - xhat_i mean_j(g_j xhat_j)).
-    Compared with LayerNorm's dx the - mean(g) term is gone: no mean was subtracted.
+    Backward, per row of C values, with $g = dy \odot w$ (the gradient reaching $\hat{x}$):
+    since $\partial r / \partial x_j = -r^3 x_j / C$,
+
+    $$\frac{\partial \hat{x}_i}{\partial x_j} = r\, \delta_{ij} - x_i\, \frac{r^3 x_j}{C}
+    = r \left( \delta_{ij} - \frac{\hat{x}_i \hat{x}_j}{C} \right),$$
+
+    $$dw = \sum_{\text{rows}} dy \odot \hat{x}, \qquad
+    dx = r \left( g - \hat{x} \odot \operatorname{mean}(g \odot \hat{x}) \right).$$
+
+    LayerNorm's $dx$ without its $-\operatorname{mean}(g)$ term: no mean was subtracted.
     """
 
     centred = False

@@ -19,15 +19,21 @@ LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_m
 
 
 def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None):
-    """The head_dim / 2 angular frequencies f_i = theta^(-2i / head_dim), a float64 host array.
+    r"""The head_dim / 2 angular frequencies $f_i = \theta^{-2i / \text{head\_dim}}$, a float64 host array.
 
     ``scaling`` with rope_type "llama3" stretches the slow frequencies for a longer context
-    than the model was first trained on (``original_max_position_embeddings``, L). With
-    the wavelength lambda_i = 2 pi / f_i:
-        lambda_i < L / high_freq_factor   (fast, local)     f_i unchanged
-        lambda_i > L / low_freq_factor    (slow, global)    f_i / factor
-        in between                        s = (L / lambda_i - low) / (high - low),
-                                          f_i ((1 - s) / factor + s)
+    than the model was first trained on (``original_max_position_embeddings``, L). With the
+    wavelength $\lambda_i = 2\pi / f_i$ and the low and high frequency factors $l$, $h$:
+
+    $$
+    f_i \mapsto
+    \begin{cases}
+    f_i & \lambda_i < L / h \quad \text{(fast, local)} \\
+    f_i / \text{factor} & \lambda_i > L / l \quad \text{(slow, global)} \\
+    f_i \big( (1 - s) / \text{factor} + s \big), \ \ s = \dfrac{L / \lambda_i - l}{h - l} & \text{in between}
+    \end{cases}
+    $$
+
     so the middle band blends the two smoothly (s runs from 0 to 1 across it).
     """
     rope_type = (scaling or {}).get("rope_type", "default")
@@ -77,19 +83,22 @@ class RotaryTables:
 
 
 class RoPE(Module):
-    """Rotate each (x1_i, x2_i) pair of a head by the angle p f_i, p its position.
+    r"""Rotate each pair $(x_{1,i}, x_{2,i})$ of a head by the angle $a_i = p f_i$, p its position.
 
-    Hugging Face's half-split pairing: x1 = x[..., :hs/2] and x2 = x[..., hs/2:], so
-        y1 = x1 cos - x2 sin
-        y2 = x2 cos + x1 sin          (cos, sin of p f_i, i = 0 .. hs/2 - 1)
-    (HF writes this y = x cos + rotate_half(x) sin with rotate_half(x) = (-x2, x1)).
+    Hugging Face's half-split pairing: $x_1$ = x[..., :hs/2] and $x_2$ = x[..., hs/2:], so
 
-    Backward: per pair, y = R(a) x with R(a) = [[cos a, -sin a], [sin a, cos a]], linear
-    in x, so dx = R(a)^T dy; and R(a)^T = R(-a) (a rotation is orthogonal), so
-        dx1 = dy1 cos + dy2 sin
-        dx2 = dy2 cos - dy1 sin
+    $$y_1 = x_1 \cos a - x_2 \sin a, \qquad y_2 = x_2 \cos a + x_1 \sin a$$
+
+    (HF writes this $y = x \cos a + \operatorname{rotate\_half}(x) \sin a$ with
+    $\operatorname{rotate\_half}(x) = (-x_2, x_1)$).
+
+    Backward: per pair $y = R(a)\, x$ with $R(a) = \begin{pmatrix} \cos a & -\sin a \\ \sin a & \cos a \end{pmatrix}$,
+    linear in x, so $dx = R(a)^\top dy$; a rotation is orthogonal, $R(a)^\top = R(-a)$:
+
+    $$dx_1 = dy_1 \cos a + dy_2 \sin a, \qquad dx_2 = dy_2 \cos a - dy_1 \sin a,$$
+
     the same rotation by the opposite angle. No parameters; nothing to keep but the
-    positions. ``start`` offsets positions for tokens that follow a KV cache.
+    positions. ``start`` offsets the positions of tokens that follow a KV cache.
 
     x: (..., T, hs) with the positions on axis -2, e.g. (B, NH, T, hs). The tables are
     shared: one RoPE serves every layer, so the attention layers call ``rotate``

@@ -8,16 +8,30 @@ from .activation import SiLU
 
 
 class SwiGLU(Module):
-    """mlp(x) = down(silu(gate(x)) * up(x)),  C -> H -> C, three Linear maps without bias.
+    r"""The feed-forward of Llama and Qwen3: three linear maps without bias, C -> H -> C.
 
-    Forward, with a = silu(g) and the element-wise product h = a * u:
-        g = x W_gate,  u = x W_up             (B, T, H)
-        h = silu(g) * u                       (B, T, H)
-        out = h W_down                        (B, T, C)
-    Backward: the product rule on h splits dh between the two branches,
-        dh = dout W_down^T,   da = dh * u,   du = dh * a,   dg = silu'(g) * da
-        dx = dg W_gate^T + du W_up^T          (x feeds both branches: the gradients add)
-    Parameter names are Hugging Face's (gate_proj, up_proj, down_proj).
+    Forward, with $a = \operatorname{silu}(g)$:
+
+    $$
+    \begin{aligned}
+    g &= x W_{\text{gate}}, \quad u = x W_{\text{up}} && (B, T, H) \\
+    h &= a \odot u && (B, T, H) \\
+    \text{out} &= h\, W_{\text{down}} && (B, T, C)
+    \end{aligned}
+    $$
+
+    Backward: the product rule on $h$ splits $dh$ between the two branches, and x feeds
+    both, so their input gradients add:
+
+    $$
+    \begin{aligned}
+    dh &= d\text{out}\, W_{\text{down}}^\top, \qquad da = dh \odot u, \qquad du = dh \odot a,
+    \qquad dg = \operatorname{silu}'(g) \odot da \\
+    dx &= dg\, W_{\text{gate}}^\top + du\, W_{\text{up}}^\top
+    \end{aligned}
+    $$
+
+    Parameter names are Hugging Face's (``gate_proj``, ``up_proj``, ``down_proj``).
     """
 
     def __init__(self, emb_dim: int, hidden_dim: int, dtype="float32"):
