@@ -127,7 +127,9 @@ def _read_json(path: str) -> dict:
 
 def from_pretrained(path, dtype: str = "float32", device: str | None = None):
     """The model of a Hugging Face directory, by ``config.json``'s ``model_type``: a GPTModel
-    for "gpt2" (``numpygpt.pretrained``), a LlamaModel for "llama" and "qwen3".
+    for "gpt2" (``numpygpt.pretrained``), a LlamaModel for "llama" and "qwen3". A path that
+    is not a directory is taken as a GPT-2 name ('gpt2', 'gpt2-medium', ...), as
+    ``GPTModel.from_pretrained`` takes it.
 
     Weights are converted to ``dtype`` (float32 or float64; bfloat16 and float16 files are
     widened exactly) and moved to ``device`` (default: the backend's current one) one
@@ -136,6 +138,8 @@ def from_pretrained(path, dtype: str = "float32", device: str | None = None):
     no model is returned half loaded. The model comes back in eval mode.
     """
     directory = os.path.expanduser(os.fspath(path))
+    if not os.path.isdir(directory):  # a GPT-2 hub name ('gpt2', ...), fetched once into the cache
+        return GPTModel.from_pretrained(os.fspath(path), dtype=dtype, device=device)
     hf = _read_json(os.path.join(directory, CONFIG_FILE))
     model_type = hf.get("model_type")
     if model_type == "gpt2":

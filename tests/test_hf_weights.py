@@ -13,6 +13,7 @@ import pytest
 import numpygpt
 from numpygpt import GPTConfig, GPTModel, LlamaConfig, LlamaModel, backend
 from numpygpt.hf import llama_tensor_shapes
+from numpygpt.pretrained import PretrainedNotFoundError
 from numpygpt.weights import WeightFiles
 from conftest import to_host, traced_peak
 
@@ -178,6 +179,8 @@ def test_transformers_5_rope_parameters_are_read(tmp_path):
 def test_missing_files_and_bad_shard_names(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         numpygpt.from_pretrained(tmp_path)
+    with pytest.raises(PretrainedNotFoundError, match="is not a directory, nor one of the model names"):
+        numpygpt.from_pretrained(tmp_path / "nowhere")  # not a directory: a GPT-2 name, and not one either
     numpygpt.save_pretrained(tiny(), tmp_path, max_shard_bytes=4_096)
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     first = sorted(set(index["weight_map"].values()))[0]
