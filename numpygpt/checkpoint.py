@@ -34,10 +34,9 @@ import numpy as np
 from safetensors import safe_open
 
 from . import backend
-from .config import GPTConfig, lora_tensor_shapes
+from .config import GPTConfig, LlamaConfig, config_from_dict, lora_tensor_shapes
 from .fileio import write_safetensors
-from .model import GPTModel
-from .pretrained import hf_tensor_shapes
+from .families import build_model, parameter_shapes
 
 __all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint", "Checkpoint", "FORMAT_VERSION"]
 
@@ -86,7 +85,7 @@ class Checkpoint:
     """A checkpoint read into host memory and checked, not yet applied to anything."""
 
     path: str
-    config: GPTConfig
+    config: GPTConfig | LlamaConfig
     step: int
     extra: dict
     rng_state: dict
@@ -94,10 +93,11 @@ class Checkpoint:
     model_tensors: dict = field(repr=False)  # parameter name -> host array
     optim_tensors: dict = field(repr=False)  # optimiser tensor name -> host array
 
-    def build_model(self, device: str | None = None) -> GPTModel:
-        """A GPTModel of the saved config holding the saved weights, on ``device``."""
+    def build_model(self, device: str | None = None):
+        """The model of the saved config (its family by ``model_type``) holding the saved
+        weights, on ``device``."""
         with backend.device(device or backend.get_device()):
-            model = GPTModel(self.config, init=False)
+            model = build_model(self.config, init=False)
         self.apply(model, restore_rng=False)
         return model
 
@@ -140,7 +140,7 @@ def read_checkpoint(path) -> Checkpoint:
     with f:
         meta = _check_metadata(path, f.metadata() or {})
         try:
-            config = GPTConfig.from_dict(meta["config"])
+            config = config_from_dict(meta["config"])
         except (TypeError, ValueError) as e:
             raise ValueError(f"{path}: the checkpoint's model config is invalid ({e})") from e
         keys = list(f.keys())
@@ -200,6 +200,10 @@ def _check_tensor_table(path: str, config: GPTConfig, f, model_keys: list) -> No
     """The model tensors the header lists must be exactly those ``config`` needs. The
     count is compared first, so a config claiming 100,000 layers costs nothing."""
     C, L = config.emb_dim, config.n_layers
+    if isinstance(config, LlamaConfig):
+        _check_llama_count(path, config, len(model_keys))
+        _check_shapes(path, f, model_keys, {**parameter_shapes(config), **_lora_shapes(config)})
+        return
     per_block = 11 + (1 if config.qkv_bias else 0)  # ln_1 2, c_attn 1 (+ bias), c_proj 2, ln_2 2, mlp 4
     if config.num_classes is not None:
         head = 2  # score.weight, score.bias
@@ -214,9 +218,27 @@ def _check_tensor_table(path: str, config: GPTConfig, f, model_keys: list) -> No
             f"{path}: the metadata describes a model of {expected_count} tensors (n_layers={L}, emb_dim={C}), "
             f"but the file holds {len(model_keys)} model tensors"
         )
-    shapes = hf_tensor_shapes(config)
-    if config.lora_rank is not None:
-        shapes.update(lora_tensor_shapes(config))
+    _check_shapes(path, f, model_keys, {**parameter_shapes(config), **_lora_shapes(config)})
+
+
+def _lora_shapes(config) -> dict:
+    """The LoRA adapters' tensor shapes of a config with lora_rank (none without)."""
+    return {} if config.lora_rank is None else lora_tensor_shapes(config)
+
+
+def _check_llama_count(path: str, config: LlamaConfig, count: int) -> None:
+    """A Llama/Qwen3 checkpoint's tensor count, from the config's numbers alone."""
+    lora = config.lora_rank is not None  # lora_A and lora_B on the 7 projections and an untied head
+    per_block = 9 + (2 if config.qk_norm else 0) + (14 if lora else 0)  # 2 norms, q k v o (+ q/k_norm), gate up down
+    head = 0 if config.tie_weights else 1 + (2 if lora else 0)
+    expected = 2 + config.n_layers * per_block + head  # embed_tokens, norm
+    if count != expected:
+        raise ValueError(f"{path}: the metadata describes a {config.model_type} model of {expected} tensors "
+                         f"(n_layers={config.n_layers}), but the file holds {count} model tensors")
+
+
+def _check_shapes(path: str, f, model_keys: list, shapes: dict) -> None:
+    """Every model tensor of the file is one of ``shapes`` (parameter name -> shape), in that shape."""
     expected = {MODEL_PREFIX + k: v for k, v in shapes.items()}
     problems = []
     for key in model_keys:
@@ -255,7 +277,7 @@ def load_checkpoint(path, model=None, optimizer=None, device: str | None = None,
     """Read a checkpoint written by ``save_checkpoint``.
 
     model: load the weights into this model (names and shapes must match; arrays take
-        the model's dtype); None builds ``GPTModel(config)`` from the saved config.
+        the model's dtype); None builds the saved config's model (``families.build_model``).
     optimizer: restore its state too (the checkpoint must hold optimiser state).
     device: 'cpu' or 'cuda' for the model (a given model is moved there first, and moved
         back if the checkpoint does not fit it);
@@ -270,7 +292,7 @@ def load_checkpoint(path, model=None, optimizer=None, device: str | None = None,
     moved_from = None  # where a given model was, if it was moved for the load
     if model is None:
         with backend.device(device or backend.get_device()):
-            model = GPTModel(saved.config, init=False)
+            model = build_model(saved.config, init=False)
     elif device is not None:
         first = next(iter(model.parameters()), None)
         here = backend.device_of(first.data) if first is not None else None

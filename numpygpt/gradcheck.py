@@ -255,7 +255,7 @@ def gradcheck_checks(seed: int = 0) -> list:
         # preference tuning (issue 18)
         ("DPOLoss (mean, masked)", lambda: _dpo_check(rng, "mean")),
         ("DPOLoss (sum, masked)", lambda: _dpo_check(rng, "sum")),
-    ]
+    ] + _llama_checks(rng, dev, randn, randomized, seed)
 
 
 def _dpo_check(rng, reduction: str, B: int = 2, T: int = 5, V: int = 11) -> dict:
@@ -273,6 +273,66 @@ def _dpo_check(rng, reduction: str, B: int = 2, T: int = 5, V: int = 11) -> dict
     loss_fn = DPOLoss(beta=0.5, reduction=reduction)
     return check_gradients(lambda **kw: loss_fn(**kw, **fixed).loss, loss_fn.backward,
                            {"logits_c": randn(B, T, V) * 2, "logits_r": randn(B, T, V) * 2}, {})
+
+
+
+def _llama_checks(rng, dev, randn, randomized, seed: int) -> list:
+    """gradcheck_checks' entries for the Llama 3 / Qwen3 ops and models (issue 17)."""
+    from .config import LlamaConfig
+    from .llama import LlamaModel
+    from .lora import apply_lora
+    from .nn import CrossEntropyLoss, GroupedQueryAttention, RMSNorm, RoPE, SiLU, SwiGLU
+
+    F64 = "float64"
+    B, T, C, V = 2, 5, 8, 11
+    llama3_rope = dict(rope_type="llama3", factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                       original_max_position_embeddings=16)  # head_dim 6: one middle, two slow frequencies
+    rope = RoPE(6, theta=100.0, scaling=llama3_rope, max_positions=16)
+
+    def gqa_check(impl: str, qk_norm: bool):
+        layer = GroupedQueryAttention(C, 4, 2, 6, rope, qk_norm_eps=1e-6 if qk_norm else None, impl=impl,
+                                      dtype=F64, block_q=2, block_k=3)
+        return check_layer(randomized(layer), randn(B, T, C))
+
+    def llama_check(model_type: str, tied: bool, lora: bool = False):
+        def run():
+            llama_cfg = LlamaConfig.preset(f"{model_type}-tiny", vocab_size=V, emb_dim=C, hidden_dim=12,
+                                           dtype=F64, tie_weights=tied)
+            model = randomized(LlamaModel(llama_cfg, seed=seed), scale=0.5)
+            if lora:  # adapters drawn away from B = 0, so every adapter gradient is exercised
+                randomized(apply_lora(model, rank=2, alpha=3.0, seed=seed), scale=0.3)
+            idx = dev(rng.integers(0, V, (B, T)), None)
+            return check_model_loss(model, CrossEntropyLoss(), idx, dev(rng.integers(0, V, (B, T)), None), eps=1e-5)
+        return run
+
+    return [
+        ("RMSNorm", lambda: check_layer(randomized(RMSNorm(C, dtype=F64)), randn(B, T, C))),
+        ("RMSNorm per head (QK-norm)", lambda: check_layer(randomized(RMSNorm(4, dtype=F64)), randn(B, T, 2, 4))),
+        ("SiLU", lambda: check_layer(SiLU(), randn(B, T, C) * 2)),
+        ("RoPE (llama3 scaling)", lambda: check_layer(rope, randn(B, 2, T, 6))),
+        ("RoPE (offset 7)", lambda: check_layer(_Offset(rope, 7), randn(B, 2, T, 6))),
+        ("SwiGLU", lambda: check_layer(randomized(SwiGLU(C, 12, dtype=F64)), randn(B, T, C))),
+        ("GroupedQueryAttention", lambda: gqa_check("dense", qk_norm=False)),
+        ("GQA + QK-norm", lambda: gqa_check("dense", qk_norm=True)),
+        ("GQA + QK-norm (blockwise)", lambda: gqa_check("blockwise", qk_norm=True)),
+        ("Llama + loss (tied)", llama_check("llama", True)),
+        ("Llama + loss (untied)", llama_check("llama", False)),
+        ("Qwen3 + loss (tied)", llama_check("qwen3", True)),
+        ("Qwen3 + LoRA + loss", llama_check("qwen3", False, lora=True)),
+    ]
+
+
+class _Offset(Module):
+    """A RoPE applied at positions start, start + 1, ... (tokens after a KV cache)."""
+
+    def __init__(self, rope, start: int):
+        self.rope, self.start = rope, start
+
+    def forward(self, x):
+        return self.rope.forward(x, self.start)
+
+    def backward(self, dout):
+        return self.rope.backward(dout)
 
 
 def run_gradchecks(seed: int = 0, tol: float = 1e-6, verbose: bool = False, device: str = "cpu", out=None) -> int:

@@ -6,9 +6,11 @@
     save_merged(model, "out/")                        # a plain GPT-2 with them folded in, model unchanged
     merge_lora(model)                                 # fold into the weights for inference
 
-What gets an adapter: in every block ``attn.c_attn`` (three, for Q, K and V: splits=3),
-``attn.c_proj``, ``mlp.c_fc`` and ``mlp.c_proj``; and the head: a classifier's ``score``
-or an untied language-model head (a tied one is the token embedding and stays frozen).
+What gets an adapter is the model's ``lora_targets()``: for GPT-2 in every block
+``attn.c_attn`` (three, for Q, K and V: splits=3), ``attn.c_proj``, ``mlp.c_fc`` and
+``mlp.c_proj``; for Llama and Qwen3 every ``q/k/v/o_proj`` and ``gate/up/down_proj``; and
+the head: a classifier's ``score`` or an untied language-model head (a tied one is the
+token embedding and stays frozen).
 Everything else is frozen. The layer itself is numpygpt.nn.LoRALinear / LoRAOutputHead.
 
 The model's config records ``lora_rank`` and ``lora_alpha``, so ``save_checkpoint`` /
@@ -25,7 +27,7 @@ from safetensors import safe_open
 from . import backend, pretrained
 from .config import lora_tensor_shapes  # computed from the config alone; public here as before
 from .fileio import LazyTensor, write_safetensors
-from .nn import LoRALinear, LoRAOutputHead
+from .nn import LoRALinear, LoRAOutputHead, OutputHead
 from .nn.lora import LORA_SUFFIXES, is_merged, lora_layers  # beside the layers; public here as before
 
 __all__ = ["apply_lora", "merge_lora", "unmerge_lora", "save_lora", "load_lora", "save_merged", "lora_layers",
@@ -59,16 +61,13 @@ def apply_lora(model, rank: int, alpha: float, seed: int | None = None):
 
     for p in model.parameters():
         p.requires_grad, p.grad = False, None
-    for block in model.h:
-        attn, mlp = block.attn, block.mlp
-        attn.c_attn = LoRALinear(attn.c_attn, rank, alpha, splits=3, seed=seed_next())  # q | k | v
-        attn.c_proj = LoRALinear(attn.c_proj, rank, alpha, seed=seed_next())
-        mlp.c_fc = LoRALinear(mlp.c_fc, rank, alpha, seed=seed_next())
-        mlp.c_proj = LoRALinear(mlp.c_proj, rank, alpha, seed=seed_next())
-    if model.is_classifier:
-        model.score = LoRALinear(model.score, rank, alpha, seed=seed_next())
-    elif not model.cfg.tie_weights:
-        model.lm_head = LoRAOutputHead(model.lm_head, rank, alpha, seed=seed_next())
+    for owner, attribute, splits in model.lora_targets():  # in model order: one seed each
+        layer = getattr(owner, attribute)
+        if isinstance(layer, OutputHead):
+            adapted = LoRAOutputHead(layer, rank, alpha, seed=seed_next())
+        else:
+            adapted = LoRALinear(layer, rank, alpha, splits=splits, seed=seed_next())
+        setattr(owner, attribute, adapted)
     model.cfg = cfg
     return model
 

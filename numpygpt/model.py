@@ -34,6 +34,39 @@ def _put_host(p: Parameter, w) -> None:
     p.grad = None
 
 
+def check_token_ids(idx, vocab_size: int, context_length: int, start_pos: int, device_name: str,
+                    check_rows=None):
+    """Token ids (B, T) of an integer dtype that fit the context after ``start_pos``,
+    as an array on ``device_name`` (a list or a host array is moved there).
+
+    The values are checked against [0, V) on the host, while the ids are still NumPy
+    (the data loader's batches, a prompt): on the device that check would cost a
+    device-to-host sync every micro-batch. Ids already on the GPU are trusted (CuPy
+    would wrap an out-of-range id instead of raising): make them from checked ids.
+    ``check_rows(idx)``, if given, checks the host ids further (a classifier's readout).
+    """
+    if not (hasattr(idx, "dtype") and hasattr(idx, "ndim")):
+        idx = backend.to_host(idx)
+    V, T_max = vocab_size, context_length
+    if idx.dtype.kind not in "iu":  # bool and float ids are refused, not truncated
+        raise ValueError(f"token ids must be integers, got dtype {idx.dtype}")
+    if idx.ndim != 2:
+        raise ValueError(f"token ids must have shape (B, T), got {tuple(idx.shape)}")
+    B, T = idx.shape
+    if B == 0 or T == 0:
+        raise ValueError(f"token ids are empty (shape {tuple(idx.shape)}): B and T must be at least 1")
+    if start_pos + T > T_max:
+        raise ValueError(f"sequence length {start_pos + T} exceeds context_length {T_max}")
+    if not backend.is_cupy_array(idx):
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= V:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"token id {bad} is out of range: ids must be in [0, {V}) (vocab_size={V})")
+        if check_rows is not None:
+            check_rows(idx)
+    return backend.to_device(idx, device_name=device_name)
+
+
 class FeedForward(Module):
     """mlp(x) = c_proj(gelu(c_fc(x))), widening C -> 4C -> C."""
 
@@ -168,34 +201,12 @@ class GPTModel(Module):
     # -- forward and backward --------------------------------------------------------
 
     def check_input(self, idx, start_pos: int = 0):
-        """Token ids (B, T) of an integer dtype that fit the context after ``start_pos``,
-        as an array on the model's device (a list or a host array is moved there).
-
-        The values are checked against [0, V) on the host, while the ids are still NumPy
-        (the data loader's batches, a prompt): on the device that check would cost a
-        device-to-host sync every micro-batch. Ids already on the GPU are trusted (CuPy
-        would wrap an out-of-range id instead of raising): make them from checked ids.
-        """
-        if not (hasattr(idx, "dtype") and hasattr(idx, "ndim")):
-            idx = backend.to_host(idx)
-        V, T_max = self.cfg.vocab_size, self.cfg.context_length
-        if idx.dtype.kind not in "iu":  # bool and float ids are refused, not truncated
-            raise ValueError(f"token ids must be integers, got dtype {idx.dtype}")
-        if idx.ndim != 2:
-            raise ValueError(f"token ids must have shape (B, T), got {tuple(idx.shape)}")
-        B, T = idx.shape
-        if B == 0 or T == 0:
-            raise ValueError(f"token ids are empty (shape {tuple(idx.shape)}): B and T must be at least 1")
-        if start_pos + T > T_max:
-            raise ValueError(f"sequence length {start_pos + T} exceeds context_length {T_max}")
-        if not backend.is_cupy_array(idx):
-            lo, hi = int(idx.min()), int(idx.max())
-            if lo < 0 or hi >= V:
-                bad = lo if lo < 0 else hi
-                raise ValueError(f"token id {bad} is out of range: ids must be in [0, {V}) (vocab_size={V})")
-            if self.is_classifier:
-                self.readout.check_rows(idx)  # here, on the host, not on the device
-        return backend.to_device(idx, device_name=backend.device_of(self.wte.weight.data))
+        """Token ids (B, T) checked against this model's vocabulary and context, on its
+        device (see ``check_token_ids``); a classifier's rows are checked for its readout
+        there too, on the host."""
+        return check_token_ids(idx, self.cfg.vocab_size, self.cfg.context_length, start_pos,
+                               backend.device_of(self.wte.weight.data),
+                               check_rows=self.readout.check_rows if self.is_classifier else None)
 
     def forward(self, idx, kv_caches: list | None = None):
         """idx (B, T) integer token ids -> logits (B, T, V), or (B, K) for a classifier.
@@ -262,6 +273,20 @@ class GPTModel(Module):
 
     def new_kv_caches(self) -> list:
         return [KVCache(self.cfg.context_length) for _ in self.h]
+
+    def lora_targets(self) -> list:
+        """(owner module, attribute, splits) of each layer ``apply_lora`` wraps, in model
+        order: every block's c_attn (Q | K | V: 3 splits), attn.c_proj, mlp.c_fc, mlp.c_proj,
+        and the head unless it is the (tied) token embedding."""
+        targets = []
+        for block in self.h:
+            targets += [(block.attn, "c_attn", 3), (block.attn, "c_proj", 1), (block.mlp, "c_fc", 1),
+                        (block.mlp, "c_proj", 1)]
+        if self.is_classifier:
+            targets.append((self, "score", 1))
+        elif not self.cfg.tie_weights:
+            targets.append((self, "lm_head", 1))
+        return targets
 
     # -- fine-tuning -----------------------------------------------------------------
 

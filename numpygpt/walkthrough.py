@@ -1,6 +1,7 @@
-"""Watch one backward pass of a tiny GPT, op by op, each op checked against finite differences.
+"""Watch one backward pass of a tiny GPT (or Llama, Qwen3), op by op, each op checked against
+finite differences.
 
-    python examples/backward_walkthrough.py        # or: numpygpt walkthrough
+    python examples/backward_walkthrough.py        # or: numpygpt walkthrough [--arch llama]
 
 ``trace_backward`` runs one forward and one backward pass of a real ``GPTModel`` (the
 model's own code, unchanged) while recording, for every op, what its forward saw
@@ -29,14 +30,19 @@ from dataclasses import dataclass, field
 import numpy
 
 from . import backend
-from .config import GPTConfig
+from .config import GPTConfig, LlamaConfig
 from .gradcheck import centred_differences, relative_error
+from .llama import LlamaBlock, LlamaDecoder, LlamaModel
 from .model import FeedForward, GPTModel, TransformerBlock
-from .nn import CrossEntropyLoss, Module, MultiHeadAttention, no_grad
+from .nn import CrossEntropyLoss, GroupedQueryAttention, Module, MultiHeadAttention, SwiGLU, no_grad
 
 __all__ = ["Step", "trace_backward", "check_step", "walkthrough", "format_walkthrough", "main"]
 
-COMPOSITES = (TransformerBlock, MultiHeadAttention, FeedForward)  # modules made of traced modules
+COMPOSITES = (TransformerBlock, MultiHeadAttention, FeedForward,  # modules made of traced modules
+              LlamaDecoder, LlamaBlock, GroupedQueryAttention, SwiGLU)
+ARCHS = ("gpt2", "llama", "qwen3")
+# each block's residual norms: (the first branch's, the second's)
+RESIDUAL_NORMS = {TransformerBlock: ("ln_1", "ln_2"), LlamaBlock: ("input_layernorm", "post_attention_layernorm")}
 DEFAULT_TEXT = "The for statement is used to iterate over the elements of a sequence"
 
 
@@ -57,11 +63,17 @@ class Step:
     order: int = -1            # ... and when it finished (one clock for all ops)
 
 
-def _named_modules(module: Module, prefix: str = ""):
+def _named_modules(module: Module, prefix: str = "", _seen=None):
+    """(dotted name, module) below ``module``; a module shared by several parents (Llama's
+    one RoPE) once, under its first name."""
+    seen = set() if _seen is None else _seen
     for name, child in module.named_children():
+        if id(child) in seen:
+            continue
+        seen.add(id(child))
         full = prefix + name
         yield full, child
-        yield from _named_modules(child, full + ".")
+        yield from _named_modules(child, full + ".", seen)
 
 
 def _copy(a):
@@ -175,25 +187,39 @@ def _shape(a) -> str:
 
 
 def walkthrough(text: str = DEFAULT_TEXT, n_layers: int = 2, emb_dim: int = 16, n_heads: int = 2,
-                drop_rate: float = 0.1, seed: int = 0, check: bool = True) -> dict:
-    """One traced forward + backward of a tiny float64 GPT on ``text`` (GPT-2 tokens).
+                drop_rate: float = 0.1, seed: int = 0, check: bool = True, arch: str = "gpt2") -> dict:
+    """One traced forward + backward of a tiny float64 model on ``text`` (GPT-2 tokens):
+    GPT-2 (``arch="gpt2"``), or Llama 3 / Qwen3 ("llama", "qwen3": n_heads / 2 key/value
+    heads, llama3 RoPE scaling from position 8, no dropout).
 
     Returns {"cfg", "loss", "tokens", "steps", "errors"}: ``errors`` maps each step's
     name to its {tensor: relative error} (empty when ``check`` is False).
     """
     from .tokenizer import N_VOCAB, text_to_token_ids
 
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {arch!r}")
     ids = numpy.asarray(text_to_token_ids(text), dtype=numpy.int64)
     if ids.size < 2:
         raise ValueError("the walkthrough needs a text of at least two tokens")
     T = ids.size - 1
-    cfg = GPTConfig(vocab_size=N_VOCAB, context_length=T, emb_dim=emb_dim, n_heads=n_heads,
-                    n_layers=n_layers, drop_rate=drop_rate, qkv_bias=True, tie_weights=True, dtype="float64")
+    if arch == "gpt2":
+        cfg = GPTConfig(vocab_size=N_VOCAB, context_length=T, emb_dim=emb_dim, n_heads=n_heads,
+                        n_layers=n_layers, drop_rate=drop_rate, qkv_bias=True, tie_weights=True, dtype="float64")
+    else:
+        rope = dict(rope_type="llama3", factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                    original_max_position_embeddings=8)
+        cfg = LlamaConfig(model_type=arch, vocab_size=N_VOCAB, context_length=T, emb_dim=emb_dim, n_heads=n_heads,
+                          n_kv_heads=max(1, n_heads // 2), hidden_dim=2 * emb_dim, n_layers=n_layers,
+                          rope_scaling=rope, tie_weights=True, dtype="float64", attn_impl="dense")
     with backend.device("cpu"):
-        model = GPTModel(cfg, seed=seed).train()
+        model = (GPTModel if arch == "gpt2" else LlamaModel)(cfg, seed=seed).train()
         backend.manual_seed(seed)
         loss, steps = trace_backward(model, CrossEntropyLoss(), ids[None, :-1], ids[None, 1:])
-        errors = {s.name: check_step(s, seed=seed) for s in steps} if check else {}
+        # the whole decoder stack (Llama's "model") is checked through its parts: checking it
+        # whole would rerun every layer for each sampled coordinate of each of its parameters
+        errors = {s.name: check_step(s, seed=seed) for s in steps if not isinstance(s.module, LlamaDecoder)} \
+            if check else {}
     return {"cfg": cfg, "loss": loss, "tokens": T, "steps": steps, "errors": errors}
 
 
@@ -207,9 +233,10 @@ def _residual_lines(steps: list[Step]) -> dict:
     by_name = {s.name: s for s in steps}
     lines = {}
     for s in steps:
-        if not isinstance(s.module, TransformerBlock):
+        norms = RESIDUAL_NORMS.get(type(s.module)) or RESIDUAL_NORMS.get(type(s.module).__mro__[1])
+        if norms is None:
             continue
-        ln_2, ln_1 = by_name[s.name + ".ln_2"], by_name[s.name + ".ln_1"]
+        ln_1, ln_2 = (by_name[f"{s.name}.{n}"] for n in norms)
         dx1 = s.dout + ln_2.dx
         dx0 = dx1 + ln_1.dx
         if not numpy.allclose(dx0, s.dx):
@@ -223,9 +250,13 @@ def _residual_lines(steps: list[Step]) -> dict:
 def format_walkthrough(result: dict) -> str:
     """The walkthrough as a table, in backward order."""
     cfg, steps, errors = result["cfg"], result["steps"], result["errors"]
+    if isinstance(cfg, LlamaConfig):
+        what = (f"{cfg.model_type} model: emb_dim {cfg.emb_dim}, {cfg.n_heads} query heads sharing "
+                f"{cfg.n_kv_heads} key/value head{'s' if cfg.n_kv_heads > 1 else ''}, RoPE" + (", QK-norm" if cfg.qk_norm else ""))
+    else:
+        what = f"GPT: emb_dim {cfg.emb_dim}, {cfg.n_heads} heads, dropout {cfg.drop_rate}"
     lines = [
-        f"one backward pass of a {cfg.n_layers}-layer GPT: emb_dim {cfg.emb_dim}, {cfg.n_heads} heads, "
-        f"vocab {cfg.vocab_size}, dropout {cfg.drop_rate}, tied head, float64; "
+        f"one backward pass of a {cfg.n_layers}-layer {what}, vocab {cfg.vocab_size}, tied head, float64; "
         f"1 x {result['tokens']} tokens, loss {result['loss']:.4f}",
         "rows in the order the backward runs; |.| is the Frobenius norm; 'fd error' is the worst relative",
         "error of the op's dx and parameter gradients against centred differences of sum(op(x) * dout)",
@@ -259,12 +290,16 @@ def format_walkthrough(result: dict) -> str:
         if s.name.endswith(".attn.softmax"):
             lines.append(f"{pad}(S = q k^T / sqrt(hs) + mask: dq = dS k / sqrt(hs), dk = dS^T q / sqrt(hs); "
                          "the masked entries' dS is exactly 0)")
+        elif s.name.endswith(".self_attn.softmax"):
+            lines.append(f"{pad}(S = q k^T / sqrt(hs) + mask, a group's query heads stacked: dk = dS^T q / sqrt(hs) "
+                         "and dv = A^T dy sum over the group; then RoPE's backward turns dq, dk by -angle)")
     worst = max((max(e.values()) for e in errors.values() if e), default=float("nan"))
     lines += ["", f"worst fd error over all {len(errors)} ops: {worst:.1e}"]
     return "\n".join(lines)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--arch", choices=ARCHS, default="gpt2", help="the model family (default %(default)s)")
     p.add_argument("--text", default=DEFAULT_TEXT, help="the tokens of the one training step (default: %(default)r)")
     p.add_argument("--n-layers", type=int, default=2, help="(default %(default)s)")
     p.add_argument("--emb-dim", type=int, default=16, help="(default %(default)s)")
@@ -277,7 +312,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Print the walkthrough; 0 if every op is within ``args.tol``, 1 if not, 2 for bad input."""
     try:
-        result = walkthrough(args.text, args.n_layers, args.emb_dim, args.n_heads, args.drop_rate, args.seed)
+        result = walkthrough(args.text, args.n_layers, args.emb_dim, args.n_heads, args.drop_rate, args.seed,
+                             arch=getattr(args, "arch", "gpt2"))
     except ValueError as e:
         print(f"numpygpt walkthrough: error: {e}", file=sys.stderr)
         return 2

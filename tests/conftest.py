@@ -82,3 +82,14 @@ def assert_eval_between_changes_nothing(layer, x, dout, evaluate):
         np.testing.assert_array_equal(grads[name], g, err_msg=name)
     if dx_alone is not None:
         np.testing.assert_array_equal(dx, dx_alone)
+def traced_peak(fn):
+    """(fn(), the peak of memory tracemalloc saw while fn ran, in bytes)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        result = fn()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return result, peak

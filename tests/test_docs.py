@@ -94,7 +94,8 @@ def test_every_backward_section_has_a_checked_snippet():
     source = SOURCES[BACKWARD]
     sections = re.findall(r"^## (.+)$", source, re.M)
     expected = ["Cross-entropy", "output head", "LayerNorm", "residual", "MLP and GELU", "Attention",
-                "embeddings", "whole model"]
+                "embeddings", "whole model", "Llama block", "RMSNorm", "Rotary", "SwiGLU", "Grouped-query",
+                "Llama and Qwen3 model"]
     for word in expected:
         assert any(word in s for s in sections), word
     found = snippets(source)

@@ -242,7 +242,7 @@ def test_gradcheck_catches_a_wrong_backward(monkeypatch, rng, broken):
     x = rng.standard_normal((2, 3, 4))
     if broken == "gelu":
         layer = GELU()
-        monkeypatch.setattr(GELU, "backward", lambda self, d: d * 0.5 * (1.0 + self._take()["t"]))
+        monkeypatch.setattr(GELU, "backward", lambda self, d: d * 0.5 * (1.0 + self._take()["kept"]))
     elif broken == "layernorm":
         layer = LayerNorm(4, dtype=F64)
 

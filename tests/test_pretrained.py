@@ -8,7 +8,6 @@ NumPy GPT-2 written below from the format's definition (picoGPT style).
 import io
 import json
 import os
-import tracemalloc
 from urllib.error import URLError
 
 import numpy as np
@@ -19,6 +18,7 @@ from safetensors.numpy import load_file, save_file
 from numpygpt import CrossEntropyLoss, GPTConfig, GPTModel, backend, no_grad
 from numpygpt import download, pretrained
 from numpygpt.pretrained import PretrainedNotFoundError
+from conftest import traced_peak
 
 C, NH, L, T_MAX, V = 16, 2, 2, 32, 50
 
@@ -364,20 +364,10 @@ def test_peak_memory_is_about_one_model(tmp_path):
                                                    vocab_size=64))
     size = os.path.getsize(os.path.join(path, "model.safetensors"))
     with backend.device("cpu"):
-        tracemalloc.start()
-        try:
-            model = GPTModel.from_pretrained(path)
-            _, peak = tracemalloc.get_traced_memory()
-        finally:
-            tracemalloc.stop()
+        model, peak = traced_peak(lambda: GPTModel.from_pretrained(path))
     assert model.num_parameters() * 4 > 0.99 * size - 4096
     assert 0.9 * size < peak < 1.5 * size, (peak, size)  # the lower bound shows tracemalloc sees arrays
-    tracemalloc.start()
-    try:
-        model.save_pretrained(tmp_path / "out")  # streamed: no second copy of the weights
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    _, peak = traced_peak(lambda: model.save_pretrained(tmp_path / "out"))  # streamed: no second copy
     assert peak < 0.25 * size, (peak, size)
 
 

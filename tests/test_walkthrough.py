@@ -80,3 +80,29 @@ def test_the_example_script_runs():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "loss (CrossEntropyLoss)" in proc.stdout and "wpe (Embedding)" in proc.stdout
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_llama_and_qwen3_walkthroughs(arch, capsys):
+    """--arch llama / qwen3: the same walk through RMSNorm, GQA with RoPE (and QK-norm), SwiGLU."""
+    result = walkthrough(n_layers=2, n_heads=4, seed=0, arch=arch)
+    names = [s.name for s in result["steps"]]
+    assert names[:2] == ["loss", "lm_head"] and names[-2:] == ["model.embed_tokens", "model"]
+    attn = ["o_proj", "softmax"] + (["q_norm", "q_proj", "k_norm", "k_proj"] if arch == "qwen3"
+                                    else ["q_proj", "k_proj"]) + ["v_proj"]
+    block = (["mlp.down_proj", "mlp.silu", "mlp.gate_proj", "mlp.up_proj", "mlp", "post_attention_layernorm"]
+             + [f"self_attn.{n}" for n in attn] + ["self_attn", "input_layernorm"])
+    assert names[3:-2] == [f"model.layers.1.{n}" for n in block] + ["model.layers.1"] + \
+        [f"model.layers.0.{n}" for n in block] + ["model.layers.0"]
+    assert set(result["errors"]) == set(names) - {"model"}  # the decoder stack is checked through its parts
+    for name, errors in result["errors"].items():
+        assert errors and max(errors.values()) < 1e-6, (name, errors)
+    text = format_walkthrough(result)
+    assert text.count("+ residual of model.layers.") == 4 and "sharing 2 key/value heads" in text
+    steps = {s.name: s for s in result["steps"]}
+    block_step = steps["model.layers.0"]
+    assert np.allclose(block_step.dx, block_step.dout + steps["model.layers.0.post_attention_layernorm"].dx
+                       + steps["model.layers.0.input_layernorm"].dx)
+    if arch == "llama":  # the command line takes --arch (once: each run checks every op again)
+        assert main(["walkthrough", "--arch", arch, "--n-layers", "1"]) == 0
+        assert "1-layer llama model" in capsys.readouterr().out

@@ -3,8 +3,8 @@
 from .module import Module, Parameter, eval_mode, no_grad, is_grad_enabled
 from .linear import Linear, OutputHead
 from .embedding import Embedding
-from .normalization import LayerNorm
-from .activation import GELU, Softmax
+from .normalization import LayerNorm, RMSNorm
+from .activation import GELU, SiLU, Softmax
 from .dropout import Dropout
 from .attention import MultiHeadAttention, KVCache, causal_mask
 from .blockwise_attention import BlockwiseAttention, make_attention
@@ -12,9 +12,13 @@ from .loss import CrossEntropyLoss
 from .dpo import DPOLoss, DPOOutput, sequence_logprobs
 from .readout import SequenceReadout
 from .lora import LoRALinear, LoRAOutputHead, LowRankAdapter
+from .rope import RoPE, rope_frequencies
+from .swiglu import SwiGLU
+from .gqa import GroupedQueryAttention
 
 __all__ = [
     "Module", "Parameter", "eval_mode", "no_grad", "is_grad_enabled", "Linear", "OutputHead", "Embedding", "LayerNorm",
     "GELU", "Softmax", "Dropout", "MultiHeadAttention", "BlockwiseAttention", "make_attention", "KVCache",
     "causal_mask", "CrossEntropyLoss", "DPOLoss", "DPOOutput", "sequence_logprobs", "SequenceReadout", "LoRALinear", "LoRAOutputHead", "LowRankAdapter",
+    "RMSNorm", "SiLU", "RoPE", "rope_frequencies", "SwiGLU", "GroupedQueryAttention",
 ]

@@ -1,4 +1,4 @@
-"""Element-wise activations (GELU) and the softmax.
+"""Element-wise activations (GELU, SiLU) and the softmax.
 
 On the CPU each runs over chunks of rows on every core (``numpygpt.parallel``): a row's
 result never depends on the other rows, so the chunked result is the whole-array one,
@@ -15,7 +15,40 @@ from .. import backend, parallel
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)  # a Python float: keeps the array's dtype
 
 
-class GELU(Module):
+class _Elementwise(Module):
+    """y = f(x) element by element, in chunks over the cores. A subclass gives
+    ``_forward_chunk(xp, x, kept, y)``, which fills y and an array ``kept`` of x's shape
+    that the backward needs, and ``_backward_chunk(xp, x, kept, dout, dx)``."""
+
+    def forward(self, x):
+        xp = backend.array_module(x)
+        x = xp.ascontiguousarray(x)
+        kept, y = xp.empty_like(x), xp.empty_like(x)
+        x_flat, kept_flat, y_flat = x.reshape(-1), kept.reshape(-1), y.reshape(-1)
+
+        def rows(start, stop):
+            self._forward_chunk(xp, x_flat[start:stop], kept_flat[start:stop], y_flat[start:stop])
+
+        parallel.for_rows(rows, x_flat)
+        self._save(x=x, kept=kept)
+        return y
+
+    def backward(self, dout):
+        cache = self._take()
+        xp = backend.array_module(dout)
+        dout = xp.ascontiguousarray(dout)
+        dx = xp.empty_like(dout)
+        x_flat, kept_flat, dout_flat, dx_flat = (a.reshape(-1) for a in (cache["x"], cache["kept"], dout, dx))
+
+        def rows(start, stop):
+            chunk = slice(start, stop)
+            self._backward_chunk(xp, x_flat[chunk], kept_flat[chunk], dout_flat[chunk], dx_flat[chunk])
+
+        parallel.for_rows(rows, dout_flat)
+        return dx
+
+
+class GELU(_Elementwise):
     r"""GPT-2's tanh approximation: $y = \tfrac{1}{2} x (1 + \tanh u)$, $u = \sqrt{2/\pi}\,(x + 0.044715\, x^3)$.
 
     Backward (product rule, $\tanh' = 1 - \tanh^2$), element by element:
@@ -26,49 +59,48 @@ class GELU(Module):
     and the input gradient is the upstream one times it: $dx = dy \odot \partial y / \partial x$.
     """
 
-    def forward(self, x):
-        xp = backend.array_module(x)
-        x = xp.ascontiguousarray(x)
-        t, y = xp.empty_like(x), xp.empty_like(x)
-        x_flat, t_flat, y_flat = x.reshape(-1), t.reshape(-1), y.reshape(-1)
+    @staticmethod
+    def _forward_chunk(xp, x, t, y):
+        xp.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x), out=t)
+        xp.multiply(0.5 * x, 1.0 + t, out=y)
 
-        def rows(start, stop):
-            xc, tc = x_flat[start:stop], t_flat[start:stop]
-            xp.tanh(_SQRT_2_OVER_PI * (xc + 0.044715 * xc * xc * xc), out=tc)
-            xp.multiply(0.5 * xc, 1.0 + tc, out=y_flat[start:stop])
+    @staticmethod
+    def _backward_chunk(xp, x, t, dout, dx):
+        du_dx = _SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * x * x)
+        dydx = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du_dx
+        xp.multiply(dout, dydx, out=dx)
 
-        parallel.for_rows(rows, x_flat)
-        self._save(x=x, t=t)
-        return y
 
-    def backward(self, dout):
-        cache = self._take()
-        x, t = cache["x"], cache["t"]
-        xp = backend.array_module(dout)
-        dout = xp.ascontiguousarray(dout)
-        dx = xp.empty_like(dout)
-        x_flat, t_flat, dout_flat, dx_flat = (a.reshape(-1) for a in (x, t, dout, dx))
+class SiLU(_Elementwise):
+    r"""$y = x\, \sigma(x)$ (also called swish; the gate of Llama's SwiGLU), $\sigma$ the logistic sigmoid.
 
-        def rows(start, stop):
-            xc, tc = x_flat[start:stop], t_flat[start:stop]
-            du_dx = _SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * xc * xc)
-            dydx = 0.5 * (1.0 + tc) + 0.5 * xc * (1.0 - tc * tc) * du_dx
-            xp.multiply(dout_flat[start:stop], dydx, out=dx_flat[start:stop])
+    Backward (product rule, $\sigma' = \sigma (1 - \sigma)$), element by element:
 
-        parallel.for_rows(rows, dout_flat)
-        return dx
+    $$\frac{\partial y}{\partial x} = \sigma(x) + x\, \sigma(x) \big(1 - \sigma(x)\big)
+    = \sigma(x) \big(1 + x (1 - \sigma(x))\big), \qquad dx = dy \odot \frac{\partial y}{\partial x}.$$
+
+    The forward keeps $\sigma(x)$, computed from $e^{-|x|}$: that never overflows, and keeps
+    full relative precision for large negative x (where y is a tiny negative number, not 0).
+    """
+
+    @staticmethod
+    def _forward_chunk(xp, x, s, y):
+        e = xp.exp(-xp.abs(x))  # in (0, 1]
+        # sigmoid(x) = 1 / (1 + e) for x >= 0 and e / (1 + e) for x < 0, both without cancellation
+        xp.multiply(xp.where(x < 0, e, 1.0), 1.0 / (1.0 + e), out=s)
+        xp.multiply(x, s, out=y)
+
+    @staticmethod
+    def _backward_chunk(xp, x, s, dout, dx):
+        xp.multiply(dout, s * (1.0 + x * (1.0 - s)), out=dx)
 
 
 class Softmax(Module):
-    r"""$y = \exp(x - \max x) \,/\, \sum \exp(x - \max x)$ along ``axis``.
+    """y = exp(x - max x) / sum exp(x - max x) along ``axis``.
 
-    Backward: the Jacobian is $\partial y_i / \partial x_j = y_i (\delta_{ij} - y_j)$, that is
-    $\operatorname{diag}(y) - y y^\top$, so
-
-    $$dx_i = \sum_j dy_j\, y_j (\delta_{ij} - y_i) = y_i \Big( dy_i - \sum_j dy_j\, y_j \Big),
-    \qquad dx = y \odot \big( dy - \operatorname{sum}(dy \odot y) \big).$$
-
-    Entries with $y = 0$ (masked, $-\infty$ scores) get exactly zero gradient.
+    Backward: the Jacobian is diag(y) - y y^T, so
+        dx = y * (dy - sum(dy * y))
+    Entries with y = 0 (masked, -inf scores) get exactly zero gradient.
     """
 
     def __init__(self, axis: int = -1):

@@ -14,10 +14,16 @@ from .. import backend
 class KVCache:
     """Keys and values of the tokens seen so far, for one attention layer.
 
-    k, v: (B, NH, max_length, hs), allocated by the first ``append`` (which knows B, NH,
+    k, v: (B, NH, capacity, hs), allocated by the first ``append`` (which knows B, NH,
     hs, the dtype and the device) and filled up to ``length``. Generation with a cache
-    feeds only the new tokens; their queries attend to every cached key.
+    feeds only the new tokens; their queries attend to every cached key. The capacity
+    starts at what the first append needs (at least ``INITIAL_CAPACITY``) and doubles when
+    full, up to ``max_length``: a model with a 131,072-token context does not reserve
+    131,072 positions per layer for a short chat. A grouped-query layer appends its
+    NKV key/value heads only, so that is all the cache holds.
     """
+
+    INITIAL_CAPACITY = 256
 
     def __init__(self, max_length: int):
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
@@ -29,17 +35,28 @@ class KVCache:
 
     def append(self, k, v):
         B, NH, T, hs = k.shape
-        if self.k is None:
-            xp = backend.array_module(k)
-            self.k = xp.empty((B, NH, self.max_length, hs), dtype=k.dtype)
-            self.v = xp.empty((B, NH, self.max_length, hs), dtype=k.dtype)
         end = self.length + T
-        if end > self.k.shape[2]:
-            raise ValueError(f"KV cache holds {self.k.shape[2]} positions; {end} were asked for")
+        if end > self.max_length:
+            raise ValueError(f"KV cache holds {self.max_length} positions; {end} were asked for")
+        if self.k is None or end > self.k.shape[2]:
+            self._grow(k, end)
         self.k[:, :, self.length:end] = k
         self.v[:, :, self.length:end] = v
         self.length = end
         return self.k[:, :, :end], self.v[:, :, :end]
+
+    def _grow(self, k, end: int) -> None:
+        """Room for at least ``end`` positions: double the capacity (or start it), keeping what is cached."""
+        B, NH, _, hs = k.shape
+        have = 0 if self.k is None else self.k.shape[2]
+        capacity = min(self.max_length, max(end, 2 * have, self.INITIAL_CAPACITY))
+        xp = backend.array_module(k)
+        new_k = xp.empty((B, NH, capacity, hs), dtype=k.dtype)
+        new_v = xp.empty((B, NH, capacity, hs), dtype=k.dtype)
+        if self.k is not None:
+            new_k[:, :, :self.length] = self.k[:, :, :self.length]
+            new_v[:, :, :self.length] = self.v[:, :, :self.length]
+        self.k, self.v = new_k, new_v
 
 
 def causal_mask(T_q: int, T_k: int, xp, dtype):

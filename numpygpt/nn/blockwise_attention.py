@@ -147,6 +147,58 @@ def blockwise_attention_backward(q, k, v, out, lse, dout, offset: int, block_q: 
             dk[:, k_start:k_stop] += dst @ qi
 
 
+def takes_blockwise(mode: str, x) -> bool:
+    """Whether attention over x (B, T, C) runs blockwise in ``mode`` ("blockwise" always;
+    "auto" from ``AUTO_MIN_T`` queries on NumPy; "dense" never)."""
+    if mode == "blockwise":
+        return True
+    return mode == "auto" and x.shape[1] >= AUTO_MIN_T and not backend.is_cupy_array(x)
+
+
+def _heads_per_chunk(G: int, x) -> int:
+    """Heads per parallel chunk: two chunks per thread, so a thread slowed down by other
+    work leaves chunks to the others, with as few Python-level tile loops as that allows
+    (each chunk runs the whole tile loop once)."""
+    if backend.is_cupy_array(x):
+        return G
+    return max(1, -(-G // (2 * parallel.get_num_threads())))
+
+
+def blockwise_heads_forward(q, k, v, block_q: int, block_k: int):
+    """``blockwise_attention_forward`` over G independent heads, chunks of heads on every
+    core (BLAS single-threaded inside each). q: (G, T, hs) scaled queries, the last T of
+    the T_k positions of k, v (G, T_k, hs), all contiguous. Returns out (G, T, hs), lse (G, T)."""
+    xp = backend.array_module(q)
+    G, T, hs = q.shape
+    offset = k.shape[1] - T
+    out = xp.empty((G, T, hs), dtype=q.dtype)
+    lse = xp.empty((G, T), dtype=q.dtype)
+
+    def heads(start, stop):
+        blockwise_attention_forward(q[start:stop], k[start:stop], v[start:stop], offset, block_q, block_k,
+                                    out[start:stop], lse[start:stop])
+
+    parallel.for_chunks(heads, G, _heads_per_chunk(G, q), blas=True)
+    return out, lse
+
+
+def blockwise_heads_backward(q, k, v, out, lse, dout, block_q: int, block_k: int):
+    """``blockwise_attention_backward`` over G heads, in parallel chunks: returns dq (with
+    respect to the scaled queries), dk, dv, shaped like q, k, v."""
+    xp = backend.array_module(q)
+    G, T, _ = q.shape
+    offset = k.shape[1] - T
+    dq, dk, dv = xp.empty_like(q), xp.empty_like(k), xp.empty_like(v)
+
+    def heads(start, stop):
+        blockwise_attention_backward(q[start:stop], k[start:stop], v[start:stop], out[start:stop],
+                                     lse[start:stop], dout[start:stop], offset, block_q, block_k,
+                                     dq[start:stop], dk[start:stop], dv[start:stop])
+
+    parallel.for_chunks(heads, G, _heads_per_chunk(G, dout), blas=True)
+    return dq, dk, dv
+
+
 class BlockwiseAttention(MultiHeadAttention):
     r"""``MultiHeadAttention`` (same parameters, same results) with the attention itself
     computed by ``blockwise_attention_forward`` / ``_backward``.
@@ -182,11 +234,7 @@ class BlockwiseAttention(MultiHeadAttention):
 
     def uses_blockwise(self, x) -> bool:
         """Whether a forward on x (B, T, C) takes the blockwise path."""
-        if self.attn_dropout.active():
-            return False
-        if self.mode == "blockwise":
-            return True
-        return x.shape[1] >= AUTO_MIN_T and not backend.is_cupy_array(x)
+        return not self.attn_dropout.active() and takes_blockwise(self.mode, x)
 
     def forward(self, x, kv_cache: KVCache | None = None):
         if not self.uses_blockwise(x):
@@ -206,15 +254,7 @@ class BlockwiseAttention(MultiHeadAttention):
         q_heads = q_heads.reshape(G, T, hs)
         k_heads = xp.ascontiguousarray(k).reshape(G, T_k, hs)
         v_heads = xp.ascontiguousarray(v).reshape(G, T_k, hs)
-        out = xp.empty((G, T, hs), dtype=q.dtype)
-        lse = xp.empty((G, T), dtype=q.dtype)
-
-        def heads(start, stop):
-            blockwise_attention_forward(q_heads[start:stop], k_heads[start:stop], v_heads[start:stop],
-                                        T_k - T, self.block_q, self.block_k,
-                                        out[start:stop], lse[start:stop])
-
-        parallel.for_chunks(heads, G, self._heads_per_chunk(G, x), blas=True)
+        out, lse = blockwise_heads_forward(q_heads, k_heads, v_heads, self.block_q, self.block_k)
         self._save(q=q_heads, k=k_heads, v=v_heads, out=out, lse=lse)
         y = out.reshape(B, NH, T, hs).transpose(0, 2, 1, 3).reshape(B, T, C)  # (B, T, C)
         return self.c_proj(y)
@@ -225,35 +265,18 @@ class BlockwiseAttention(MultiHeadAttention):
         cache = self._take()
         q, k, v, out, lse = cache["q"], cache["k"], cache["v"], cache["out"], cache["lse"]
         G, T, hs = q.shape
-        T_k = k.shape[1]
         B, NH = G // self.num_heads, self.num_heads
         xp = backend.array_module(dout)
         # out_proj = y @ W_proj + b
         dy = self.c_proj.backward(dout)  # (B, T, C)
         dy = xp.ascontiguousarray(dy.reshape(B, T, NH, hs).transpose(0, 2, 1, 3)).reshape(G, T, hs)
         # y = attention(q * scale, k, v), head by head
-        dq, dk, dv = xp.empty_like(q), xp.empty_like(k), xp.empty_like(v)
-
-        def heads(start, stop):
-            blockwise_attention_backward(q[start:stop], k[start:stop], v[start:stop], out[start:stop],
-                                         lse[start:stop], dy[start:stop], T_k - T, self.block_q,
-                                         self.block_k, dq[start:stop], dk[start:stop], dv[start:stop])
-
-        parallel.for_chunks(heads, G, self._heads_per_chunk(G, dout), blas=True)
+        dq, dk, dv = blockwise_heads_backward(q, k, v, out, lse, dy, self.block_q, self.block_k)
         dq *= 1.0 / math.sqrt(hs)  # q_heads = q * scale
         # q, k, v were slices of c_attn's output, reshaped to heads
         dqkv = xp.stack((dq, dk, dv)).reshape(3, B, NH, T, hs)  # (3, B, NH, T, hs)
         dqkv = dqkv.transpose(1, 3, 0, 2, 4).reshape(B, T, 3 * NH * hs)  # (B, T, 3C)
         return self.c_attn.backward(dqkv)
-
-    @staticmethod
-    def _heads_per_chunk(G: int, x) -> int:
-        """Heads per parallel chunk: two chunks per thread, so a thread slowed down by
-        other work leaves chunks to the others, with as few Python-level tile loops as
-        that allows (each chunk runs the whole tile loop once)."""
-        if backend.is_cupy_array(x):
-            return G
-        return max(1, -(-G // (2 * parallel.get_num_threads())))
 
 
 def make_attention(impl: str, d_in: int, d_out: int, num_heads: int, dropout: float = 0.0,

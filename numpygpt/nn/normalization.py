@@ -1,4 +1,4 @@
-"""Layer normalisation over the last (channel) axis."""
+"""Normalisation over the last (channel) axis: LayerNorm (GPT-2) and RMSNorm (Llama, Qwen3)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,71 @@ from .module import Module, Parameter
 from .. import backend, parallel
 
 
-class LayerNorm(Module):
+class _RowNorm(Module):
+    """Normalise each row of the last axis: xhat = (x - centre) * rstd, y = xhat * w (+ b).
+
+    LayerNorm centres on the row's mean, RMSNorm does not (``centred``). Rows are split
+    into chunks over every core (``numpygpt.parallel``); the weight gradients are summed per
+    chunk and the chunks' sums added in chunk order, so the result does not depend on the
+    number of threads. Any leading shape works: (B, T, C), or (B, T, NH, hs) per head.
+    """
+
+    centred = True
+
+    def forward(self, x):
+        xp = backend.array_module(x)
+        C = x.shape[-1]
+        x_rows = xp.ascontiguousarray(x).reshape(-1, C)  # (N, C)
+        xhat = xp.empty_like(x_rows)
+        rstd = xp.empty((x_rows.shape[0], 1), dtype=x.dtype)  # (N, 1)
+        y = xp.empty_like(x_rows)
+        w, b = self.weight.data, self.bias.data if self.bias is not None else None
+
+        def rows(start, stop):
+            xc = x_rows[start:stop]
+            if self.centred:
+                xc = xc - xc.mean(axis=-1, keepdims=True)
+            var = (xc * xc).mean(axis=-1, keepdims=True)  # biased variance (LayerNorm), mean square (RMSNorm)
+            xp.divide(1.0, xp.sqrt(var + self.eps), out=rstd[start:stop])
+            xp.multiply(xc, rstd[start:stop], out=xhat[start:stop])
+            xp.multiply(xhat[start:stop], w, out=y[start:stop])
+            if b is not None:
+                y[start:stop] += b
+
+        parallel.for_rows(rows, x_rows)
+        self._save(xhat=xhat.reshape(x.shape), rstd=rstd.reshape(*x.shape[:-1], 1))
+        return y.reshape(x.shape)
+
+    def backward(self, dout):
+        cache = self._take()
+        C = cache["xhat"].shape[-1]
+        xhat, rstd = cache["xhat"].reshape(-1, C), cache["rstd"].reshape(-1, 1)  # (N, C), (N, 1)
+        xp = backend.array_module(dout)
+        dout_rows = xp.ascontiguousarray(dout).reshape(-1, C)  # (N, C)
+        dx = xp.empty_like(dout_rows)
+        w = self.weight.data
+
+        def rows(start, stop):
+            dy, xh = dout_rows[start:stop], xhat[start:stop]
+            g = dy * w  # dL/dxhat
+            dxc = dx[start:stop]
+            if self.centred:
+                xp.subtract(g, g.mean(axis=-1, keepdims=True), out=dxc)
+            else:
+                dxc[...] = g
+            dxc -= xh * (g * xh).mean(axis=-1, keepdims=True)
+            dxc *= rstd[start:stop]
+            return (dy * xh).sum(axis=0), dy.sum(axis=0)  # this chunk's dw, db
+
+        partials = parallel.for_rows(rows, dout_rows)
+        if self.weight.requires_grad:
+            self.weight.add_grad(_sum_in_order(p[0] for p in partials))
+        if self.bias is not None and self.bias.requires_grad:
+            self.bias.add_grad(_sum_in_order(p[1] for p in partials))
+        return dx.reshape(cache["xhat"].shape)
+
+
+class LayerNorm(_RowNorm):
     r"""$y = \hat{x} \odot w + b$, with $\hat{x} = (x - \mu)\, r$ and $r = 1 / \sqrt{\sigma^2 + \epsilon}$.
 
     Per row of C channels, $\mu$ is the row's mean and $\sigma^2$ its variance, the biased
@@ -35,51 +99,32 @@ class LayerNorm(Module):
         self.weight = Parameter(xp.ones((dim,), dtype=dtype))
         self.bias = Parameter(xp.zeros((dim,), dtype=dtype))
 
-    def forward(self, x):
-        xp = backend.array_module(x)
-        C = x.shape[-1]
-        x_rows = xp.ascontiguousarray(x).reshape(-1, C)  # (N, C)
-        xhat = xp.empty_like(x_rows)
-        rstd = xp.empty((x_rows.shape[0], 1), dtype=x.dtype)  # (N, 1)
-        y = xp.empty_like(x_rows)
-        w, b = self.weight.data, self.bias.data
 
-        def rows(start, stop):
-            xc = x_rows[start:stop] - x_rows[start:stop].mean(axis=-1, keepdims=True)
-            var = (xc * xc).mean(axis=-1, keepdims=True)  # biased variance
-            xp.divide(1.0, xp.sqrt(var + self.eps), out=rstd[start:stop])
-            xp.multiply(xc, rstd[start:stop], out=xhat[start:stop])
-            xp.multiply(xhat[start:stop], w, out=y[start:stop])
-            y[start:stop] += b
+class RMSNorm(_RowNorm):
+    r"""$y = \hat{x} \odot w$, with $\hat{x} = x\, r$ and $r = 1 / \sqrt{\operatorname{mean}(x^2) + \epsilon}$ (Llama, Qwen3).
 
-        parallel.for_rows(rows, x_rows)
-        self._save(xhat=xhat.reshape(x.shape), rstd=rstd.reshape(*x.shape[:-1], 1))
-        return y.reshape(x.shape)
+    LayerNorm without the centring and the shift: only the row's scale is normalised.
+    Qwen3's QK-norm is this layer on (B, T, NH, hs) queries and keys, with a weight of
+    size hs shared by every head.
 
-    def backward(self, dout):
-        cache = self._take()
-        C = cache["xhat"].shape[-1]
-        xhat, rstd = cache["xhat"].reshape(-1, C), cache["rstd"].reshape(-1, 1)  # (N, C), (N, 1)
-        xp = backend.array_module(dout)
-        dout_rows = xp.ascontiguousarray(dout).reshape(-1, C)  # (N, C)
-        dx = xp.empty_like(dout_rows)
-        w = self.weight.data
+    Backward, per row of C values, with $g = dy \odot w$ (the gradient reaching $\hat{x}$):
+    since $\partial r / \partial x_j = -r^3 x_j / C$,
 
-        def rows(start, stop):
-            dy, xh = dout_rows[start:stop], xhat[start:stop]
-            g = dy * w  # dL/dxhat
-            dxc = dx[start:stop]
-            xp.subtract(g, g.mean(axis=-1, keepdims=True), out=dxc)
-            dxc -= xh * (g * xh).mean(axis=-1, keepdims=True)
-            dxc *= rstd[start:stop]
-            return (dy * xh).sum(axis=0), dy.sum(axis=0)  # this chunk's dw, db
+    $$\frac{\partial \hat{x}_i}{\partial x_j} = r\, \delta_{ij} - x_i\, \frac{r^3 x_j}{C}
+    = r \left( \delta_{ij} - \frac{\hat{x}_i \hat{x}_j}{C} \right),$$
 
-        partials = parallel.for_rows(rows, dout_rows)
-        if self.weight.requires_grad:
-            self.weight.add_grad(_sum_in_order(p[0] for p in partials))
-        if self.bias.requires_grad:
-            self.bias.add_grad(_sum_in_order(p[1] for p in partials))
-        return dx.reshape(cache["xhat"].shape)
+    $$dw = \sum_{\text{rows}} dy \odot \hat{x}, \qquad
+    dx = r \left( g - \hat{x} \odot \operatorname{mean}(g \odot \hat{x}) \right).$$
+
+    LayerNorm's $dx$ without its $-\operatorname{mean}(g)$ term: no mean was subtracted.
+    """
+
+    centred = False
+    bias = None
+
+    def __init__(self, dim: int, eps: float = 1e-6, dtype="float32"):
+        self.eps = float(eps)
+        self.weight = Parameter(backend.xp.ones((dim,), dtype=dtype))
 
 
 def _sum_in_order(arrays):

@@ -1,0 +1,176 @@
+"""Llama 3 and Qwen3: LlamaBlock, Qwen3Block, LlamaDecoder and LlamaModel.
+
+    idx (B, T) -> embed_tokens[idx]                      (no position embedding: RoPE)
+               -> n_layers x [x + self_attn(input_layernorm(x));
+                              x + mlp(post_attention_layernorm(x))]
+               -> norm -> lm_head -> logits (B, T, V)
+
+self_attn is grouped-query attention with rotary positions (Qwen3: and RMSNorm on every
+query and key head), mlp is SwiGLU, every norm is RMSNorm, and no layer has a bias.
+Attribute names are Hugging Face's (``model.layers.0.self_attn.q_proj.weight``,
+``model.norm.weight``, ``lm_head.weight``), so loading its checkpoints is a table whose
+only change is the transpose of each linear weight (HF stores them (out, in), numpygpt
+(in, out)): see ``numpygpt.hf``.
+
+The model answers the calls the rest of numpygpt makes on GPTModel: ``forward(idx,
+kv_caches)``, ``backward(dlogits)``, ``new_kv_caches()``, ``named_parameters()``,
+``zero_grad``, ``train``/``eval``, ``state_dict``/``load_state_dict``, ``init_weights(seed)``.
+"""
+
+from __future__ import annotations
+
+from . import backend
+from .config import LlamaConfig
+from .model import _put_host, check_token_ids
+from .nn import (Embedding, GroupedQueryAttention, KVCache, Module, OutputHead, Parameter, RMSNorm, RoPE,
+                 SwiGLU)
+from .nn.module import skip_init
+
+
+class LlamaBlock(Module):
+    """Pre-RMSNorm block with two residual branches, no dropout, no biases:
+        x = x + self_attn(input_layernorm(x))
+        x = x + mlp(post_attention_layernorm(x))
+    A residual x + f(x) passes dout straight through and adds f's input gradient.
+    """
+
+    qk_norm = False
+
+    def __init__(self, cfg: LlamaConfig, rope: RoPE):
+        C, dt = cfg.emb_dim, cfg.dtype
+        self.input_layernorm = RMSNorm(C, cfg.rms_norm_eps, dtype=dt)
+        self.self_attn = GroupedQueryAttention(C, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, rope,
+                                               qk_norm_eps=cfg.rms_norm_eps if self.qk_norm else None,
+                                               impl=cfg.attn_impl, dtype=dt)
+        self.post_attention_layernorm = RMSNorm(C, cfg.rms_norm_eps, dtype=dt)
+        self.mlp = SwiGLU(C, cfg.hidden_dim, dtype=dt)
+
+    def forward(self, x, kv_cache: KVCache | None = None):
+        x = x + self.self_attn(self.input_layernorm(x), kv_cache)
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x
+
+    def backward(self, dout):
+        # x2 = x1 + mlp(post_attention_layernorm(x1))
+        dh = self.mlp.backward(dout)
+        dx = dout + self.post_attention_layernorm.backward(dh)
+        # x1 = x + self_attn(input_layernorm(x))
+        dh = self.self_attn.backward(dx)
+        dx += self.input_layernorm.backward(dh)
+        return dx
+
+
+class Qwen3Block(LlamaBlock):
+    """The Llama block with QK-norm: every query and key head is RMS-normalised (weights
+    of size head_dim, shared by the heads) before the rotary embedding."""
+
+    qk_norm = True
+
+
+class LlamaDecoder(Module):
+    """The stack below the head (Hugging Face's ``LlamaModel``): token embedding, the
+    blocks, the final RMSNorm. One RoPE serves every block, so its cos/sin tables are
+    computed once per dtype."""
+
+    def __init__(self, cfg: LlamaConfig):
+        dt = cfg.dtype
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.emb_dim, dtype=dt)
+        self.rotary_emb = RoPE(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, max_positions=cfg.context_length)
+        block = Qwen3Block if cfg.qk_norm else LlamaBlock
+        self.layers = [block(cfg, self.rotary_emb) for _ in range(cfg.n_layers)]
+        self.norm = RMSNorm(cfg.emb_dim, cfg.rms_norm_eps, dtype=dt)
+
+    def forward(self, idx, kv_caches: list | None = None):
+        x = self.embed_tokens(idx)  # (B, T, C)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, kv_caches[i] if kv_caches else None)
+        return self.norm(x)
+
+    def backward(self, dout) -> None:
+        dx = self.norm.backward(dout)
+        for layer in reversed(self.layers):
+            dx = layer.backward(dx)
+        # x = embed_tokens[idx]: a scatter-add into the table
+        self.embed_tokens.backward(dx)
+
+
+class LlamaModel(Module):
+    """Llama 3 or Qwen3 (``cfg.model_type``). ``logits = model(idx)``;
+    ``model.backward(dlogits)`` fills every ``.grad``. The head is the token embedding
+    itself when ``cfg.tie_weights`` (Llama 3.2 1B/3B, Qwen3 0.6B/1.7B), else its own (V, C)."""
+
+    def __init__(self, cfg: LlamaConfig, seed: int | None = 0, init: bool = True):
+        """``init=False`` leaves the weights at zeros (norm scales at one), for when a
+        checkpoint's weights are loaded next."""
+        if not isinstance(cfg, LlamaConfig):
+            raise ValueError(f"LlamaModel is built from a LlamaConfig, got {type(cfg).__name__}")
+        self.cfg = cfg.replace(lora_rank=None, lora_alpha=None)  # apply_lora below records them
+        with skip_init():  # one seeded draw for the whole model, in init_weights
+            self.model = LlamaDecoder(cfg)
+        if cfg.tie_weights:
+            self.lm_head = OutputHead(self.model.embed_tokens.weight)
+        else:
+            self.lm_head = OutputHead(Parameter(backend.xp.zeros((cfg.vocab_size, cfg.emb_dim), dtype=cfg.dtype)))
+        if init:
+            self.init_weights(seed)
+        if cfg.lora_rank is not None:
+            from .lora import apply_lora
+
+            apply_lora(self, cfg.lora_rank, cfg.lora_alpha, seed=seed)
+
+    def init_weights(self, seed: int | None = 0) -> None:
+        """Hugging Face's initialisation: every weight ~ N(0, 0.02), RMSNorm scales 1.
+        Drawn on the host from one seeded generator in float32, then moved."""
+        rng = backend.host_rng(seed)
+        xp = backend.array_module(self.model.embed_tokens.weight.data)
+        for name, p in self.named_parameters():
+            if name.endswith((".lora_A", ".lora_B")):
+                continue  # adapters keep their own initialisation (numpygpt.nn.lora)
+            if name.endswith("norm.weight"):  # input_/post_attention_layernorm, q_/k_norm, model.norm
+                p.data, p.grad = xp.ones(p.shape, dtype=p.dtype), None
+            else:
+                w = rng.standard_normal(p.shape, dtype="float32")
+                w *= 0.02
+                _put_host(p, w)
+
+    def check_input(self, idx, start_pos: int = 0):
+        return check_token_ids(idx, self.cfg.vocab_size, self.cfg.context_length, start_pos,
+                               backend.device_of(self.model.embed_tokens.weight.data))
+
+    def forward(self, idx, kv_caches: list | None = None):
+        """idx (B, T) integer token ids -> logits (B, T, V). With ``kv_caches`` (one per
+        block, ``new_kv_caches``) idx holds only the new tokens, at the positions after
+        the cached ones."""
+        start = kv_caches[0].length if kv_caches else 0
+        idx = self.check_input(idx, start)  # (B, T) on the model's device
+        x = self.model(idx, kv_caches)  # (B, T, C)
+        return self.lm_head(x)  # (B, T, V)
+
+    def backward(self, dlogits) -> None:
+        """The forward read in reverse; adds into every parameter's .grad."""
+        dx = self.lm_head.backward(dlogits)  # (B, T, C)
+        self.model.backward(dx)
+
+    def new_kv_caches(self) -> list:
+        """One cache per block; each holds that block's NKV key/value heads."""
+        return [KVCache(self.cfg.context_length) for _ in self.model.layers]
+
+    def lora_targets(self) -> list:
+        """(owner module, attribute, splits) of each layer ``apply_lora`` wraps, in model
+        order: every block's q/k/v/o_proj and gate/up/down_proj, and an untied head."""
+        targets = []
+        for layer in self.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            targets += [(attn, name, 1) for name in ("q_proj", "k_proj", "v_proj", "o_proj")]
+            targets += [(mlp, name, 1) for name in ("gate_proj", "up_proj", "down_proj")]
+        if not self.cfg.tie_weights:
+            targets.append((self, "lm_head", 1))
+        return targets
+
+    @property
+    def is_classifier(self) -> bool:
+        return False
+
+    @property
+    def head(self) -> Module:
+        return self.lm_head
