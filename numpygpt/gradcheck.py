@@ -252,6 +252,40 @@ def gradcheck_checks(seed: int = 0) -> list:
         ("BlockwiseAttention", lambda: check_layer(
             randomized(BlockwiseAttention(C, C, NH, qkv_bias=True, dtype=F64, mode="blockwise", block_q=2,
                                           block_k=3)), randn(B, T, C))),
+    ] + _encdec_checks(dict(B=B, T=T, C=C, NH=NH), dev, randn, randomized, fixed_masks)
+
+
+def _encdec_checks(sizes: dict, dev, randn, randomized, fixed_masks) -> list:
+    """The encoder-decoder's entries (issue 19): its ops with key padding masks, its blocks
+    and the whole model; the helpers are gradcheck_checks' own."""
+    from .nn import CrossAttention, MultiHeadAttention, SinusoidalPositionalEncoding
+
+    F64 = "float64"
+    B, T, C, NH = sizes["B"], sizes["T"], sizes["C"], sizes["NH"]
+
+    def source_padding(S):
+        """(B, S) bool key padding mask, True at padding: row 0 padded after 2 keys, row 1 unpadded."""
+        pad = numpy.zeros((B, S), bool)
+        pad[0, 2:] = True
+        return dev(pad, None)
+
+    def masked_self_attention_check():
+        layer = randomized(MultiHeadAttention(C, C, NH, dropout=0.2, qkv_bias=True, dtype=F64, causal=False))
+        pad = source_padding(T)
+        return check_gradients(lambda x: layer(x, key_padding_mask=pad), layer.backward, {"x": randn(B, T, C)},
+                               dict(layer.named_parameters()), before_forward=fixed_masks)
+
+    def positional_check():
+        layer = SinusoidalPositionalEncoding(C, max_length=2 * T, dtype=F64)
+        return check_gradients(lambda x: layer(x, start=2), layer.backward, {"x": randn(B, T, C)}, {})
+
+    return [
+        ("SinusoidalPositionalEncoding", positional_check),
+        ("Self-attention (pad mask)", masked_self_attention_check),
+        ("CrossAttention (pad mask)", lambda: check_layer(
+            randomized(CrossAttention(C, C, C, NH, dropout=0.2, qkv_bias=True, dtype=F64)), randn(B, T, C),
+            randn(B, T + 2, C), source_padding(T + 2), input_names=["x", "memory", "key_padding_mask"],
+            before_forward=fixed_masks)),
     ]
 
 

@@ -6,7 +6,8 @@ from .embedding import Embedding
 from .normalization import LayerNorm
 from .activation import GELU, Softmax
 from .dropout import Dropout
-from .attention import MultiHeadAttention, KVCache, causal_mask
+from .attention import AttentionCore, CrossAttention, MultiHeadAttention, KVCache, attention_mask, causal_mask
+from .positional import SinusoidalPositionalEncoding
 from .blockwise_attention import BlockwiseAttention, make_attention
 from .loss import CrossEntropyLoss
 from .readout import SequenceReadout
@@ -14,6 +15,7 @@ from .lora import LoRALinear, LoRAOutputHead, LowRankAdapter
 
 __all__ = [
     "Module", "Parameter", "eval_mode", "no_grad", "is_grad_enabled", "Linear", "OutputHead", "Embedding", "LayerNorm",
-    "GELU", "Softmax", "Dropout", "MultiHeadAttention", "BlockwiseAttention", "make_attention", "KVCache",
-    "causal_mask", "CrossEntropyLoss", "SequenceReadout", "LoRALinear", "LoRAOutputHead", "LowRankAdapter",
+    "GELU", "Softmax", "Dropout", "AttentionCore", "CrossAttention", "MultiHeadAttention", "BlockwiseAttention",
+    "make_attention", "KVCache", "attention_mask", "causal_mask", "SinusoidalPositionalEncoding", "CrossEntropyLoss",
+    "SequenceReadout", "LoRALinear", "LoRAOutputHead", "LowRankAdapter",
 ]

@@ -1,0 +1,43 @@
+"""Sinusoidal positional encoding (Vaswani et al. 2017): fixed, no parameters."""
+
+from __future__ import annotations
+
+import numpy
+
+from .module import Module
+from .. import backend
+
+
+def sinusoidal_table(length: int, dim: int):
+    """(length, dim) host float64 table: PE[p, 2i] = sin(p / 10000^(2i/dim)),
+    PE[p, 2i+1] = cos(p / 10000^(2i/dim))."""
+    pos = numpy.arange(length, dtype=numpy.float64)[:, None]  # (L, 1)
+    pair = numpy.arange(dim) // 2  # i for columns 2i and 2i+1
+    angle = pos / numpy.power(10000.0, 2.0 * pair / dim)[None, :]  # (L, C)
+    return numpy.where(numpy.arange(dim) % 2 == 0, numpy.sin(angle), numpy.cos(angle))
+
+
+class SinusoidalPositionalEncoding(Module):
+    """y[b, t] = x[b, t] + PE[start + t], with the paper's fixed table (``sinusoidal_table``).
+
+    PE does not depend on x and has no parameters, so dy/dx is the identity and
+        dx = dout
+    (the gradient passes through untouched). ``start`` offsets the positions, for
+    generation that feeds one new token at a time after ``start`` cached ones.
+    """
+
+    def __init__(self, dim: int, max_length: int, dtype="float32"):
+        self.dim, self.max_length = int(dim), int(max_length)
+        self.table = backend.to_device(sinusoidal_table(self.max_length, self.dim), dtype=dtype)  # (L, C)
+
+    def forward(self, x, start: int = 0):
+        B, T, C = x.shape
+        if start + T > self.max_length:
+            raise ValueError(f"positions up to {start + T} asked for; the table holds {self.max_length}")
+        self._save(shape=x.shape)
+        return x + self.table[start:start + T].astype(x.dtype, copy=False)  # (B, T, C)
+
+    def backward(self, dout):
+        self._take()  # the contract: one backward per cached forward
+        # y = x + PE
+        return dout
