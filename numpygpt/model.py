@@ -77,6 +77,35 @@ class TransformerBlock(Module):
         return dx
 
 
+def check_token_ids(idx, vocab_size: int, context_length: int, device: str, start_pos: int = 0):
+    """Token ids (B, T) of an integer dtype in [0, vocab_size) that fit ``context_length``
+    after ``start_pos``, as an array on ``device`` (a list or a host array is moved there).
+
+    The values are checked on the host, while the ids are still NumPy (the data loader's
+    batches, a prompt): on the device that check would cost a device-to-host sync every
+    micro-batch. Ids already on the GPU are trusted (CuPy would wrap an out-of-range id
+    instead of raising): make them from checked ids.
+    """
+    if not (hasattr(idx, "dtype") and hasattr(idx, "ndim")):
+        idx = backend.to_host(idx)
+    V, T_max = vocab_size, context_length
+    if idx.dtype.kind not in "iu":  # bool and float ids are refused, not truncated
+        raise ValueError(f"token ids must be integers, got dtype {idx.dtype}")
+    if idx.ndim != 2:
+        raise ValueError(f"token ids must have shape (B, T), got {tuple(idx.shape)}")
+    B, T = idx.shape
+    if B == 0 or T == 0:
+        raise ValueError(f"token ids are empty (shape {tuple(idx.shape)}): B and T must be at least 1")
+    if start_pos + T > T_max:
+        raise ValueError(f"sequence length {start_pos + T} exceeds context_length {T_max}")
+    if not backend.is_cupy_array(idx):
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= V:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"token id {bad} is out of range: ids must be in [0, {V}) (vocab_size={V})")
+    return backend.to_device(idx, device_name=device)
+
+
 class GPTModel(Module):
     """GPT-2. ``logits = model(idx)``; ``model.backward(dlogits)`` fills every ``.grad``.
 
@@ -174,32 +203,10 @@ class GPTModel(Module):
     # -- forward and backward --------------------------------------------------------
 
     def check_input(self, idx, start_pos: int = 0):
-        """Token ids (B, T) of an integer dtype that fit the context after ``start_pos``,
-        as an array on the model's device (a list or a host array is moved there).
-
-        The values are checked against [0, V) on the host, while the ids are still NumPy
-        (the data loader's batches, a prompt): on the device that check would cost a
-        device-to-host sync every micro-batch. Ids already on the GPU are trusted (CuPy
-        would wrap an out-of-range id instead of raising): make them from checked ids.
-        """
-        if not (hasattr(idx, "dtype") and hasattr(idx, "ndim")):
-            idx = backend.to_host(idx)
-        V, T_max = self.cfg.vocab_size, self.cfg.context_length
-        if idx.dtype.kind not in "iu":  # bool and float ids are refused, not truncated
-            raise ValueError(f"token ids must be integers, got dtype {idx.dtype}")
-        if idx.ndim != 2:
-            raise ValueError(f"token ids must have shape (B, T), got {tuple(idx.shape)}")
-        B, T = idx.shape
-        if B == 0 or T == 0:
-            raise ValueError(f"token ids are empty (shape {tuple(idx.shape)}): B and T must be at least 1")
-        if start_pos + T > T_max:
-            raise ValueError(f"sequence length {start_pos + T} exceeds context_length {T_max}")
-        if not backend.is_cupy_array(idx):
-            lo, hi = int(idx.min()), int(idx.max())
-            if lo < 0 or hi >= V:
-                bad = lo if lo < 0 else hi
-                raise ValueError(f"token id {bad} is out of range: ids must be in [0, {V}) (vocab_size={V})")
-        return backend.to_device(idx, device_name=backend.device_of(self.wte.weight.data))
+        """Token ids (B, T) checked against the vocabulary and the context (``check_token_ids``),
+        on the model's device."""
+        return check_token_ids(idx, self.cfg.vocab_size, self.cfg.context_length,
+                               backend.device_of(self.wte.weight.data), start_pos)
 
     def forward(self, idx, kv_caches: list | None = None):
         """idx (B, T) integer token ids -> logits (B, T, V), or (B, K) for a classifier.
