@@ -22,8 +22,9 @@ import argparse
 import math
 import sys
 
-from .run import (DEFAULT_LR, DEFAULT_MAX_STEPS, DEFAULT_PROMPT, GENERIC_PROMPT, SMALL_MODEL_LR, TRAIN_DEFAULTS,
-                  RunError, run_generate, run_gradcheck, run_training)
+from .options import add_arguments
+from .run import (DEFAULT_PROMPT, GENERIC_PROMPT, TRAIN_DEFAULTS, RunError, TrainCommandOptions, run_generate,
+                  run_gradcheck, run_training)
 
 __all__ = ["main", "train_main", "generate_main", "parse_train_args", "run_training", "run_generate", "run_cli",
            "CLIError", "RunError", "TRAIN_DEFAULTS"]
@@ -78,62 +79,10 @@ def _add_sampling_args(p) -> None:
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    """Every option defaults to "not given" (SUPPRESS on the parser); TRAIN_DEFAULTS fills
-    the gaps later, after a resumed checkpoint's own options, so --resume continues a run
-    with the settings it was started with unless told otherwise."""
-    D = TRAIN_DEFAULTS
-    data = p.add_argument_group("data")
-    data.add_argument("--data", metavar="PATH",
-                      help="UTF-8 text file to train on (default: Python's reference manual from pydoc_data)")
-    data.add_argument("--train-ratio", type=_fraction, metavar="R",
-                      help=f"fraction of the characters used for training, the rest validates (default {D['train_ratio']})")
-    data.add_argument("--stride", type=_positive_int, help="offset between training windows (default: the context length)")
-    data.add_argument("--batch-size", type=_positive_int, metavar="B", help=f"windows per micro-batch (default {D['batch_size']})")
-
-    model = p.add_argument_group("model (default: emb 128, 4 layers, 4 heads, context 128, tied head)")
-    model.add_argument("--preset", help="start from a preset: tiny, gpt2-small (gpt2), gpt2-medium, gpt2-large, gpt2-xl")
-    model.add_argument("--emb-dim", type=_positive_int)
-    model.add_argument("--n-layers", type=_positive_int)
-    model.add_argument("--n-heads", type=_positive_int)
-    model.add_argument("--context-length", type=_positive_int, help="also the length of a training window")
-    model.add_argument("--drop-rate", type=_drop_rate)
-    model.add_argument("--tie-weights", action=argparse.BooleanOptionalAction,
-                       help="share the token embedding with the output head")
-    model.add_argument("--qkv-bias", action=argparse.BooleanOptionalAction, help="bias on the Q/K/V projection")
-    model.add_argument("--dtype", choices=("float32", "float64"), help=f"(default {D['dtype']})")
-    model.add_argument("--init", choices=("gpt2", "pytorch"),
-                       help="random initialisation: gpt2 (N(0, 0.02), default) or pytorch (the book's: "
-                            "PyTorch's default nn.Embedding N(0, 1) and nn.Linear U(+-1/sqrt(fan_in)))")
-    model.add_argument("--init-from", metavar="DIR_OR_NAME",
-                       help="start from pretrained GPT-2 weights (a Hugging Face directory or 'gpt2', ...)")
-
-    opt = p.add_argument_group("optimisation")
-    opt.add_argument("--epochs", type=_positive_int, help="passes over the training split")
-    opt.add_argument("--max-steps", type=_positive_int,
-                     help=f"stop after this many optimiser steps (default {DEFAULT_MAX_STEPS} when --epochs is not given)")
-    opt.add_argument("--lr", type=_nonneg_float, help=f"peak learning rate of AdamW (default {SMALL_MODEL_LR:g} "
-                                                      f"for the default model, {DEFAULT_LR:g} for a preset or --init-from)")
-    opt.add_argument("--min-lr", type=_nonneg_float, help="final learning rate of the cosine decay (default lr/10)")
-    opt.add_argument("--weight-decay", type=_nonneg_float, help=f"AdamW decoupled weight decay (default {D['weight_decay']})")
-    opt.add_argument("--warmup-steps", type=_nonneg_int, help="linear warmup steps (default 10%% of the steps)")
-    opt.add_argument("--schedule", choices=("cosine", "constant"), help="learning-rate schedule (default cosine)")
-    opt.add_argument("--grad-clip", type=_nonneg_float, metavar="NORM",
-                     help=f"clip the global gradient norm; 0 disables (default {D['grad_clip']})")
-    opt.add_argument("--grad-accum", type=_positive_int, metavar="K", help="micro-batches per optimiser step (default 1)")
-    opt.add_argument("--seed", type=int, help=f"seeds weights, dropout and data order (default {D['seed']})")
-
-    run = p.add_argument_group("run")
-    run.add_argument("--eval-freq", type=_positive_int, help=f"evaluate every N steps (default {D['eval_freq']})")
-    run.add_argument("--eval-iter", type=_positive_int, help=f"batches per evaluation (default {D['eval_iter']})")
-    run.add_argument("--prompt", help="start of the samples printed after each epoch ('' for none)")
-    run.add_argument("--sample-tokens", type=_positive_int, help=f"tokens per sample (default {D['sample_tokens']})")
-    _add_sampling_args(run)
-    run.add_argument("--device", choices=("cpu", "cuda", "auto"), help="cpu (NumPy), cuda (CuPy) or auto (default)")
-    run.add_argument("--out", metavar="DIR", help=f"where the checkpoint, plot and history go (default {D['out']})")
-    run.add_argument("--checkpoint-every", type=_positive_int, metavar="N",
-                     help=f"also checkpoint every N steps (default {D['checkpoint_every']})")
-    run.add_argument("--resume", metavar="CKPT", help="continue the run saved in this checkpoint")
-    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    """Every flag of TrainCommandOptions, defaulting to "not given" (SUPPRESS): its defaults
+    fill the gaps later, after a resumed checkpoint's own options, so --resume continues a
+    run with the settings it was started with unless told otherwise."""
+    add_arguments(p, TrainCommandOptions, suppress=True)
 
 
 def build_train_parser(prog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
@@ -197,31 +146,10 @@ def run_gradcheck_args(args: argparse.Namespace) -> int:
 # -- finetune classify, classify (the work is in numpygpt.finetune.classify) --------------------------
 
 def _add_finetune_classify_args(p: argparse.ArgumentParser) -> None:
-    """Every option defaults to "not given"; FINETUNE_CLASSIFY_DEFAULTS fills the gaps (the book's recipe)."""
-    p.add_argument("--data", metavar="PATH", help="label<TAB>text lines (the SMS Spam Collection's format) or a CSV "
-                   "with Label,Text columns (default: download the SMS Spam Collection)")
-    p.add_argument("--label-column", metavar="NAME", help="the CSV's label column (default Label)")
-    p.add_argument("--text-column", metavar="NAME", help="the CSV's text column (default Text)")
-    p.add_argument("--max-length", type=int, metavar="N",
-                   help="truncate texts to N tokens (default: pad to the longest training text; longer than the "
-                        "model's context is an error)")
-    p.add_argument("--pretrained", metavar="DIR_OR_NAME", help="GPT-2 weights: a Hugging Face directory or a name (default gpt2)")
-    p.add_argument("--readout", choices=("last", "last_non_pad"),
-                   help="logits read at the last position (the book, default) or at the last non-padding token")
-    p.add_argument("--trainable", metavar="WHICH",
-                   help="all, last-block (default: last block, final LayerNorm, head), last-two-blocks or head")
-    p.add_argument("--lora-rank", type=int, metavar="R", help="train LoRA adapters of rank R instead (lr 8e-4)")
-    p.add_argument("--lora-alpha", type=float, metavar="A", help="LoRA scale alpha / rank (default alpha = rank)")
-    p.add_argument("--lr", type=float, help="AdamW learning rate (default 5e-5; 8e-4 with LoRA)")
-    p.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0.1)")
-    p.add_argument("--epochs", type=int, help="(default 5)")
-    p.add_argument("--batch-size", type=int, help="(default 8)")
-    p.add_argument("--eval-freq", type=int, help="evaluate the losses every N steps (default 50)")
-    p.add_argument("--eval-iter", type=int, help="batches per evaluation (default 5)")
-    p.add_argument("--seed", type=int, help="seeds the balancing, split, batch order and class head (default 123)")
-    p.add_argument("--device", choices=("cpu", "cuda", "auto"), help="(default auto)")
-    p.add_argument("--out", metavar="DIR", help="where the model, plots and history go (default runs/classifier)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    """Every flag of ClassifyOptions (the book's recipe when none is given)."""
+    from .finetune.classify import ClassifyOptions
+
+    add_arguments(p, ClassifyOptions, suppress=True)
 
 
 def _add_classify_args(p: argparse.ArgumentParser) -> None:
@@ -249,35 +177,10 @@ def run_finetune_classify(given: dict):
 # -- instruction fine-tuning (numpygpt.finetune.instruct and .judge do the work) ----------------------
 
 def _add_finetune_instruct_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--pretrained", default="gpt2-medium", metavar="DIR_OR_NAME",
-                   help="GPT-2 weights to start from: a Hugging Face directory or gpt2 / gpt2-medium / ... (default %(default)s)")
-    p.add_argument("--data", metavar="JSON", help="instruction data, a JSON list of {instruction, input, output} "
-                   "(default: the book's instruction-data.json, downloaded once)")
-    p.add_argument("--out", default="runs/instruct", metavar="DIR", help="(default %(default)s)")
-    p.add_argument("--batch-size", type=_positive_int, default=8, metavar="B", help="(default %(default)s)")
-    p.add_argument("--epochs", type=_positive_int, default=2, help="(default %(default)s)")
-    p.add_argument("--max-steps", type=_positive_int, help="stop after this many optimiser steps")
-    p.add_argument("--lr", type=_nonneg_float, default=5e-5, help="AdamW learning rate (default %(default)g)")
-    p.add_argument("--weight-decay", type=_nonneg_float, default=0.1, help="(default %(default)g)")
-    p.add_argument("--eval-freq", type=_positive_int, default=5, help="evaluate every N steps (default %(default)s)")
-    p.add_argument("--eval-iter", type=_positive_int, default=5, help="batches per evaluation (default %(default)s)")
-    p.add_argument("--seed", type=int, default=123, help="(default %(default)s)")
-    p.add_argument("--drop-rate", type=_drop_rate, default=0.0, help="(default %(default)s)")
-    p.add_argument("--mask-instruction", action="store_true",
-                   help="train on the response only (the prompt's targets are ignored)")
-    p.add_argument("--lora-rank", type=_positive_int, help="train LoRA adapters of this rank instead of every weight")
-    p.add_argument("--lora-alpha", type=_nonneg_float, help="LoRA scale alpha (default: the rank)")
-    p.add_argument("--allowed-max-length", type=_positive_int, default=1024, metavar="T",
-                   help="cut longer training texts to T tokens (default %(default)s, at most the model's context)")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=256, help="response length limit (default %(default)s)")
-    p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto", help="(default %(default)s)")
-    p.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="(default %(default)s)")
-    p.add_argument("--checkpoint-every", type=_positive_int, metavar="N",
-                   help="also write OUT/checkpoint.safetensors every N steps (it is always written at the end of "
-                        "training and on Ctrl-C/SIGTERM)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from OUT/checkpoint.safetensors (same options as the interrupted run)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    """Every flag of InstructOptions (the book's chapter 7 recipe by default)."""
+    from .finetune.instruct import InstructOptions
+
+    add_arguments(p, InstructOptions)
 
 
 def _add_chat_args(p: argparse.ArgumentParser) -> None:
@@ -314,8 +217,8 @@ def run_finetune_task(args: argparse.Namespace):
             judge.score_file(args.file, args.judge_model, args.judge_url, args.out, args.key, args.timeout,
                              progress=not args.no_progress, log=say)
         else:
-            opts = {k: v for k, v in vars(args).items() if k not in ("command", "task", "no_progress")}
-            instruct.finetune_instruct(**opts, progress=not args.no_progress, log=say)
+            opts = {k: v for k, v in vars(args).items() if k not in ("command", "task")}
+            instruct.finetune_instruct(log=say, **opts)
         return 0
 
     try:

@@ -7,6 +7,8 @@ import math
 import numbers
 from dataclasses import dataclass, field
 
+from .options import from_fields
+
 
 @dataclass
 class GPTConfig:
@@ -87,11 +89,7 @@ class GPTConfig:
     def from_dict(cls, d: dict) -> "GPTConfig":
         if not isinstance(d, dict):
             raise ValueError(f"a GPTConfig is read from a dict, got {type(d).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown GPTConfig fields: {sorted(unknown)}")
-        return cls(**d)
+        return from_fields(cls, d, ValueError, "GPTConfig fields")
 
     @property
     def head_dim(self) -> int:

@@ -33,7 +33,7 @@ import numpy
 
 from . import backend
 
-__all__ = ["atomic_write", "remove_stale_temps", "write_safetensors", "SAFETENSORS_DTYPES", "TEMP_SUFFIX"]
+__all__ = ["atomic_write", "write_json", "remove_stale_temps", "write_safetensors", "SAFETENSORS_DTYPES", "TEMP_SUFFIX"]
 
 TEMP_SUFFIX = ".numpygpt-tmp"
 LEGACY_TEMP_AGE_S = 600.0  # an old-style temporary unchanged this long is stale
@@ -186,3 +186,9 @@ def write_safetensors(path, named_arrays, metadata: dict | None = None) -> None:
             host = numpy.ascontiguousarray(backend.to_host(a))
             host = host.astype(host.dtype.newbyteorder("<"), copy=False)
             fh.write(host.reshape(-1).view(numpy.uint8))
+
+
+def write_json(path, obj, indent: int = 4) -> None:
+    """Write ``obj`` as indented UTF-8 JSON, atomically (temporary file, then rename)."""
+    with atomic_write(path) as fh:
+        fh.write((json.dumps(obj, indent=indent, ensure_ascii=False) + "\n").encode("utf-8"))

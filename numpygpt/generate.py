@@ -165,6 +165,24 @@ def _prompt_array(idx, device_name: str, vocab_size: int):
     return backend.to_device(host, dtype="int64", device_name=device_name)
 
 
+def _check_generate_args(model, max_new_tokens, context_size, eos_id) -> int:
+    """The checks of ``generate``'s arguments (ValueError); returns the context size to use."""
+    if getattr(model.cfg, "num_classes", None) is not None:
+        raise ValueError("this model is a classifier (to_classifier): it labels text and cannot generate tokens")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    T_max = model.cfg.context_length
+    if context_size is None:
+        context_size = T_max
+    if isinstance(context_size, bool) or not isinstance(context_size, (int, np.integer)) or not 1 <= context_size <= T_max:
+        raise ValueError(
+            f"context_size must be an integer in [1, {T_max}] (the model's context_length), got {context_size!r}"
+        )
+    if eos_id is not None and not (isinstance(eos_id, (int, np.integer)) and 0 <= eos_id < model.cfg.vocab_size):
+        raise ValueError(f"eos_id must be a token id in [0, {model.cfg.vocab_size}) or None, got {eos_id!r}")
+    return context_size
+
+
 def generate(model, idx, max_new_tokens: int, context_size: int | None = None,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              eos_id: int | None = None, seed=None, use_cache: bool = True):
@@ -184,20 +202,7 @@ def generate(model, idx, max_new_tokens: int, context_size: int | None = None,
     restored afterwards.
     """
     _check_sampling(temperature, top_k, top_p)
-    if getattr(model.cfg, "num_classes", None) is not None:
-        raise ValueError("this model is a classifier (to_classifier): it labels text and cannot generate tokens")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    T_max = model.cfg.context_length
-    if context_size is None:
-        context_size = T_max
-    if isinstance(context_size, bool) or not isinstance(context_size, (int, np.integer)) or not 1 <= context_size <= T_max:
-        raise ValueError(
-            f"context_size must be an integer in [1, {T_max}] (the model's context_length), got {context_size!r}"
-        )
-    if eos_id is not None and not (isinstance(eos_id, (int, np.integer)) and 0 <= eos_id < model.cfg.vocab_size):
-        raise ValueError(f"eos_id must be a token id in [0, {model.cfg.vocab_size}) or None, got {eos_id!r}")
-
+    context_size = _check_generate_args(model, max_new_tokens, context_size, eos_id)
     dev = model.device
     seq = _prompt_array(idx, dev, model.cfg.vocab_size)  # (B, T)
     B = seq.shape[0]

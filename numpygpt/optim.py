@@ -287,14 +287,9 @@ class Optimizer:
         }
         return {"hyper": hyper, "tensors": tensors}
 
-    def load_state_dict(self, sd: dict) -> None:
-        """Restore from ``state_dict()``'s output (arrays may be NumPy or CuPy).
-
-        Everything is checked before anything changes: the optimiser type, the groups
-        and their parameter names, every tensor's name and shape (a ValueError names
-        the tensor). Arrays are copied onto each parameter's device in its dtype.
-        """
-        hyper, tensors = sd["hyper"], sd["tensors"]
+    def _check_groups(self, hyper: dict):
+        """(every parameter by name, each group's saved hyperparameters), after checking that
+        the state dict is this optimiser's, with the same groups of the same parameters."""
         name = type(self).__name__
         if hyper.get("optimizer") != name:
             raise ValueError(f"state dict is for {hyper.get('optimizer')!r}, not {name!r}")
@@ -316,7 +311,11 @@ class Optimizer:
             hp = self._normalise_hyper({k: saved[k] for k in self.defaults if k in saved})
             self._check_hyper(hp)
             new_groups.append(hp)
+        return params, new_groups
 
+    def _check_tensors(self, hyper: dict, tensors: dict, params: dict, new_groups: list) -> dict:
+        """Every state tensor names a parameter and a slot and has its shape, and every
+        parameter that has taken steps has its slots; returns the per-parameter step counts."""
         for tname, arr in tensors.items():
             key, _, slot = tname.rpartition(".")
             if key not in params or slot not in self.slots:
@@ -337,6 +336,18 @@ class Optimizer:
                     for slot in self._required_slots(merged):
                         if f"{key}.{slot}" not in tensors:
                             raise ValueError(f"tensor {key}.{slot!s} is missing from the state dict")
+        return steps
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Restore from ``state_dict()``'s output (arrays may be NumPy or CuPy).
+
+        Everything is checked before anything changes: the optimiser type, the groups
+        and their parameter names, every tensor's name and shape (a ValueError names
+        the tensor). Arrays are copied onto each parameter's device in its dtype.
+        """
+        hyper, tensors = sd["hyper"], sd["tensors"]
+        params, new_groups = self._check_groups(hyper)
+        steps = self._check_tensors(hyper, tensors, params, new_groups)
 
         # all checks passed: now change things
         for hp, g in zip(new_groups, self.param_groups):

@@ -13,23 +13,25 @@ knows nothing about options) and below ``cli`` (argument parsing and exit codes)
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shlex
 import sys
 import time
+from dataclasses import dataclass
 
 from . import backend, distributed
-from .fileio import remove_stale_temps
-from .generate import describe_sampling, generate_text
+from .generate import SAMPLING_DEFAULTS, describe_sampling, generate_text
 from .model import GPTModel
 from .optim import AdamW, CosineWithWarmup, param_groups
-from .train import (TrainingInterrupted, TrainOptions, TrainState, evaluate_model, perplexity, plot_losses,
-                    stop_on_signals, train_model)
+from .options import DROP_RATE, FRACTION, NONNEG_FLOAT, NONNEG_INT, POSITIVE_INT, Options, option
+from .plots import plot_losses
+from .progress import say as _progress_say
+from .scaffold import RunFolder
+from .train import TrainOptions, TrainState, evaluate_model, perplexity
 
-__all__ = ["run_training", "run_generate", "run_gradcheck", "RunError", "TRAIN_DEFAULTS", "DEFAULT_MAX_STEPS",
-           "sampling_options"]
+__all__ = ["run_training", "run_generate", "run_gradcheck", "RunError", "TrainCommandOptions", "TRAIN_DEFAULTS",
+           "DEFAULT_MAX_STEPS", "sampling_options"]
 
 
 class RunError(Exception):
@@ -55,16 +57,84 @@ GENERIC_PROMPT = "Every effort moves you"  # the book's, for any other model
 
 MODEL_KEYS = ("preset", "emb_dim", "n_layers", "n_heads", "context_length", "drop_rate",
               "tie_weights", "qkv_bias")
+MODEL_GROUP = "model (default: emb 128, 4 layers, 4 heads, context 128, tied head)"
+OPT_GROUP = "optimisation"
 
-TRAIN_DEFAULTS = dict(
-    data=None, preset=None, emb_dim=None, n_layers=None, n_heads=None, context_length=None,
-    drop_rate=None, tie_weights=None, qkv_bias=None, dtype="float32", init="gpt2",
-    batch_size=8, stride=None, epochs=None, max_steps=None, lr=None, min_lr=None,
-    weight_decay=0.1, warmup_steps=None, schedule="cosine", grad_clip=1.0, grad_accum=1,
-    eval_freq=50, eval_iter=5, train_ratio=0.9, seed=123, device="auto", out="runs/train",
-    resume=None, init_from=None, prompt=None, sample_tokens=30, checkpoint_every=100,
-    no_progress=False, greedy=False, temperature=None, top_k=None,
-)
+
+@dataclass
+class TrainCommandOptions(Options):
+    """``numpygpt train``'s options: each field is a flag (``--batch-size``...), with its default.
+
+    None means "chosen for you": the model's shape from ``--preset`` (or SMALL_MODEL), the
+    learning rate from the model (SMALL_MODEL_LR for the default model, DEFAULT_LR otherwise),
+    the step budget DEFAULT_MAX_STEPS when neither ``max_steps`` nor ``epochs`` is given.
+    """
+
+    data: str | None = option(None, "UTF-8 text file to train on (default: Python's reference manual from "
+                              "pydoc_data)", metavar="PATH", group="data")
+    train_ratio: float = option(0.9, "fraction of the characters used for training, the rest validates",
+                                check=FRACTION, metavar="R", group="data")
+    stride: int | None = option(None, "offset between training windows (default: the context length)",
+                                check=POSITIVE_INT, group="data")
+    batch_size: int = option(8, "windows per micro-batch", check=POSITIVE_INT, metavar="B", group="data")
+
+    preset: str | None = option(None, "start from a preset: tiny, gpt2-small (gpt2), gpt2-medium, gpt2-large, gpt2-xl",
+                                group=MODEL_GROUP)
+    emb_dim: int | None = option(None, "", check=POSITIVE_INT, group=MODEL_GROUP)
+    n_layers: int | None = option(None, "", check=POSITIVE_INT, group=MODEL_GROUP)
+    n_heads: int | None = option(None, "", check=POSITIVE_INT, group=MODEL_GROUP)
+    context_length: int | None = option(None, "also the length of a training window", check=POSITIVE_INT,
+                                        group=MODEL_GROUP)
+    drop_rate: float | None = option(None, "", check=DROP_RATE, group=MODEL_GROUP)
+    tie_weights: bool | None = option(None, "share the token embedding with the output head", negatable=True,
+                                      group=MODEL_GROUP)
+    qkv_bias: bool | None = option(None, "bias on the Q/K/V projection", negatable=True, group=MODEL_GROUP)
+    dtype: str = option("float32", "", choices=("float32", "float64"), group=MODEL_GROUP)
+    init: str = option("gpt2", "random initialisation: gpt2 (N(0, 0.02)) or pytorch (the book's: PyTorch's "
+                       "default nn.Embedding N(0, 1) and nn.Linear U(+-1/sqrt(fan_in)))",
+                       choices=("gpt2", "pytorch"), group=MODEL_GROUP)
+    init_from: str | None = option(None, "start from pretrained GPT-2 weights (a Hugging Face directory or "
+                                   "'gpt2', ...)", metavar="DIR_OR_NAME", group=MODEL_GROUP)
+
+    epochs: int | None = option(None, "passes over the training split", check=POSITIVE_INT, group=OPT_GROUP)
+    max_steps: int | None = option(None, f"stop after this many optimiser steps (default {DEFAULT_MAX_STEPS} "
+                                   "when --epochs is not given)", check=POSITIVE_INT, group=OPT_GROUP)
+    lr: float | None = option(None, f"peak learning rate of AdamW (default {SMALL_MODEL_LR:g} for the default "
+                              f"model, {DEFAULT_LR:g} for a preset or --init-from)", check=NONNEG_FLOAT,
+                              group=OPT_GROUP)
+    min_lr: float | None = option(None, "final learning rate of the cosine decay (default lr/10)",
+                                  check=NONNEG_FLOAT, group=OPT_GROUP)
+    weight_decay: float = option(0.1, "AdamW decoupled weight decay", check=NONNEG_FLOAT, group=OPT_GROUP)
+    warmup_steps: int | None = option(None, "linear warmup steps (default 10% of the steps)", check=NONNEG_INT,
+                                      group=OPT_GROUP)
+    schedule: str = option("cosine", "learning-rate schedule", choices=("cosine", "constant"), group=OPT_GROUP)
+    grad_clip: float = option(1.0, "clip the global gradient norm; 0 disables", check=NONNEG_FLOAT,
+                              metavar="NORM", group=OPT_GROUP)
+    grad_accum: int = option(1, "micro-batches per optimiser step", check=POSITIVE_INT, metavar="K", group=OPT_GROUP)
+    seed: int = option(123, "seeds weights, dropout and data order", group=OPT_GROUP)
+
+    eval_freq: int = option(50, "evaluate every N steps", check=POSITIVE_INT, group="run")
+    eval_iter: int = option(5, "batches per evaluation", check=POSITIVE_INT, group="run")
+    prompt: str | None = option(None, "start of the samples printed after each epoch ('' for none)", group="run")
+    sample_tokens: int = option(30, "tokens per sample", check=POSITIVE_INT, group="run")
+    greedy: bool = option(False, "always take the most likely token (temperature 0)", group="run")
+    temperature: float | None = option(None, f"sampling temperature, 0 is greedy (default "
+                                       f"{SAMPLING_DEFAULTS['temperature']})", check=NONNEG_FLOAT, group="run")
+    top_k: int | None = option(None, f"sample only from the k most likely tokens (default "
+                               f"{SAMPLING_DEFAULTS['top_k']})", check=POSITIVE_INT, group="run")
+    device: str = option("auto", "cpu (NumPy), cuda (CuPy) or auto", choices=("cpu", "cuda", "auto"), group="run")
+    out: str = option("runs/train", "where the checkpoint, plot and history go", metavar="DIR", group="run")
+    checkpoint_every: int = option(100, "also checkpoint every N steps", check=POSITIVE_INT, metavar="N",
+                                   group="run")
+    resume: str | None = option(None, "continue the run saved in this checkpoint", metavar="CKPT", group="run")
+    no_progress: bool = option(False, "no progress bar", group="run")
+
+    def check_more(self) -> None:
+        if self.resume and self.init_from:
+            raise ValueError("--resume and --init-from exclude each other")
+
+
+TRAIN_DEFAULTS = TrainCommandOptions.defaults()  # the defaults as a dict (read-only use)
 
 
 def sampling_options(greedy: bool = False, temperature: float | None = None, top_k: int | None = None,
@@ -91,9 +161,7 @@ def _sampling_flags(temperature, top_k=None, seed=None, top_p=None) -> str:
 
 
 def _say(msg: str = "") -> None:
-    comm = distributed.current()
-    if comm is None or comm.is_main:  # under mpiexec rank 0 alone reports
-        print(msg, flush=True)
+    _progress_say(msg)  # under mpiexec rank 0 alone reports
 
 
 def _set_device(name: str) -> str:
@@ -129,35 +197,35 @@ def _from_pretrained(name: str, **kw):
         raise RunError(f"cannot load pretrained weights {name!r}: {e}") from e
 
 
-def _load_text(opts: dict) -> tuple[str, str]:
+def _load_text(opts: TrainCommandOptions) -> tuple[str, str]:
     """(text, description) of the training data."""
     from .data import default_corpus, load_text
 
-    if opts["data"] is None:
+    if opts.data is None:
         try:
             text = default_corpus()
         except RuntimeError as e:
             raise RunError(str(e)) from e
         return text, f"default corpus (Python's reference manual, {len(text):,} characters)"
     try:
-        text = load_text(opts["data"])
+        text = load_text(opts.data)
     except (OSError, UnicodeDecodeError) as e:
         raise RunError(f"--data: {e}") from e
-    return text, f"{opts['data']} ({len(text):,} characters)"
+    return text, f"{opts.data} ({len(text):,} characters)"
 
 
-def _model_config(opts: dict):
+def _model_config(opts: TrainCommandOptions):
     """GPTConfig for a fresh model: the preset (or the small default) and the model flags."""
     from .config import GPTConfig
     from .tokenizer import N_VOCAB
 
     try:
-        base = GPTConfig.preset(opts["preset"]).to_dict() if opts["preset"] else {**GPTConfig().to_dict(), **SMALL_MODEL}
+        base = GPTConfig.preset(opts.preset).to_dict() if opts.preset else {**GPTConfig().to_dict(), **SMALL_MODEL}
         for key in MODEL_KEYS[1:]:
-            if opts[key] is not None:
-                base[key] = opts[key]
+            if getattr(opts, key) is not None:
+                base[key] = getattr(opts, key)
         # the data are GPT-2 BPE ids, so the embedding needs GPT-2's vocabulary
-        base.update(vocab_size=N_VOCAB, dtype=opts["dtype"])
+        base.update(vocab_size=N_VOCAB, dtype=opts.dtype)
         return GPTConfig(**base)
     except ValueError as e:
         raise RunError(f"model configuration: {e}") from e
@@ -175,54 +243,106 @@ def _describe_config(cfg) -> str:
             f"{'tied' if cfg.tie_weights else 'untied'} head, {cfg.dtype}")
 
 
-def _build_loaders(text: str, opts: dict, T: int):
+def _build_loaders(text: str, opts: TrainCommandOptions, T: int):
     from .data import DataLoader, GPTDataset, split_train_val
     from .tokenizer import get_tokenizer
 
-    stride = opts["stride"] or T
-    train_text, val_text = split_train_val(text, opts["train_ratio"])
+    stride = opts.stride or T
+    train_text, val_text = split_train_val(text, opts.train_ratio)
     tokenizer = get_tokenizer()
     datasets = []
     for name, part in (("training", train_text), ("validation", val_text)):
         try:
             datasets.append(GPTDataset.from_text(part, tokenizer, max_length=T, stride=stride))
         except ValueError as e:
-            src = opts["data"] or "the default corpus"
+            src = opts.data or "the default corpus"
             raise RunError(f"{src}: the {name} split is too short: {e}") from e
     train_set, val_set = datasets
-    B = opts["batch_size"]
+    B = opts.batch_size
     if len(train_set) < B:
         raise RunError(f"the training split has {len(train_set)} windows of {T} tokens, fewer than "
                        f"--batch-size {B}: use more text or a smaller --batch-size, --context-length or --stride")
-    train_loader = DataLoader(train_set, B, shuffle=True, drop_last=True, seed=opts["seed"])
+    train_loader = DataLoader(train_set, B, shuffle=True, drop_last=True, seed=opts.seed)
     val_loader = DataLoader(val_set, B, shuffle=False, drop_last=False)
     return train_loader, val_loader, tokenizer
 
 
-def _default_prompt(opts: dict, text: str) -> str:
-    if opts["prompt"] is not None:
-        return opts["prompt"]
-    if opts["data"] is None:
+def _default_prompt(opts: TrainCommandOptions, text: str) -> str:
+    if opts.prompt is not None:
+        return opts.prompt
+    if opts.data is None:
         return DEFAULT_PROMPT
     return " ".join(text.split()[:4])  # a start the model has seen
 
 
-def run_training(given: dict) -> dict:
-    """Everything ``numpygpt train`` does. ``given``: the options set explicitly
-    (``parse_train_args``'s result); TRAIN_DEFAULTS (or a resumed run's options) fill the rest.
+def run_training(given) -> dict:
+    """Everything ``numpygpt train`` does. ``given``: a TrainCommandOptions, or a dict of the
+    options set explicitly (``parse_train_args``'s result), the defaults (or, with ``resume``,
+    the resumed run's own options) filling the rest.
 
     Returns {"history", "model", "checkpoint", "plot", "history_path", "seconds", "final_losses"}
     (the last step's (train, val) losses when the schedule of evaluations missed it, else None).
     """
     t_start = time.perf_counter()
-    unknown = set(given) - set(TRAIN_DEFAULTS)
-    if unknown:
-        raise TypeError(f"unknown training options: {sorted(unknown)}")
+    if isinstance(given, TrainCommandOptions):
+        given = given.to_dict()
     comm = distributed.init()  # MPI under mpiexec, else this process alone
-    if given.get("resume") and given.get("init_from"):
-        raise RunError("--resume and --init-from exclude each other")
+    opts, saved, resume_state = _resolve_options(given)
+    comm.check_batch_size(opts.batch_size)
+    device = _set_device(opts.device)
+    comm.use_device(device)
+    text, data_desc = _load_text(opts)
+    model = _build_model(opts, given, saved, device)
+    # the window length: the model's context, or a shorter one asked of a pretrained model
+    T = opts.context_length or model.cfg.context_length
+    if T > model.cfg.context_length:
+        raise RunError(f"--context-length {T} exceeds the model's context of {model.cfg.context_length}")
+    train_loader, val_loader, tokenizer = _build_loaders(text, opts, T)
+    if opts.lr is None:
+        opts.lr = SMALL_MODEL_LR if not (opts.preset or opts.init_from) else DEFAULT_LR
+    optimizer = AdamW(param_groups(model, opts.weight_decay), lr=opts.lr, weight_decay=opts.weight_decay)
+    if saved is not None:
+        _restore(saved, resume_state, model, optimizer, train_loader, opts)
+        del saved
+    total, epochs = _step_budget(opts, len(train_loader))
+    scheduler, lr_desc = _schedule(opts, total)
+    if resume_state is not None and resume_state.global_step >= total:
+        raise RunError(f"{opts.resume} is already at step {resume_state.global_step:,}, and this run stops at step "
+                       f"{total:,}: nothing to do; give a larger --max-steps (or --epochs) to continue it")
+    try:
+        run = RunFolder(opts.out, is_main=comm.is_main)
+    except OSError as e:
+        raise RunError(str(e)) from e
+    _print_plan(opts, model, device, data_desc, train_loader, val_loader, T, total, lr_desc, resume_state, comm)
+
+    prompt = _default_prompt(opts, text)
+    sampling = sampling_options(opts.greedy, opts.temperature, opts.top_k, opts.seed)
+    # the options as given, not the derived step count, so a later --max-steps can extend the run
+    run_options = {**opts.to_dict(), "resume": None, "max_steps": given.get("max_steps", opts.max_steps),
+                   "epochs": given.get("epochs", opts.epochs)}
+    options = TrainOptions(
+        grad_accum_steps=opts.grad_accum, max_grad_norm=opts.grad_clip or None, scheduler=scheduler,
+        max_steps=total, checkpoint_path=run.checkpoint, checkpoint_every=opts.checkpoint_every,
+        resume_state=resume_state, run_options=run_options, extra={"tokenizer": "gpt2"},
+        progress=not opts.no_progress, sample_tokens=opts.sample_tokens, sampling=sampling)
+    history = run.train(model, train_loader, val_loader, optimizer, epochs, opts.eval_freq, opts.eval_iter,
+                        start_context=prompt or None, tokenizer=tokenizer, options=options)
+    final = _write_outputs(run, model, history, train_loader, val_loader, opts.eval_iter, comm)
+    seconds = time.perf_counter() - t_start
+    _print_summary(run, history, final, seconds, prompt, opts, sampling)
+    return {"history": history, "model": model, "checkpoint": run.checkpoint, "plot": run.path("loss.png"),
+            "history_path": run.path("history.json"), "seconds": seconds, "final_losses": final}
+
+
+def _resolve_options(given: dict):
+    """(the options, the checkpoint read for --resume or None, its TrainState or None). A resumed
+    run takes its stored options where ``given`` says nothing."""
+    try:
+        TrainCommandOptions.from_dict(given)  # unknown names: TypeError
+    except TypeError as e:
+        raise TypeError(f"unknown training options: {str(e).split(': ', 1)[-1]}") from e
     saved, resume_state, stored = None, None, {}
-    if given.get("resume"):
+    if given.get("resume") and not given.get("init_from"):
         _check_model_flags_unused(given, "with --resume")
         saved = _read_checkpoint(given["resume"])  # read once: weights, optimiser, RNG, position, options
         try:
@@ -231,132 +351,99 @@ def run_training(given: dict) -> dict:
             raise RunError(f"cannot resume from {given['resume']!r}: {e}") from e
         stored = {k: v for k, v in (resume_state.run_options or {}).items()
                   if k in TRAIN_DEFAULTS and k not in ("resume", "init_from", "no_progress")}
-    opts = {**TRAIN_DEFAULTS, **stored, **given}
-    comm.check_batch_size(opts["batch_size"])
-    device = _set_device(opts["device"])
-    comm.use_device(device)
+    opts = TrainCommandOptions.from_dict({**stored, **given})
+    try:
+        opts.validate()
+    except ValueError as e:
+        raise RunError(str(e)) from e
+    return opts, saved, resume_state
 
-    text, data_desc = _load_text(opts)
 
-    # the model (a resumed one gets its weights with the optimiser state below)
+def _build_model(opts: TrainCommandOptions, given: dict, saved, device: str):
+    """The model: a resumed run's (its weights come with the optimiser state), pretrained
+    GPT-2 (--init-from), or a fresh one drawn from the seed."""
     if saved is not None:
         with backend.device(device):
-            model = GPTModel(saved.config, init=False)
-    elif opts["init_from"]:
+            return GPTModel(saved.config, init=False)
+    if opts.init_from:
         _check_model_flags_unused(given, "with --init-from", allowed=("context_length", "drop_rate"))
-        model = _from_pretrained(opts["init_from"], dtype=opts["dtype"], device=device,
-                                 drop_rate=opts["drop_rate"] or 0.0)
-    else:
-        backend.manual_seed(opts["seed"])
-        model = GPTModel(_model_config(opts), seed=opts["seed"], init=opts["init"])
-    cfg = model.cfg
-    # the window length: the model's context, or a shorter one asked of a pretrained model
-    T = opts["context_length"] or cfg.context_length
-    if T > cfg.context_length:
-        raise RunError(f"--context-length {T} exceeds the model's context of {cfg.context_length}")
+        return _from_pretrained(opts.init_from, dtype=opts.dtype, device=device, drop_rate=opts.drop_rate or 0.0)
+    backend.manual_seed(opts.seed)
+    return GPTModel(_model_config(opts), seed=opts.seed, init=opts.init)
 
-    train_loader, val_loader, tokenizer = _build_loaders(text, opts, T)
 
-    if opts["lr"] is None:
-        opts["lr"] = SMALL_MODEL_LR if not (opts["preset"] or opts["init_from"]) else DEFAULT_LR
-    optimizer = AdamW(param_groups(model, opts["weight_decay"]), lr=opts["lr"], weight_decay=opts["weight_decay"])
-    if saved is not None:
-        theirs, mine = resume_state.loader_state or {}, train_loader.state_dict()
-        for key in ("batch_size", "n_windows"):
-            if key in theirs and theirs[key] != mine[key]:
-                raise RunError(f"{opts['resume']} was trained with {key} {theirs[key]}, this run has {mine[key]}: "
-                               "resume with the same data, --batch-size, --stride and --train-ratio")
-        # the weights, the optimiser state and the dropout generator
-        _apply_checkpoint(saved, model, optimizer)
-        del saved
+def _restore(saved, resume_state, model, optimizer, train_loader, opts: TrainCommandOptions) -> None:
+    """The resumed run's weights, optimiser state and dropout generator, after checking that
+    its data are these."""
+    theirs, mine = resume_state.loader_state or {}, train_loader.state_dict()
+    for key in ("batch_size", "n_windows"):
+        if key in theirs and theirs[key] != mine[key]:
+            raise RunError(f"{opts.resume} was trained with {key} {theirs[key]}, this run has {mine[key]}: "
+                           "resume with the same data, --batch-size, --stride and --train-ratio")
+    _apply_checkpoint(saved, model, optimizer)
 
-    # how long: --max-steps, --epochs, or the default step budget
-    steps_per_epoch = len(train_loader) // opts["grad_accum"]
+
+def _step_budget(opts: TrainCommandOptions, n_batches: int) -> tuple[int, int]:
+    """(optimiser steps, epochs): --max-steps, --epochs, or the default step budget."""
+    steps_per_epoch = n_batches // opts.grad_accum
     if steps_per_epoch == 0:
-        raise RunError(f"--grad-accum {opts['grad_accum']} exceeds the {len(train_loader)} batches of an epoch")
-    max_steps, epochs = opts["max_steps"], opts["epochs"]
+        raise RunError(f"--grad-accum {opts.grad_accum} exceeds the {n_batches} batches of an epoch")
+    max_steps, epochs = opts.max_steps, opts.epochs
     if max_steps is None and epochs is None:
         max_steps = DEFAULT_MAX_STEPS
     if epochs is None:
         epochs = math.ceil(max_steps / steps_per_epoch)
     total = epochs * steps_per_epoch if max_steps is None else min(max_steps, epochs * steps_per_epoch)
+    return total, epochs
 
-    scheduler, lr_desc = None, f"AdamW lr {opts['lr']:g} constant"
-    if opts["schedule"] == "cosine":
-        warmup = opts["warmup_steps"] if opts["warmup_steps"] is not None else round(0.1 * total)
-        warmup = max(0, min(warmup, total))
-        min_lr = opts["min_lr"] if opts["min_lr"] is not None else opts["lr"] / 10
-        # warmup starts at lr / warmup rather than 0, so no step is spent at lr = 0
-        scheduler = CosineWithWarmup(opts["lr"], total, warmup, min_lr=min_lr,
-                                     initial_lr=opts["lr"] / warmup if warmup else 0.0)
-        lr_desc = f"AdamW lr {opts['lr']:g}, {warmup} warmup steps, cosine to {min_lr:g}"
 
-    if resume_state is not None and resume_state.global_step >= total:
-        raise RunError(f"{opts['resume']} is already at step {resume_state.global_step:,}, and this run stops at step "
-                       f"{total:,}: nothing to do; give a larger --max-steps (or --epochs) to continue it")
+def _schedule(opts: TrainCommandOptions, total: int):
+    """(the learning-rate scheduler or None, its description)."""
+    if opts.schedule != "cosine":
+        return None, f"AdamW lr {opts.lr:g} constant"
+    warmup = opts.warmup_steps if opts.warmup_steps is not None else round(0.1 * total)
+    warmup = max(0, min(warmup, total))
+    min_lr = opts.min_lr if opts.min_lr is not None else opts.lr / 10
+    # warmup starts at lr / warmup rather than 0, so no step is spent at lr = 0
+    scheduler = CosineWithWarmup(opts.lr, total, warmup, min_lr=min_lr, initial_lr=opts.lr / warmup if warmup else 0.0)
+    return scheduler, f"AdamW lr {opts.lr:g}, {warmup} warmup steps, cosine to {min_lr:g}"
 
-    out = opts["out"]
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as e:
-        raise RunError(f"--out: cannot create {out!r}: {e}") from e
-    ckpt_path = os.path.join(out, "checkpoint.safetensors")
-    if comm.is_main:  # the one rank that writes there
-        remove_stale_temps(ckpt_path)  # left by a run killed while it saved
-    plot_path = os.path.join(out, "loss.png")
-    history_path = os.path.join(out, "history.json")
 
+def _print_plan(opts, model, device, data_desc, train_loader, val_loader, T, total, lr_desc, resume_state, comm):
     n_train, n_val = len(train_loader.dataset.token_ids), len(val_loader.dataset.token_ids)
-    B = opts["batch_size"]
-    ranks = comm.describe() if comm.world_size > 1 else None  # every rank takes part
+    B, steps_per_epoch = opts.batch_size, len(train_loader) // opts.grad_accum
     _say(f"device      {device} ({'CuPy' if device == 'cuda' else 'NumPy'})")
-    if ranks:
-        _say(f"ranks       {ranks}")
-    where = (f" (resumed from {opts['resume']})" if opts["resume"]
-             else f" (from {opts['init_from']})" if opts["init_from"] else "")
-    _say(f"model       {_describe_config(cfg)}{where}")
+    if comm.world_size > 1:
+        _say(f"ranks       {comm.describe()}")
+    where = (f" (resumed from {opts.resume})" if opts.resume else f" (from {opts.init_from})" if opts.init_from else "")
+    _say(f"model       {_describe_config(model.cfg)}{where}")
     _say(f"parameters  {model.num_parameters():,}")
     _say(f"data        {data_desc}")
     _say(f"tokens      train {n_train:,} ({len(train_loader.dataset):,} windows of {T}), "
          f"val {n_val:,} ({len(val_loader.dataset):,} windows)")
     _say(f"plan        {total:,} steps ({total / steps_per_epoch:.2f} epochs of {steps_per_epoch:,} steps), "
-         f"{opts['grad_accum']} x {B} x {T} tokens a step"
+         f"{opts.grad_accum} x {B} x {T} tokens a step"
          + (f" ({B // comm.world_size} rows a rank)" if comm.world_size > 1 else "") + f"; {lr_desc}")
     if resume_state is not None:
         _say(f"resuming    at step {resume_state.global_step:,}")
-    _say(f"output      {out}")
+    _say(f"output      {opts.out}")
     _say()
 
-    prompt = _default_prompt(opts, text)
-    sampling = sampling_options(opts["greedy"], opts["temperature"], opts["top_k"], opts["seed"])
-    cli_options = {k: opts[k] for k in TRAIN_DEFAULTS}
-    cli_options["resume"] = None
-    # the options as given, not the derived step count, so a later --max-steps can extend the run
-    cli_options.update(max_steps=opts["max_steps"], epochs=opts["epochs"])
-    with stop_on_signals() as stop:  # Ctrl-C / SIGTERM: finish the step, save, say how to resume
-        options = TrainOptions(
-            grad_accum_steps=opts["grad_accum"], max_grad_norm=opts["grad_clip"] or None, scheduler=scheduler,
-            max_steps=total, checkpoint_path=ckpt_path, checkpoint_every=opts["checkpoint_every"],
-            resume_state=resume_state, run_options=cli_options, extra={"tokenizer": "gpt2"},
-            progress=not opts["no_progress"], sample_tokens=opts["sample_tokens"], sampling=sampling,
-            stop_requested=stop)
-        try:
-            history = train_model(model, train_loader, val_loader, optimizer, num_epochs=epochs,
-                                  eval_freq=opts["eval_freq"], eval_iter=opts["eval_iter"],
-                                  start_context=prompt or None, tokenizer=tokenizer, options=options)
-        except TrainingInterrupted as e:
-            e.args = (f"{e}\nto continue this run: numpygpt train --resume {shlex.quote(ckpt_path)}",)
-            raise
 
+def _write_outputs(run: RunFolder, model, history, train_loader, val_loader, eval_iter: int, comm):
+    """The loss plot and the history (rank 0); returns the final (train, val) losses when the
+    last evaluation was not at the last step, else None."""
     final = None
     if comm.is_main:  # under mpiexec the others wait at the barrier below
         if history["global_step"] and (not history["track_steps"] or history["track_steps"][-1] != history["global_step"]):
-            final = evaluate_model(model, train_loader, val_loader, opts["eval_iter"])
-        plot_losses(history, plot_path)
-        with open(history_path, "w") as f:
-            json.dump(history, f, indent=1)
+            final = evaluate_model(model, train_loader, val_loader, eval_iter)
+        plot_losses(history, run.path("loss.png"))
+        run.write_json("history.json", history)
     comm.barrier()
-    seconds = time.perf_counter() - t_start
+    return final
+
+
+def _print_summary(run: RunFolder, history, final, seconds, prompt, opts, sampling) -> None:
     _say()
     if history["val_losses"]:
         _say(f"last evaluation (step {history['track_steps'][-1]}): train loss {history['train_losses'][-1]:.3f}, "
@@ -364,15 +451,13 @@ def run_training(given: dict) -> dict:
     if final is not None:
         _say(f"final (step {history['global_step']}): train loss {final[0]:.3f}, val loss {final[1]:.3f}, "
              f"val perplexity {perplexity(final[1]):.1f}")
-    _say(f"checkpoint  {ckpt_path}")
-    _say(f"loss plot   {plot_path}")
-    _say(f"history     {history_path}")
+    _say(f"checkpoint  {run.checkpoint}")
+    _say(f"loss plot   {run.path('loss.png')}")
+    _say(f"history     {run.path('history.json')}")
     _say(f"time        {seconds:.0f} s")
     if prompt:
-        _say(f"sample more python -m numpygpt generate --checkpoint {shlex.quote(ckpt_path)} --prompt {shlex.quote(prompt)} "
-             f"--max-new-tokens {opts['sample_tokens']} {_sampling_flags(**sampling)}")
-    return {"history": history, "model": model, "checkpoint": ckpt_path, "plot": plot_path,
-            "history_path": history_path, "seconds": seconds, "final_losses": final}
+        _say(f"sample more python -m numpygpt generate --checkpoint {shlex.quote(run.checkpoint)} "
+             f"--prompt {shlex.quote(prompt)} --max-new-tokens {opts.sample_tokens} {_sampling_flags(**sampling)}")
 
 
 def run_generate(prompt: str | None = None, checkpoint=None, model=None, max_new_tokens: int = 50,

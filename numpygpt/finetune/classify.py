@@ -17,20 +17,22 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import os
-import sys
 import time
+from dataclasses import dataclass
 
-from .. import backend, memory
+from .. import backend, distributed
 from ..config import TRAINABLE
-from ..nn import CrossEntropyLoss, eval_mode, no_grad
-from ..train import loader_batches, diverged_error, forward_backward, evaluate_model
+from ..nn import eval_mode, no_grad
+from ..options import NONNEG_FLOAT, POSITIVE_FLOAT, POSITIVE_INT, Options, option
+from ..progress import say as _say
+from ..train import loader_batches
 from .classify_data import PAD_ID, download_sms_spam, prepare_classification_data
+from .common import AT_LEAST_ONE, LoRAOptions
 
 __all__ = [
-    "calc_accuracy_loader", "predict", "train_classifier", "plot_classifier_history",
-    "finetune_classifier", "FINETUNE_CLASSIFY_DEFAULTS", "save_classifier", "load_classifier",
+    "calc_accuracy_loader", "predict", "train_classifier", "classifier_options", "accuracy_hook", "plot_classifier_history",
+    "finetune_classifier", "ClassifyOptions", "FINETUNE_CLASSIFY_DEFAULTS", "save_classifier", "load_classifier",
     "classify_text", "classify_texts", "CLASSIFIER_FILE", "LORA_FILE",
 ]
 
@@ -68,126 +70,62 @@ def calc_accuracy_loader(model, loader, num_batches: int | None = None) -> float
     return float(correct) / total
 
 
-# -- the loop --------------------------------------------------------------------------------------
+# -- the loop: train_model with the classifier's objective and its accuracy hook -------------------
 
-def _new_history() -> dict:
-    return {
-        "train_losses": [],         # at each evaluation: mean loss over eval_iter training batches
-        "val_losses": [],           # ... and over eval_iter validation batches
-        "track_steps": [],          # optimiser steps done at each evaluation
-        "train_accs": [],           # after each epoch: accuracy over eval_iter training batches
-        "val_accs": [],             # ... and over eval_iter validation batches
-        "epoch_examples_seen": [],  # training examples consumed at the end of each epoch
-        "step_losses": [],          # the training loss of every step
-        "global_step": 0,
-        "examples_seen": 0,
-    }
+def accuracy_hook(train_loader, val_loader, eval_iter: int):
+    """``on_epoch_end`` for ``train_model``: the accuracy over ``eval_iter`` batches of each
+    split after every epoch, as the book's ``train_classifier_simple`` prints it."""
+    def hook(model, state, say) -> dict:
+        train_acc = calc_accuracy_loader(model, train_loader, eval_iter)
+        val_acc = calc_accuracy_loader(model, val_loader, eval_iter)
+        say(f"Ep {state.epoch + 1}: training accuracy {train_acc * 100:.2f}% | "
+            f"validation accuracy {val_acc * 100:.2f}%")
+        return {"train_accs": train_acc, "val_accs": val_acc, "epoch_examples_seen": state.tokens_seen}
+    return hook
+
+
+def classifier_options(train_loader, val_loader, eval_iter: int, progress: bool = True, log=print,
+                       options=None):
+    """``TrainOptions`` (``options``, or the defaults) with the classifier's objective and its
+    accuracy hook: what makes ``train_model`` the book's ``train_classifier_simple``."""
+    import dataclasses
+
+    from ..objective import ClassifierObjective
+    from ..train import TrainOptions
+
+    return dataclasses.replace(options or TrainOptions(), objective=ClassifierObjective(), progress=progress,
+                               log=log, on_epoch_end=accuracy_hook(train_loader, val_loader, eval_iter))
 
 
 def train_classifier(model, train_loader, val_loader, optimizer, num_epochs: int = 5, eval_freq: int = 50,
-                     eval_iter: int = 5, progress: bool = True, log=print) -> dict:
-    """The book's ``train_classifier_simple``; returns the history (see ``_new_history``).
-
-    One step: zero_grad, cross-entropy of the (B, K) logits against the (B,) labels,
-    backward, AdamW. Losses are evaluated after step 1, 1 + eval_freq, ... and the
-    accuracies after every epoch, each over ``eval_iter`` batches in eval mode. A NaN or
-    infinite loss stops the run (``TrainingDivergedError``) before the weights change.
+                     eval_iter: int = 5, progress: bool = True, log=print, options=None) -> dict:
+    """The book's ``train_classifier_simple`` through ``train_model``: cross-entropy of the
+    (B, K) logits against the (B,) labels, the losses over ``eval_iter`` batches after step 1,
+    1 + eval_freq, ..., the accuracies after every epoch (``train_accs``, ``val_accs``), and
+    everything the loop gives every recipe (checkpoints, Ctrl-C, resume, accumulation, MPI:
+    pass a ``TrainOptions`` as ``options``). Returns the history; ``examples_seen`` counts the
+    training examples (the loop's ``tokens_seen``: the classifier's objective counts examples).
     """
-    if num_epochs < 0 or eval_freq < 1 or eval_iter < 1:
-        raise ValueError(f"need num_epochs >= 0, eval_freq >= 1 and eval_iter >= 1; "
-                         f"got {num_epochs}, {eval_freq}, {eval_iter}")
-    steps_per_epoch = len(train_loader)
-    if steps_per_epoch == 0:
-        raise ValueError("the training loader has no batches")
-    from tqdm.auto import tqdm
+    from ..train import train_model
 
-    def emit(msg: str) -> None:
-        if log is print:
-            tqdm.write(msg)  # above the progress bar, not through it
-        elif log is not None:
-            log(msg)
-
-    memory.keep_freed_memory()  # reuse each step's pages (see train.TrainOptions)
-    history = _new_history()
-    loss_fn = CrossEntropyLoss()
-    total_steps = num_epochs * steps_per_epoch
-    interactive = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()  # a log file: redraw seldom
-    bar = tqdm(total=total_steps, disable=not progress, unit="step", dynamic_ncols=True,
-               mininterval=0.5 if interactive else 30.0, file=sys.stderr)
-    try:
-        for epoch in range(num_epochs):
-            model.train()
-            batches = loader_batches(train_loader, epoch)
-            for _ in range(steps_per_epoch):
-                step = history["global_step"] + 1
-                # zero_grad; loss of the (B, K) logits against the (B,) labels; backward
-                step_loss, _ = forward_backward(model, loss_fn, batches, 1)
-                if not math.isfinite(step_loss):
-                    raise diverged_error("loss", step_loss, step, epoch, None, None)
-                optimizer.step()
-                history["global_step"] = step
-                history["examples_seen"] += train_loader.batch_size  # drop_last: every batch is full
-                history["step_losses"].append(step_loss)
-                bar.update(1)
-                bar.set_postfix(loss=f"{step_loss:.3f}", refresh=False)
-
-                if (step - 1) % eval_freq == 0:
-                    train_loss, val_loss = evaluate_model(model, train_loader, val_loader, eval_iter)
-                    history["train_losses"].append(train_loss)
-                    history["val_losses"].append(val_loss)
-                    history["track_steps"].append(step)
-                    emit(f"Ep {epoch + 1} (step {step:6d}/{total_steps}): "
-                         f"train loss {train_loss:.3f}, val loss {val_loss:.3f}")
-
-            train_acc = calc_accuracy_loader(model, train_loader, eval_iter)
-            val_acc = calc_accuracy_loader(model, val_loader, eval_iter)
-            history["train_accs"].append(train_acc)
-            history["val_accs"].append(val_acc)
-            history["epoch_examples_seen"].append(history["examples_seen"])
-            emit(f"Ep {epoch + 1}: training accuracy {train_acc * 100:.2f}% | validation accuracy {val_acc * 100:.2f}%")
-    finally:
-        bar.close()
+    opts = classifier_options(train_loader, val_loader, eval_iter, progress, log, options)
+    history = train_model(model, train_loader, val_loader, optimizer, num_epochs, eval_freq, eval_iter,
+                          options=opts)
+    history["examples_seen"] = history["tokens_seen"]
     return history
 
 
 # -- plots ------------------------------------------------------------------------------------------
 
 def plot_classifier_history(history: dict, loss_path, accuracy_path) -> None:
-    """Two PNGs: loss against steps, accuracy against epochs; examples seen on the top axis.
+    """Two PNGs: loss against steps, accuracy against epochs; examples seen on the top axis."""
+    from ..plots import plot_curves, plot_losses
 
-    matplotlib's object API with the Agg canvas, as ``train.plot_losses``: no display, and
-    a notebook's pyplot backend is left alone.
-    """
-    examples_per_step = history["examples_seen"] / max(history["global_step"], 1)  # every batch is full
-    epochs = list(range(1, len(history["train_accs"]) + 1))
-    per_epoch = history["epoch_examples_seen"][0] if history["epoch_examples_seen"] else 0
-    _plot(loss_path, history["track_steps"], history["train_losses"], history["val_losses"], "Steps", "Loss",
-          examples_per_step, per_step=history["step_losses"])
-    _plot(accuracy_path, epochs, history["train_accs"], history["val_accs"], "Epochs", "Accuracy", per_epoch)
-
-
-def _plot(path, x, train, val, xlabel: str, ylabel: str, examples_per_x: float, per_step=None) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    fig = Figure(figsize=(6.5, 4.0))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    if per_step:
-        ax.plot(range(1, len(per_step) + 1), per_step, color="tab:blue", alpha=0.25, linewidth=0.8,
-                label=f"Training {ylabel.lower()} (each step)")
-    ax.plot(x, train, color="tab:blue", marker=".", label=f"Training {ylabel.lower()}")
-    ax.plot(x, val, color="tab:orange", linestyle="-.", marker=".", label=f"Validation {ylabel.lower()}")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole steps and epochs
-    ax.legend(loc="best")
-    if examples_per_x:
-        top = ax.secondary_xaxis("top", functions=(lambda s: s * examples_per_x, lambda e: e / examples_per_x))
-        top.set_xlabel("Examples seen")
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=120)
+    train_accs, val_accs = history.get("train_accs", []), history.get("val_accs", [])  # none before an epoch ends
+    per_epoch = history["epoch_examples_seen"][0] if history.get("epoch_examples_seen") else 0
+    plot_losses(history, loss_path, seen="Examples seen")
+    plot_curves(accuracy_path, list(range(1, len(train_accs) + 1)), train_accs, val_accs, "Epochs", "Accuracy",
+                per_x=per_epoch, seen="Examples seen")
 
 
 # -- saving, loading and classifying -----------------------------------------------------------------
@@ -271,44 +209,58 @@ def classify_texts(model_dir, texts, device: str = "auto", log=print) -> list:
 
 # -- the command ------------------------------------------------------------------------------------
 
-# `numpygpt finetune classify` with no options: the book's recipe.
-FINETUNE_CLASSIFY_DEFAULTS = dict(
-    data=None, label_column=None, text_column=None, max_length=None, pretrained="gpt2",
-    readout="last", trainable=None, lora_rank=None, lora_alpha=None, lr=None, weight_decay=0.1,
-    epochs=5, batch_size=8, eval_freq=50, eval_iter=5, seed=123, device="auto",
-    out="runs/classifier", no_progress=False,
-)
 DEFAULT_LR, DEFAULT_LORA_LR = 5e-5, 8e-4  # the book's chapter 6; appendix E's current code
 
 
-def _check_options(o: dict) -> None:
-    """Every option that can be checked before anything is loaded."""
-    unknown = set(o) - set(FINETUNE_CLASSIFY_DEFAULTS)
-    if unknown:
-        raise TypeError(f"unknown options: {sorted(unknown)}")
-    if o["lora_rank"] is None and o["lora_alpha"] is not None:
-        raise ValueError("--lora-alpha needs --lora-rank")
-    if o["lora_rank"] is not None:
-        if o["lora_rank"] <= 0:
-            raise ValueError(f"--lora-rank must be a positive integer, got {o['lora_rank']}")
-        if o["lora_alpha"] is not None and not o["lora_alpha"] > 0:
-            raise ValueError(f"--lora-alpha must be > 0, got {o['lora_alpha']}")
-        if o["trainable"] is not None:
+@dataclass
+class ClassifyOptions(LoRAOptions):
+    """``numpygpt finetune classify``'s options; with none given, the book's chapter 6 recipe.
+    A bad value is one line on stderr (``validate``), not a usage message."""
+
+    ARGPARSE_CHECKS = False
+
+    data: str | None = option(None, "label<TAB>text lines (the SMS Spam Collection's format) or a CSV with Label,Text "
+                              "columns (default: download the SMS Spam Collection)", metavar="PATH")
+    label_column: str | None = option(None, "the CSV's label column (default Label)", metavar="NAME")
+    text_column: str | None = option(None, "the CSV's text column (default Text)", metavar="NAME")
+    max_length: int | None = option(None, "truncate texts to N tokens (default: pad to the longest training text; "
+                                    "longer than the model's context is an error)", check=AT_LEAST_ONE, metavar="N")
+    pretrained: str = option("gpt2", "GPT-2 weights: a Hugging Face directory or a name", metavar="DIR_OR_NAME")
+    readout: str = option("last", "logits read at the last position (the book) or at the last non-padding token",
+                          choices=("last", "last_non_pad"))
+    trainable: str | None = option(None, "all, last-block (default: last block, final LayerNorm, head), "
+                                   "last-two-blocks or head", choices=TRAINABLE, metavar="WHICH")
+    lr: float | None = option(None, f"AdamW learning rate (default {DEFAULT_LR:g}; {DEFAULT_LORA_LR:g} with LoRA)",
+                              check=NONNEG_FLOAT)
+    weight_decay: float = option(0.1, "AdamW weight decay", check=NONNEG_FLOAT)
+    epochs: int = option(5, "", check=AT_LEAST_ONE)
+    max_steps: int | None = option(None, "stop after this many optimiser steps", check=AT_LEAST_ONE)
+    batch_size: int = option(8, "", check=AT_LEAST_ONE)
+    grad_accum: int = option(1, "micro-batches per optimiser step", check=AT_LEAST_ONE, metavar="K")
+    eval_freq: int = option(50, "evaluate the losses every N steps", check=AT_LEAST_ONE)
+    eval_iter: int = option(5, "batches per evaluation", check=AT_LEAST_ONE)
+    seed: int = option(123, "seeds the balancing, split, batch order and class head")
+    device: str = option("auto", "", choices=("cpu", "cuda", "auto"))
+    out: str = option("runs/classifier", "where the model, plots and history go", metavar="DIR")
+    checkpoint_every: int | None = option(None, "also write OUT/checkpoint.safetensors every N steps (it is always "
+                                          "written at the end of training and on Ctrl-C/SIGTERM)",
+                                          check=AT_LEAST_ONE, metavar="N")
+    resume: bool = option(False, "continue from OUT/checkpoint.safetensors (same options as the interrupted run)")
+    no_progress: bool = option(False, "no progress bar")
+
+    def check_more(self) -> None:
+        super().check_more()
+        if self.lora_rank is not None and self.trainable is not None:
             raise ValueError("--trainable and --lora-rank exclude each other: LoRA trains only its adapters")
-    if o["trainable"] is not None and o["trainable"] not in TRAINABLE:
-        raise ValueError(f"--trainable must be one of {', '.join(TRAINABLE)}, got {o['trainable']!r}")
-    if o["readout"] not in ("last", "last_non_pad"):
-        raise ValueError(f"--readout must be 'last' or 'last_non_pad', got {o['readout']!r}")
-    for key in ("epochs", "batch_size", "eval_freq", "eval_iter"):
-        if o[key] < 1:
-            raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {o[key]}")
-    if o["max_length"] is not None and o["max_length"] < 1:
-        raise ValueError(f"--max-length must be >= 1, got {o['max_length']}")
-    for key in ("lr", "weight_decay"):
-        if o[key] is not None and not o[key] >= 0:
-            raise ValueError(f"--{key.replace('_', '-')} must be >= 0, got {o[key]}")
-    if o["data"] is not None and not os.path.isfile(o["data"]):
-        raise FileNotFoundError(f"--data: {o['data']!r} does not exist (or is not a file)")
+        if self.data is not None and not os.path.isfile(self.data):
+            raise FileNotFoundError(f"--data: {self.data!r} does not exist (or is not a file)")
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else (DEFAULT_LORA_LR if self.lora_rank else DEFAULT_LR)
+
+
+FINETUNE_CLASSIFY_DEFAULTS = ClassifyOptions.defaults()  # the book's recipe, as a dict
 
 
 def _load_base_model(pretrained, device: str):
@@ -322,99 +274,122 @@ def _load_base_model(pretrained, device: str):
     return GPTModel.from_pretrained(pretrained, device=device, drop_rate=0.0)
 
 
-def finetune_classifier(log=print, **options) -> dict:
-    """Everything ``numpygpt finetune classify`` does; the options are its flags
-    (``FINETUNE_CLASSIFY_DEFAULTS`` fills the ones not given).
+def _classifier_model(o: ClassifyOptions, device: str, num_classes: int, model=None) -> tuple:
+    """The model to train: the base model with a class head drawn from the seed (a classifier
+    given as --pretrained keeps its own), then what trains: LoRA adapters or --trainable.
+    Returns (model, a description of what trains)."""
+    from ..lora import apply_lora
+
+    cfg = model.cfg
+    if not model.is_classifier:
+        model.to_classifier(num_classes, readout=o.readout, pad_id=PAD_ID, seed=o.seed)
+    elif cfg.num_classes != num_classes:
+        raise ValueError(f"{o.pretrained} is a classifier with {cfg.num_classes} classes, the data has {num_classes}")
+    if o.lora_rank is not None:
+        apply_lora(model, o.lora_rank, o.alpha, seed=o.seed)
+        return model, f"LoRA rank {o.lora_rank}, alpha {o.alpha:g}"
+    model.set_trainable(o.trainable or "last-block")
+    return model, f"--trainable {o.trainable or 'last-block'}"
+
+
+def _load_model_and_data(o: ClassifyOptions, device: str, data_path: str):
+    model = _load_base_model(o.pretrained, device)
+    cfg = model.cfg
+    if cfg.lora_rank is not None:  # a checkpoint of a LoRA model
+        raise ValueError(
+            f"{o.pretrained} already has LoRA adapters (rank {cfg.lora_rank}, alpha {cfg.lora_alpha:g})"
+            + ("; --lora-rank would add a second set" if o.lora_rank else "")
+            + ": fold them into the weights first (numpygpt.merge_lora, then save_pretrained) and fine-tune that")
+    data = prepare_classification_data(
+        data_path, context_length=cfg.context_length, max_length=o.max_length, batch_size=o.batch_size,
+        seed=o.seed, label_column=o.label_column, text_column=o.text_column)
+    model, what = _classifier_model(o, device, len(data.label_names), model)
+    return model, data, what
+
+
+def _print_plan(o: ClassifyOptions, model, data, data_path, device, what, log) -> None:
+    cfg, T = model.cfg, data.train.max_length
+    truncated = data.train.truncated + data.val.truncated + data.test.truncated
+    n_trainable, n_total = model.num_parameters(trainable_only=True), model.num_parameters()
+    for line in (
+        f"device      {device} ({'CuPy' if device == 'cuda' else 'NumPy'})",
+        f"model       {o.pretrained}: emb_dim {cfg.emb_dim}, {cfg.n_layers} layers, {cfg.n_heads} heads, "
+        f"context {cfg.context_length}, drop_rate {cfg.drop_rate}, readout {cfg.readout}",
+        f"data        {data_path}: " + ", ".join(f"{n:,} {name}" for name, n in data.class_counts.items()),
+        "labels      " + ", ".join(f"{i} = {name}" for i, name in enumerate(data.label_names)),
+        f"balanced    {data.balanced_per_class:,} per class; split {len(data.train):,} train, {len(data.val):,} "
+        f"validation, {len(data.test):,} test; padded to {T} tokens"
+        + (f" ({truncated:,} longer text{'s' if truncated > 1 else ''} truncated)" if truncated else ""),
+        f"trainable   {n_trainable:,} of {n_total:,} parameters ({what})",
+        f"plan        {o.epochs} epochs of {len(data.train_loader) // o.grad_accum:,} steps (batch {o.batch_size}"
+        + (f" x {o.grad_accum}" if o.grad_accum > 1 else "") + f"), AdamW lr {o.learning_rate:g}, weight decay "
+        f"{o.weight_decay:g}; evaluation every {o.eval_freq} steps over {o.eval_iter} batches",
+        "",
+    ):
+        _say(line, log)
+
+
+def finetune_classifier(options: ClassifyOptions | None = None, log=print, **given) -> dict:
+    """Everything ``numpygpt finetune classify`` does: ``options`` (a ClassifyOptions) or its
+    fields as keywords (the defaults fill the rest: the book's recipe).
 
     Returns {"model", "data", "history", "accuracy": {"train", "val", "test"}, "out",
     "trainable_parameters", "seconds"}. Bad input raises ValueError or OSError (no data
     and no network: OSError saying what to pass) before any training.
     """
-    from ..lora import apply_lora
     from ..optim import AdamW
+    from ..scaffold import RunFolder
+    from ..train import TrainOptions
 
     t_start = time.perf_counter()
-    o = {**FINETUNE_CLASSIFY_DEFAULTS, **options}
-    _check_options(o)
-    use_lora = o["lora_rank"] is not None
-    lora_alpha = o["lora_alpha"] if o["lora_alpha"] is not None else float(o["lora_rank"] or 0)
-    lr = o["lr"] if o["lr"] is not None else (DEFAULT_LORA_LR if use_lora else DEFAULT_LR)
-    say = log if log is not None else (lambda msg: None)
-
-    data_path = o["data"] if o["data"] is not None else download_sms_spam()
-    device = backend.set_device(o["device"])
-    model = _load_base_model(o["pretrained"], device)
-    cfg = model.cfg
-    if cfg.lora_rank is not None:  # a checkpoint of a LoRA model
-        raise ValueError(
-            f"{o['pretrained']} already has LoRA adapters (rank {cfg.lora_rank}, alpha {cfg.lora_alpha:g})"
-            + ("; --lora-rank would add a second set" if use_lora else "")
-            + ": fold them into the weights first (numpygpt.merge_lora, then save_pretrained) and fine-tune that")
-    data = prepare_classification_data(
-        data_path, context_length=cfg.context_length, max_length=o["max_length"], batch_size=o["batch_size"],
-        seed=o["seed"], label_column=o["label_column"], text_column=o["text_column"])
-    K = len(data.label_names)
-
-    # the class head (drawn from the seed; a classifier given as --pretrained keeps its own),
-    # then what trains: LoRA adapters or --trainable
-    if not model.is_classifier:
-        model.to_classifier(K, readout=o["readout"], pad_id=PAD_ID, seed=o["seed"])
-    elif cfg.num_classes != K:
-        raise ValueError(f"{o['pretrained']} is a classifier with {cfg.num_classes} classes, the data has {K}")
-    if use_lora:
-        apply_lora(model, o["lora_rank"], lora_alpha, seed=o["seed"])
-        what = f"LoRA rank {o['lora_rank']}, alpha {lora_alpha:g}"
-    else:
-        model.set_trainable(o["trainable"] or "last-block")
-        what = f"--trainable {o['trainable'] or 'last-block'}"
-    cfg = model.cfg
-    n_trainable, n_total = model.num_parameters(trainable_only=True), model.num_parameters()
-    params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    optimizer = AdamW(params, lr=lr, weight_decay=o["weight_decay"])
-
-    out = o["out"]
-    try:  # now, so an unusable --out fails before the training, not after it
-        os.makedirs(out, exist_ok=True)
-    except OSError as e:
-        raise OSError(f"--out: cannot create {out!r}: {e.strerror or e}") from e
-    if not os.access(out, os.W_OK):
-        raise PermissionError(f"--out: cannot write to {out!r}")
-
-    T = data.train.max_length
-    truncated = data.train.truncated + data.val.truncated + data.test.truncated
-    say(f"device      {device} ({'CuPy' if device == 'cuda' else 'NumPy'})")
-    say(f"model       {o['pretrained']}: emb_dim {cfg.emb_dim}, {cfg.n_layers} layers, {cfg.n_heads} heads, "
-        f"context {cfg.context_length}, drop_rate {cfg.drop_rate}, readout {cfg.readout}")
-    say(f"data        {data_path}: " + ", ".join(f"{n:,} {name}" for name, n in data.class_counts.items()))
-    say("labels      " + ", ".join(f"{i} = {name}" for i, name in enumerate(data.label_names)))
-    say(f"balanced    {data.balanced_per_class:,} per class; split {len(data.train):,} train, {len(data.val):,} "
-        f"validation, {len(data.test):,} test; padded to {T} tokens"
-        + (f" ({truncated:,} longer text{'s' if truncated > 1 else ''} truncated)" if truncated else ""))
-    say(f"trainable   {n_trainable:,} of {n_total:,} parameters ({what})")
-    say(f"plan        {o['epochs']} epochs of {len(data.train_loader):,} steps (batch {o['batch_size']}), "
-        f"AdamW lr {lr:g}, weight decay {o['weight_decay']:g}; evaluation every {o['eval_freq']} steps "
-        f"over {o['eval_iter']} batches")
-    say("")
-
-    history = train_classifier(model, data.train_loader, data.val_loader, optimizer, num_epochs=o["epochs"],
-                               eval_freq=o["eval_freq"], eval_iter=o["eval_iter"],
-                               progress=not o["no_progress"], log=log)
-    accuracy = {name: calc_accuracy_loader(model, loader)
-                for name, loader in (("train", data.train_loader), ("val", data.val_loader),
-                                     ("test", data.test_loader))}
-
-    save_classifier(model, out, data.label_names, T)
-    loss_plot, accuracy_plot = os.path.join(out, "loss.png"), os.path.join(out, "accuracy.png")
-    plot_classifier_history(history, loss_plot, accuracy_plot)
-    with open(os.path.join(out, "history.json"), "w") as f:
-        json.dump({**history, "accuracy": accuracy, "label_names": data.label_names}, f, indent=1)
+    o = options.replace(**given) if options is not None else ClassifyOptions.from_dict(given)
+    o.validate()
+    comm = distributed.init()
+    comm.check_batch_size(o.batch_size)
+    data_path = o.data if o.data is not None else download_sms_spam()
+    device = backend.set_device(o.device)
+    comm.use_device(device)
+    model, data, what = _load_model_and_data(o, device, data_path)
+    optimizer = AdamW([(n, p) for n, p in model.named_parameters() if p.requires_grad], lr=o.learning_rate,
+                      weight_decay=o.weight_decay)
+    run = RunFolder(o.out, is_main=comm.is_main)  # an unusable --out fails now, before the training
+    run_options = {k: v for k, v in o.to_dict().items()
+                   if k not in ("device", "out", "resume", "no_progress", "max_steps", "checkpoint_every")}
+    state = run.resume(model, optimizer, run_options) if o.resume else None
+    _print_plan(o, model, data, data_path, device, what, log)
+    options = classifier_options(data.train_loader, data.val_loader, o.eval_iter, not o.no_progress, log, TrainOptions(
+        grad_accum_steps=o.grad_accum, max_steps=o.max_steps, checkpoint_path=run.checkpoint,
+        checkpoint_every=o.checkpoint_every, resume_state=state, run_options=run_options))
+    history = run.train(model, data.train_loader, data.val_loader, optimizer, o.epochs, o.eval_freq, o.eval_iter,
+                        resume_hint="the same command with --resume", options=options)
+    history["examples_seen"] = history["tokens_seen"]
+    accuracy = {}
+    if run.is_main:  # under mpiexec one rank evaluates and writes
+        accuracy = {name: calc_accuracy_loader(model, loader)
+                    for name, loader in (("train", data.train_loader), ("val", data.val_loader),
+                                         ("test", data.test_loader))}
+        _write_outputs(run, model, data, history, accuracy)
     seconds = time.perf_counter() - t_start
-    say("")
-    say(f"accuracy    training {accuracy['train'] * 100:.2f}%, validation {accuracy['val'] * 100:.2f}%, "
-        f"test {accuracy['test'] * 100:.2f}%")
-    say(f"model       {out} (numpygpt classify --model {out} \"some text\")"
-        + (f"; adapters alone in {os.path.join(out, LORA_FILE)}" if use_lora else ""))
-    say(f"plots       {loss_plot}, {accuracy_plot}")
-    say(f"time        {seconds:.0f} s")
-    return {"model": model, "data": data, "history": history, "accuracy": accuracy, "out": out,
-            "trainable_parameters": n_trainable, "seconds": seconds}
+    _print_summary(run, accuracy, o.lora_rank is not None, seconds, log)
+    return {"model": model, "data": data, "history": history, "accuracy": accuracy, "out": o.out,
+            "trainable_parameters": model.num_parameters(trainable_only=True), "seconds": seconds}
+
+
+def _write_outputs(run, model, data, history: dict, accuracy: dict) -> None:
+    """The classifier directory, the two plots and the history."""
+    save_classifier(model, run.out, data.label_names, data.train.max_length)
+    plot_classifier_history(history, run.path("loss.png"), run.path("accuracy.png"))
+    run.write_json("history.json", {**history, "accuracy": accuracy, "label_names": data.label_names})
+
+
+def _print_summary(run, accuracy: dict, lora: bool, seconds: float, log) -> None:
+    if not run.is_main:
+        return
+    out = run.out
+    _say("", log)
+    _say(f"accuracy    training {accuracy['train'] * 100:.2f}%, validation {accuracy['val'] * 100:.2f}%, "
+         f"test {accuracy['test'] * 100:.2f}%", log)
+    _say(f"model       {out} (numpygpt classify --model {out} \"some text\")"
+         + (f"; adapters alone in {os.path.join(out, LORA_FILE)}" if lora else ""), log)
+    _say(f"plots       {run.path('loss.png')}, {run.path('accuracy.png')}", log)
+    _say(f"time        {seconds:.0f} s", log)

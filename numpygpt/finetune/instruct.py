@@ -1,220 +1,45 @@
-"""Instruction fine-tuning, the book's chapter 7: Alpaca-style data, padded batches with
-masked targets, training, and greedy responses for the test split.
+"""Instruction fine-tuning, the book's chapter 7: training on Alpaca-style data
+(``instruct_data``), and greedy responses for the test split.
 
-    entries = load_instruction_data("instruction-data.json")
-    train, test, val = split_data(entries)                    # 85% / 10% / the rest, in file order
-    loader = DataLoader(InstructionDataset(train), 8, collate_fn=collate_instructions)
     result = finetune_instruct(pretrained="gpt2-medium", data="instruction-data.json")
+    result = finetune_instruct(InstructOptions(pretrained="gpt2", lora_rank=8, epochs=1))
+    chat("runs/instruct/model", "Rewrite the sentence using a simile.", "The car is very fast.")
 
-A training text is the Alpaca prompt (``format_input``) followed by
-``"\\n\\n### Response:\\n" + output``, tokenised with GPT-2's BPE.
-
-Batches of different lengths are padded on the right with ``<|endoftext|>`` (50256); see
-``collate_instructions``. Right padding needs no attention mask: under the causal mask a
-position attends only to itself and the positions before it, and the padding comes after
-every real token, so the real tokens' logits are exactly those of the unpadded sequence,
-and the padding's own targets are ``ignore_index`` (all but the first, which teaches the
-model to stop), so they add nothing to the loss.
+``finetune_instruct`` is ``numpygpt finetune instruct``: load GPT-2 with an untied head, split
+the data 85/10/5, train with ``train_model`` (checkpoints, Ctrl-C, ``--resume``, accumulation,
+MPI), then write the model and the test split's responses, which ``numpygpt score-responses``
+scores with a judge model (``judge``).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import sys
+from dataclasses import dataclass
 from functools import partial
-from typing import NamedTuple
 
 import numpy as np
 
-from .. import backend
+from .. import backend, distributed
+from ..fileio import write_json
+from ..options import DROP_RATE, NONNEG_FLOAT, POSITIVE_INT, option
+from ..progress import progress_bar
+from ..progress import say as _say
 from ..tokenizer import EOT_ID
+from .common import LoRAOptions
+from .instruct_data import (BOOK_DATA_URL, PREAMBLE, RESPONSE_HEADER, Example, InstructionDataset,  # noqa: F401
+                            collate_instructions, download_book_data, format_example, format_input,
+                            load_instruction_data, split_data, validate_entries)
 
 __all__ = [
-    "PREAMBLE", "BOOK_DATA_URL", "format_input", "format_example", "validate_entries",
-    "load_instruction_data", "split_data", "Example", "InstructionDataset", "collate_instructions",
-    "extract_response", "generate_response", "generate_responses", "write_json", "finetune_instruct",
-    "load_for_chat", "chat", "download_book_data", "save_finetuned",
+    "extract_response", "generate_response", "generate_responses", "finetune_instruct", "InstructOptions",
+    "load_for_chat", "chat", "save_finetuned", "ADAPTERS_FILE",
+    # the data, from instruct_data (importable from here as before)
+    "PREAMBLE", "BOOK_DATA_URL", "format_input", "format_example", "validate_entries", "load_instruction_data",
+    "split_data", "Example", "InstructionDataset", "collate_instructions", "download_book_data",
 ]
 
-PREAMBLE = ("Below is an instruction that describes a task. "
-            "Write a response that appropriately completes the request.")
-RESPONSE_HEADER = "\n\n### Response:\n"
-BOOK_DATA_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/"
-                 "ch07/01_main-chapter-code/instruction-data.json")
+ADAPTERS_FILE = "lora-adapters.safetensors"
 
-
-# -- the prompt ------------------------------------------------------------------------------
-
-def format_input(entry: dict) -> str:
-    """The book's Alpaca prompt: preamble, instruction, and the input when it is not empty."""
-    text = PREAMBLE + "\n\n### Instruction:\n" + entry["instruction"]
-    if entry.get("input"):
-        text += "\n\n### Input:\n" + entry["input"]
-    return text
-
-
-def format_example(entry: dict) -> str:
-    """The full training text: the prompt, then the response header and the output."""
-    return format_input(entry) + RESPONSE_HEADER + entry["output"]
-
-
-# -- the data ----------------------------------------------------------------------------------
-
-def validate_entries(data, source: str = "data") -> list[dict]:
-    """Check the book's format, a JSON list of {"instruction", "input", "output"} objects, and
-    return the entries with ``input`` filled in ("" when missing or null). Other keys are kept
-    but not used. Raises ValueError naming the first problem (and the entry's index)."""
-    if not isinstance(data, list):
-        raise ValueError(f"{source}: expected a JSON list of {{instruction, input, output}} entries, "
-                         f"got a JSON {type(data).__name__}")
-    if not data:
-        raise ValueError(f"{source}: the list of entries is empty")
-    entries = []
-    for i, entry in enumerate(data):
-        if not isinstance(entry, dict):
-            raise ValueError(f"{source}: entry {i} is a {type(entry).__name__}, not an object")
-        for key in ("instruction", "output"):
-            if key not in entry:
-                raise ValueError(f"{source}: entry {i} has no {key!r}")
-            if not isinstance(entry[key], str):
-                raise ValueError(f"{source}: entry {i}'s {key!r} is a {type(entry[key]).__name__}, not a string")
-        if not entry["instruction"].strip():
-            raise ValueError(f"{source}: entry {i}'s 'instruction' is empty")
-        value = entry.get("input")
-        if value is not None and not isinstance(value, str):
-            raise ValueError(f"{source}: entry {i}'s 'input' is a {type(value).__name__}, not a string")
-        entries.append({**entry, "input": value or ""})
-    return entries
-
-
-def load_instruction_data(path) -> list[dict]:
-    """Read and check an instruction file (see ``validate_entries``)."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"instruction data {path!r} does not exist (or is not a file)")
-    with open(path, encoding="utf-8") as fh:
-        try:
-            data = json.load(fh)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from e
-    return validate_entries(data, source=path)
-
-
-def download_book_data(cache_dir=None) -> str:
-    """The book's instruction-data.json (1,100 entries), downloaded once into the cache.
-
-    Offline, the error says how to pass a local copy instead."""
-    from ..download import default_cache_dir, download_file
-
-    directory = os.fspath(cache_dir) if cache_dir is not None else default_cache_dir()
-    path = os.path.join(directory, "instruction-data.json")
-    if not os.path.isfile(path):
-        os.makedirs(directory, exist_ok=True)
-        try:
-            download_file(BOOK_DATA_URL, path, verify=load_instruction_data)
-        except (OSError, ValueError) as e:
-            raise FileNotFoundError(
-                f"no --data given and the book's instruction data could not be downloaded from "
-                f"{BOOK_DATA_URL} ({e}); download it where you are online and pass it with "
-                "--data instruction-data.json") from e
-    return path
-
-
-def split_data(entries: list, train_frac: float = 0.85, test_frac: float = 0.10):
-    """(train, test, val) in file order, no shuffle, as the book splits: the first
-    ``int(0.85 n)`` entries train, the next ``int(0.1 n)`` test, the rest validate."""
-    n = len(entries)
-    n_train, n_test = int(n * train_frac), int(n * test_frac)
-    return entries[:n_train], entries[n_train:n_train + n_test], entries[n_train + n_test:]
-
-
-class Example(NamedTuple):
-    """One tokenised training text and how many of its tokens are the prompt."""
-    token_ids: np.ndarray  # (n,) int64
-    prompt_length: int
-
-
-class InstructionDataset:
-    """Entries tokenised once: ``dataset[i]`` is an ``Example`` (ids of ``format_example``,
-    and the length of ``format_input``'s ids, which ``mask_instruction`` needs).
-
-    ``too_long`` lists the entries with more than ``max_length`` tokens: the collate cuts
-    them to ``max_length`` (the book's ``allowed_max_length``), so their ends, and their
-    end-of-text target, are not trained on.
-    """
-
-    def __init__(self, entries: list, tokenizer=None, max_length: int | None = None):
-        from ..tokenizer import get_tokenizer
-
-        tokenizer = tokenizer or get_tokenizer()
-        self.examples = []
-        for entry in entries:
-            prompt_ids = tokenizer.encode(format_input(entry))
-            ids = tokenizer.encode(format_example(entry))
-            self.examples.append(Example(np.asarray(ids, dtype=np.int64), len(prompt_ids)))
-        self.too_long = ([i for i, ex in enumerate(self.examples) if len(ex.token_ids) > max_length]
-                         if max_length is not None else [])
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, i) -> Example:
-        return self.examples[i]
-
-
-# -- the collate function ------------------------------------------------------------------------
-
-def collate_instructions(batch, pad_id: int = EOT_ID, ignore_index: int = -100,
-                         allowed_max_length: int | None = 1024, mask_instruction: bool = False):
-    """Pad a list of token sequences into (inputs (B, T), targets (B, T)) int64 host arrays.
-
-    The book's ``custom_collate_fn``: every sequence gets one ``pad_id`` (the end-of-text
-    token) and is padded with ``pad_id`` to the batch's longest + 1, L = max(n) + 1; inputs
-    are positions [0, L - 1), targets positions [1, L). In the targets every padding token
-    but the first becomes ``ignore_index``, so the model learns to emit one end-of-text and
-    the rest of the padding adds nothing to the loss. Then both are cut to
-    ``allowed_max_length`` (None: no cut). Padding is on the right: see the module
-    docstring for why no attention mask is needed.
-
-    ``mask_instruction`` (the book's exercise 7.2) also sets the targets that predict a
-    prompt token to ``ignore_index``, so only the response (from the "### Response:" header
-    on) and the end-of-text are trained. It needs ``Example`` items (with the prompt
-    length); plain sequences of ids are accepted otherwise.
-
-    Targets are masked by position, not by value: an end-of-text token inside a text
-    stays a target (the book's version masks every 50256 after the first by value).
-    """
-    seqs = [np.asarray(item.token_ids if isinstance(item, Example) else item, dtype=np.int64)
-            for item in batch]
-    if not seqs:
-        raise ValueError("collate_instructions got an empty batch")
-    if any(s.ndim != 1 or s.size == 0 for s in seqs):
-        raise ValueError("every item must be a non-empty 1-D sequence of token ids")
-    if allowed_max_length is not None and allowed_max_length < 1:
-        raise ValueError(f"allowed_max_length must be >= 1 or None, got {allowed_max_length}")
-    lengths = np.array([s.size for s in seqs])  # (B,) n
-    B, L = len(seqs), int(lengths.max()) + 1
-    positions = np.arange(L)  # (L,)
-    padded = np.full((B, L), pad_id, dtype=np.int64)  # (B, L)
-    padded[positions[None, :] < lengths[:, None]] = np.concatenate(seqs)  # row-major fill
-    inputs = padded[:, :-1].copy()  # (B, L-1)
-    targets = padded[:, 1:].copy()  # (B, L-1); target j is token j + 1
-    # target j is padding when j + 1 > n; the first padding token (j = n - 1) stays
-    targets[positions[None, :-1] >= lengths[:, None]] = ignore_index
-    if mask_instruction:
-        if not all(isinstance(item, Example) for item in batch):
-            raise ValueError("mask_instruction needs Example items (InstructionDataset's), "
-                             "which carry the prompt length")
-        prompt_lengths = np.array([item.prompt_length for item in batch])  # (B,) P
-        # target j predicts token j + 1, a prompt token while j + 1 < P
-        targets[positions[None, :-1] < prompt_lengths[:, None] - 1] = ignore_index
-    if allowed_max_length is not None:
-        inputs, targets = inputs[:, :allowed_max_length], targets[:, :allowed_max_length]
-    return np.ascontiguousarray(inputs), np.ascontiguousarray(targets)
-
-
-# -- responses -------------------------------------------------------------------------------------
 
 def extract_response(continuation: str) -> str:
     """The response in a generated continuation of a prompt: the text after the first
@@ -243,23 +68,6 @@ def generate_response(model, entry: dict, tokenizer=None, max_new_tokens: int = 
     return extract_response(tokenizer.decode(new_ids.tolist()))
 
 
-def progress_bar(items, desc: str, enabled: bool = True, **kw):
-    """A tqdm bar over ``items`` on stderr, redrawn seldom when stderr is a log file."""
-    from tqdm.auto import tqdm
-
-    interactive = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
-    return tqdm(items, desc=desc, unit="entry", disable=not enabled, file=sys.stderr,
-                mininterval=0.5 if interactive else 30.0, **kw)
-
-
-def write_json(path, obj) -> None:
-    """Write ``obj`` as indented JSON, atomically (temporary file, then rename)."""
-    from ..fileio import atomic_write
-
-    with atomic_write(path) as fh:
-        fh.write((json.dumps(obj, indent=4, ensure_ascii=False) + "\n").encode("utf-8"))
-
-
 def generate_responses(model, entries: list, path=None, tokenizer=None, max_new_tokens: int = 256,
                        progress: bool = True, key: str = "model_response") -> list[dict]:
     """Each entry with the model's greedy response added under ``key``. With ``path``, the
@@ -277,20 +85,58 @@ def generate_responses(model, entries: list, path=None, tokenizer=None, max_new_
 
 # -- the chapter's recipe ------------------------------------------------------------------------
 
-def finetune_instruct(pretrained: str = "gpt2-medium", data=None, out: str = "runs/instruct",
-                      batch_size: int = 8, epochs: int = 2, lr: float = 5e-5, weight_decay: float = 0.1,
-                      eval_freq: int = 5, eval_iter: int = 5, seed: int = 123, drop_rate: float = 0.0,
-                      mask_instruction: bool = False, lora_rank: int | None = None,
-                      lora_alpha: float | None = None, allowed_max_length: int = 1024,
-                      max_new_tokens: int = 256, max_steps: int | None = None, device: str = "auto",
-                      dtype: str = "float32", checkpoint_every: int | None = None, resume: bool = False,
-                      progress: bool = True, log=print) -> dict:
-    """Fine-tune a pretrained GPT-2 to follow instructions, the book's chapter 7 by default.
+@dataclass
+class InstructOptions(LoRAOptions):
+    """``numpygpt finetune instruct``'s options; with none given, the book's chapter 7 recipe
+    (GPT-2 medium, 2 epochs of batch 8, AdamW 5e-5 with weight decay 0.1 on every weight)."""
 
-    Loads ``pretrained`` (a name such as 'gpt2-medium' or a Hugging Face directory) with its
-    own ``qkv_bias``, dropout ``drop_rate`` and an untied output head copied from the token
-    embedding; splits ``data`` (a path; None: the book's file, downloaded once) 85/10/5;
-    trains with AdamW (``lr``, ``weight_decay`` on every parameter, as the book's
+    pretrained: str = option("gpt2-medium", "GPT-2 weights to start from: a Hugging Face directory or gpt2 / "
+                             "gpt2-medium / ...", metavar="DIR_OR_NAME")
+    data: str | None = option(None, "instruction data, a JSON list of {instruction, input, output} (default: the "
+                              "book's instruction-data.json, downloaded once)", metavar="JSON")
+    out: str = option("runs/instruct", "", metavar="DIR")
+    batch_size: int = option(8, "", check=POSITIVE_INT, metavar="B")
+    grad_accum: int = option(1, "micro-batches per optimiser step", check=POSITIVE_INT, metavar="K")
+    epochs: int = option(2, "", check=POSITIVE_INT)
+    max_steps: int | None = option(None, "stop after this many optimiser steps", check=POSITIVE_INT)
+    lr: float = option(5e-5, "AdamW learning rate", check=NONNEG_FLOAT)
+    weight_decay: float = option(0.1, "", check=NONNEG_FLOAT)
+    eval_freq: int = option(5, "evaluate every N steps", check=POSITIVE_INT)
+    eval_iter: int = option(5, "batches per evaluation", check=POSITIVE_INT)
+    seed: int = option(123, "")
+    drop_rate: float = option(0.0, "", check=DROP_RATE)
+    mask_instruction: bool = option(False, "train on the response only (the prompt's targets are ignored)")
+    allowed_max_length: int = option(1024, "cut longer training texts to T tokens (at most the model's context)",
+                                     check=POSITIVE_INT, metavar="T")
+    max_new_tokens: int = option(256, "response length limit", check=POSITIVE_INT)
+    device: str = option("auto", "", choices=("cpu", "cuda", "auto"))
+    dtype: str = option("float32", "", choices=("float32", "float64"))
+    checkpoint_every: int | None = option(None, "also write OUT/checkpoint.safetensors every N steps (it is always "
+                                          "written at the end of training and on Ctrl-C/SIGTERM)",
+                                          check=POSITIVE_INT, metavar="N")
+    resume: bool = option(False, "continue from OUT/checkpoint.safetensors (same options as the interrupted run)")
+    no_progress: bool = option(False, "no progress bars")
+
+    def run_options(self, data_path: str) -> dict:
+        """What a resumed run must share with the saved one (paths made absolute)."""
+        keep = ("batch_size", "epochs", "lr", "weight_decay", "seed", "drop_rate", "mask_instruction", "lora_rank",
+                "allowed_max_length", "dtype")
+        options = {k: getattr(self, k) for k in keep}
+        options.update(pretrained=os.path.abspath(self.pretrained) if os.path.isdir(self.pretrained) else self.pretrained,
+                       data=os.path.abspath(data_path), lora_alpha=self.alpha)
+        if self.grad_accum != 1:
+            options["grad_accum"] = self.grad_accum
+        return options
+
+
+def finetune_instruct(options: InstructOptions | None = None, log=print, progress: bool | None = None,
+                      **given) -> dict:
+    """Fine-tune a pretrained GPT-2 to follow instructions, the book's chapter 7 by default.
+    ``options``: an InstructOptions, or its fields as keywords.
+
+    Loads ``pretrained`` with its own ``qkv_bias``, dropout ``drop_rate`` and an untied output
+    head copied from the token embedding; splits ``data`` (None: the book's file, downloaded
+    once) 85/10/5; trains with AdamW (``lr``, ``weight_decay`` on every parameter, as the book's
     ``torch.optim.AdamW(model.parameters())``) for ``epochs`` over batches of ``batch_size``
     shuffled with ``seed``, evaluating every ``eval_freq`` steps over ``eval_iter`` batches.
     ``lora_rank`` trains LoRA adapters (scale ``lora_alpha``) instead of every weight.
@@ -298,27 +144,50 @@ def finetune_instruct(pretrained: str = "gpt2-medium", data=None, out: str = "ru
     Writes into ``out``: ``loss.png``, ``history.json``, ``model/`` (the fine-tuned model,
     ``save_pretrained``; LoRA adapters merged, and alone in ``lora-adapters.safetensors``) and
     ``test-responses.json`` (the test entries with their greedy ``model_response``).
-
-    Runs that lose nothing: ``checkpoint.safetensors`` in ``out`` holds the weights (LoRA
-    adapters included), the AdamW state, the RNG and the position in the data, written every
-    ``checkpoint_every`` steps, at the end of training and when Ctrl-C or SIGTERM stops the
-    run after its current step (``TrainingInterrupted``). ``resume=True`` continues from it
-    with the same options (checked: a different learning rate, batch size, data file... is a
-    ValueError); the continued run ends where the uninterrupted one would have.
+    ``checkpoint.safetensors`` is written every ``checkpoint_every`` steps, at the end of
+    training and when Ctrl-C or SIGTERM stops the run after its current step;
+    ``resume=True`` continues from it with the same options (checked).
     Returns {"model", "history", "train", "test", "val", "responses", "paths"}.
     """
-    from ..data import DataLoader
-    from ..model import GPTModel
-    from ..optim import AdamW
+    from ..scaffold import RunFolder
     from ..tokenizer import get_tokenizer
-    from ..train import TrainingInterrupted, evaluate_model, plot_losses, stop_on_signals, train_model
+    from ..train import TrainOptions
 
-    def say(msg: str = "") -> None:
-        if log is not None:
-            log(msg)
+    o = options.replace(**given) if options is not None else InstructOptions.from_dict(given)
+    if progress is not None:
+        o = o.replace(no_progress=not progress)
+    o.validate()
+    comm = distributed.init()
+    comm.check_batch_size(o.batch_size)
+    device = backend.set_device(o.device)
+    comm.use_device(device)
+    data_path = os.fspath(o.data) if o.data is not None else download_book_data()
+    splits = _split(data_path, o.batch_size)
+    backend.manual_seed(o.seed)  # dropout's generator: the same seed gives the same run
+    model = _load_model(o, device)
+    tokenizer = get_tokenizer()
+    train_loader, val_loader = _loaders(o, model, tokenizer, splits, data_path)
+    optimizer = _optimizer(o, model)
+    run = RunFolder(o.out, is_main=comm.is_main)
+    run_options = o.run_options(data_path)
+    state = run.resume(model, optimizer, run_options) if o.resume else None
+    _print_plan(o, model, data_path, splits, len(train_loader), device, log)
+    options = TrainOptions(grad_accum_steps=o.grad_accum, max_steps=o.max_steps, checkpoint_path=run.checkpoint,
+                           checkpoint_every=o.checkpoint_every, resume_state=state, run_options=run_options,
+                           progress=not o.no_progress, log=log)
+    history = _train(o, run, model, train_loader, val_loader, optimizer, options, splits[2][0], tokenizer, log)
+    paths = _write_outputs(o, run, model, history, comm, log)
+    responses = []
+    if comm.is_main:  # one rank generates and writes; the others are done
+        responses = generate_responses(model, splits[1], paths["responses"], tokenizer, o.max_new_tokens,
+                                       not o.no_progress)
+    _say(f"responses   {paths['responses']} ({len(responses)} test entries)", log)
+    return {"model": model, "history": history, "train": splits[0], "test": splits[1], "val": splits[2],
+            "responses": responses, "paths": paths}
 
-    device = backend.set_device(device)
-    data_path = os.fspath(data) if data is not None else download_book_data()
+
+def _split(data_path: str, batch_size: int):
+    """(train, test, val) entries of the file, 85/10/5 in file order, checked for size."""
     entries = load_instruction_data(data_path)
     train_data, test_data, val_data = split_data(entries)
     if len(train_data) < batch_size:
@@ -327,19 +196,30 @@ def finetune_instruct(pretrained: str = "gpt2-medium", data=None, out: str = "ru
     if not val_data:
         raise ValueError(f"{data_path}: {len(entries)} entries leave no validation entries "
                          "(the split is 85% train, 10% test, the rest validation)")
+    return train_data, test_data, val_data
 
-    backend.manual_seed(seed)  # dropout's generator: the same seed gives the same run
-    model = GPTModel.from_pretrained(pretrained, dtype=dtype, device=device, drop_rate=drop_rate, tie_weights=False)
-    n_total = model.num_parameters()
-    if lora_rank is not None:
+
+def _load_model(o: InstructOptions, device: str):
+    from ..model import GPTModel
+
+    model = GPTModel.from_pretrained(o.pretrained, dtype=o.dtype, device=device, drop_rate=o.drop_rate,
+                                     tie_weights=False)
+    if o.lora_rank is not None:
         from ..lora import apply_lora
 
-        apply_lora(model, lora_rank, lora_alpha if lora_alpha is not None else lora_rank, seed=seed)
-    n_trainable = model.num_parameters(trainable_only=True)
-    cfg = model.cfg
-    max_length = min(allowed_max_length, cfg.context_length)
+        apply_lora(model, o.lora_rank, o.alpha, seed=o.seed)
+    return model
 
-    tokenizer = get_tokenizer()
+
+def _loaders(o: InstructOptions, model, tokenizer, splits, data_path: str):
+    """Training (shuffled with the seed) and validation loaders of padded, masked batches;
+    a warning for entries longer than the allowed length (they are cut)."""
+    import sys
+
+    from ..data import DataLoader
+
+    train_data, test_data, val_data = splits
+    max_length = min(o.allowed_max_length, model.cfg.context_length)
     train_set = InstructionDataset(train_data, tokenizer, max_length)
     val_set = InstructionDataset(val_data, tokenizer, max_length)
     for name, dataset, offset in (("training", train_set, 0), ("validation", val_set, len(train_data) + len(test_data))):
@@ -348,86 +228,76 @@ def finetune_instruct(pretrained: str = "gpt2-medium", data=None, out: str = "ru
             print(f"warning: {len(dataset.too_long)} {name} entries are longer than {max_length} tokens "
                   f"(entries {', '.join(first)}{', ...' if len(dataset.too_long) > 5 else ''} of {data_path}); "
                   "they are cut to that length", file=sys.stderr, flush=True)
-    collate = partial(collate_instructions, allowed_max_length=max_length, mask_instruction=mask_instruction)
-    train_loader = DataLoader(train_set, batch_size, shuffle=True, drop_last=True, seed=seed, collate_fn=collate)
-    val_loader = DataLoader(val_set, batch_size, shuffle=False, drop_last=False, collate_fn=collate)
-
-    params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    optimizer = AdamW(params, lr=lr, weight_decay=weight_decay)
-
-    os.makedirs(out, exist_ok=True)
-    paths = {name: os.path.join(out, file) for name, file in (
-        ("plot", "loss.png"), ("history", "history.json"), ("model", "model"),
-        ("responses", "test-responses.json"))}
-
-    say(f"device      {device}")
-    say(f"model       {pretrained}: emb_dim {cfg.emb_dim}, {cfg.n_layers} layers, context {cfg.context_length}, "
-        f"qkv_bias {cfg.qkv_bias}, untied head, drop_rate {cfg.drop_rate}")
-    say(f"parameters  {n_total:,}" + (f"; trainable {n_trainable:,} (LoRA rank {lora_rank})" if lora_rank else ""))
-    say(f"data        {data_path}: {len(entries):,} entries: train {len(train_data):,}, "
-        f"test {len(test_data):,}, val {len(val_data):,}")
-    total = epochs * len(train_loader) if max_steps is None else min(max_steps, epochs * len(train_loader))
-    say(f"plan        {total:,} steps ({epochs} epochs of {len(train_loader):,}), batch {batch_size}, "
-        f"AdamW lr {lr:g}, weight decay {weight_decay:g}" + (", instruction masked" if mask_instruction else ""))
-    paths["checkpoint"] = os.path.join(out, "checkpoint.safetensors")
-    run_options = {"pretrained": os.path.abspath(pretrained) if os.path.isdir(pretrained) else pretrained,
-                   "data": os.path.abspath(data_path), "batch_size": batch_size, "epochs": epochs, "lr": lr,
-                   "weight_decay": weight_decay, "seed": seed, "drop_rate": drop_rate,
-                   "mask_instruction": mask_instruction, "lora_rank": lora_rank,
-                   "lora_alpha": lora_alpha if lora_alpha is not None else lora_rank,
-                   "allowed_max_length": allowed_max_length, "dtype": dtype}
-    resume_state = _resume_state(paths["checkpoint"], model, optimizer, run_options) if resume else None
-    if resume_state is None:
-        train_loss, val_loss = evaluate_model(model, train_loader, val_loader, eval_iter)
-        say(f"before      train loss {train_loss:.3f}, val loss {val_loss:.3f}")
-    else:
-        say(f"resuming    at step {resume_state.global_step:,} from {paths['checkpoint']}")
-
-    with stop_on_signals() as stop:  # Ctrl-C / SIGTERM: finish the step, save, say how to resume
-        try:
-            history = train_model(
-                model, train_loader, val_loader, optimizer, num_epochs=epochs, eval_freq=eval_freq,
-                eval_iter=eval_iter, start_context=format_input(val_data[0]), tokenizer=tokenizer,
-                progress=progress, log=log, max_steps=max_steps, checkpoint_path=paths["checkpoint"],
-                checkpoint_every=checkpoint_every, resume_state=resume_state, run_options=run_options,
-                stop_requested=stop)
-        except TrainingInterrupted as e:
-            e.args = (f"{e}\nto continue this run: the same command with --resume",)
-            raise
-    train_loss, val_loss = evaluate_model(model, train_loader, val_loader, eval_iter)
-    say(f"after       train loss {train_loss:.3f}, val loss {val_loss:.3f} (over {eval_iter} batches)")
-    history["final_losses"] = [train_loss, val_loss]
-    plot_losses(history, paths["plot"])
-    write_json(paths["history"], history)
-
-    # saved before the (long) generation, so an interrupted generation loses no training
-    if lora_rank is not None:
-        paths["adapters"] = os.path.join(out, "lora-adapters.safetensors")
-    save_finetuned(model, paths["model"], paths.get("adapters"))
-    say(f"model       {paths['model']}" + (f" (LoRA merged; adapters alone in {paths['adapters']})"
-                                           if lora_rank is not None else ""))
-    responses = generate_responses(model, test_data, paths["responses"], tokenizer, max_new_tokens, progress)
-    say(f"responses   {paths['responses']} ({len(responses)} test entries)")
-    return {"model": model, "history": history, "train": train_data, "test": test_data, "val": val_data,
-            "responses": responses, "paths": paths}
+    collate = partial(collate_instructions, allowed_max_length=max_length, mask_instruction=o.mask_instruction)
+    train_loader = DataLoader(train_set, o.batch_size, shuffle=True, drop_last=True, seed=o.seed, collate_fn=collate)
+    val_loader = DataLoader(val_set, o.batch_size, shuffle=False, drop_last=False, collate_fn=collate)
+    return train_loader, val_loader
 
 
-def _resume_state(path: str, model, optimizer, run_options: dict):
-    """Load ``path`` into ``model`` and ``optimizer`` (weights, AdamW state, RNG) and return
-    its TrainState, after checking it was written by a run with the same options."""
-    from ..checkpoint import load_checkpoint
-    from ..train import TrainState
+def _optimizer(o: InstructOptions, model):
+    from ..optim import AdamW
 
-    if not os.path.exists(path):
-        raise ValueError(f"cannot resume: there is no {path} (runs write it every --checkpoint-every steps, "
-                         "at the end of training and when interrupted)")
-    state = TrainState.from_checkpoint(load_checkpoint(path, model, optimizer))
-    stored = state.run_options or {}
-    for key, value in run_options.items():
-        if key in stored and stored[key] != value:
-            raise ValueError(f"cannot resume: {path} was trained with {key} {stored[key]!r}, this run has "
-                             f"{value!r}: resume with the same options")
-    return state
+    return AdamW([(name, p) for name, p in model.named_parameters() if p.requires_grad], lr=o.lr,
+                 weight_decay=o.weight_decay)
+
+
+def _print_plan(o: InstructOptions, model, data_path: str, splits, n_batches: int, device: str, log) -> None:
+    cfg = model.cfg
+    n_total, n_trainable = model.num_parameters(), model.num_parameters(trainable_only=True)
+    steps_per_epoch = n_batches // o.grad_accum
+    total = o.epochs * steps_per_epoch if o.max_steps is None else min(o.max_steps, o.epochs * steps_per_epoch)
+    n_entries = sum(len(part) for part in splits)
+    for line in (
+        f"device      {device}",
+        f"model       {o.pretrained}: emb_dim {cfg.emb_dim}, {cfg.n_layers} layers, context {cfg.context_length}, "
+        f"qkv_bias {cfg.qkv_bias}, untied head, drop_rate {cfg.drop_rate}",
+        f"parameters  {n_total:,}" + (f"; trainable {n_trainable:,} (LoRA rank {o.lora_rank})" if o.lora_rank else ""),
+        f"data        {data_path}: {n_entries:,} entries: train {len(splits[0]):,}, test {len(splits[1]):,}, "
+        f"val {len(splits[2]):,}",
+        f"plan        {total:,} steps ({o.epochs} epochs of {steps_per_epoch:,}), batch {o.batch_size}"
+        + (f" x {o.grad_accum}" if o.grad_accum > 1 else "") + f", AdamW lr {o.lr:g}, weight decay "
+        f"{o.weight_decay:g}" + (", instruction masked" if o.mask_instruction else ""),
+    ):
+        _say(line, log)
+
+
+def _train(o: InstructOptions, run, model, train_loader, val_loader, optimizer, options, first_val, tokenizer, log):
+    """The losses before, ``train_model`` (resumable), the losses after."""
+    from ..train import evaluate_model
+
+    state = options.resume_state
+    if state is None and run.is_main:
+        train_loss, val_loss = evaluate_model(model, train_loader, val_loader, o.eval_iter)
+        _say(f"before      train loss {train_loss:.3f}, val loss {val_loss:.3f}", log)
+    elif state is not None:
+        _say(f"resuming    at step {state.global_step:,} from {run.checkpoint}", log)
+    history = run.train(model, train_loader, val_loader, optimizer, o.epochs, o.eval_freq, o.eval_iter,
+                        resume_hint="the same command with --resume", options=options,
+                        start_context=format_input(first_val), tokenizer=tokenizer)
+    if run.is_main:  # under mpiexec one rank evaluates
+        train_loss, val_loss = evaluate_model(model, train_loader, val_loader, o.eval_iter)
+        _say(f"after       train loss {train_loss:.3f}, val loss {val_loss:.3f} (over {o.eval_iter} batches)", log)
+        history["final_losses"] = [train_loss, val_loss]
+    return history
+
+
+def _write_outputs(o: InstructOptions, run, model, history, comm, log) -> dict:
+    """The loss plot, the history and the model (the main process only), saved before the
+    (long) generation so an interrupted generation loses no training."""
+    from ..plots import plot_losses
+
+    paths = {name: run.path(file) for name, file in (
+        ("plot", "loss.png"), ("history", "history.json"), ("model", "model"), ("responses", "test-responses.json"),
+        ("checkpoint", "checkpoint.safetensors"))}
+    if o.lora_rank is not None:
+        paths["adapters"] = run.path(ADAPTERS_FILE)
+    if comm.is_main:
+        plot_losses(history, paths["plot"])
+        write_json(paths["history"], history)
+        save_finetuned(model, paths["model"], paths.get("adapters"))
+    _say(f"model       {paths['model']}" + (f" (LoRA merged; adapters alone in {paths['adapters']})"
+                                            if o.lora_rank is not None else ""), log)
+    return paths
 
 
 def save_finetuned(model, directory, adapters_path=None) -> None:

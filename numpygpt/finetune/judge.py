@@ -24,7 +24,9 @@ from urllib.error import HTTPError, URLError
 from urllib.parse import urlsplit
 from urllib.request import ProxyHandler, Request, build_opener
 
-from .instruct import format_input, progress_bar, validate_entries, write_json
+from ..fileio import write_json
+from ..progress import progress_bar
+from .instruct_data import format_input, validate_entries
 
 __all__ = ["JudgeError", "judge_prompt", "chat_request", "query_judge", "parse_score", "load_responses",
            "score_responses", "DEFAULT_JUDGE_URL"]
