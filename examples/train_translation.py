@@ -1,6 +1,6 @@
 """Train the original Transformer to translate numbers between words and digits.
 
-    python examples/train_translation.py                 # ~2 minutes on 2 cores; 100% held out
+    python examples/train_translation.py                 # 100% held out; 1-3 min on 2 loaded cores
     python examples/train_translation.py --post-norm     # the paper's post-LayerNorm blocks
     numpygpt train-translation --help                    # the same command
 
