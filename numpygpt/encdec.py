@@ -23,7 +23,7 @@ from . import backend
 from .model import FeedForward, check_token_ids
 from .nn import (CrossAttention, Dropout, Embedding, KVCache, LayerNorm, Module, MultiHeadAttention, OutputHead,
                  Parameter, SinusoidalPositionalEncoding, eval_mode, no_grad)
-from .nn.module import normal_init, skip_init
+from .nn.module import skip_init
 
 
 @dataclass
@@ -138,17 +138,22 @@ class DecoderBlock(_Sublayers):
 
     def backward(self, dout):
         """-> (dx, dmemory)."""
-        dmemory = []
-
-        def cross_backward(d):
-            dq, dm = self.cross_attn.backward(d)
-            dmemory.append(dm)
-            return dq
-
         dx = self._residual_backward(dout, self.ln_3, self.mlp.backward, self.drop_mlp)
-        dx = self._residual_backward(dx, self.ln_2, cross_backward, self.drop_cross)
+        dx, dmemory = self._cross_residual_backward(dx)
         dx = self._residual_backward(dx, self.ln_1, self.attn.backward, self.drop_attn)
-        return dx, dmemory[0]
+        return dx, dmemory
+
+    def _cross_residual_backward(self, dout):
+        """``_residual_backward`` for the cross-attention, whose backward also returns the
+        memory's gradient -> (dx, dmemory)."""
+        if self.norm_first:
+            # y = x + drop(cross_attn(ln_2(x), memory))
+            dq, dmemory = self.cross_attn.backward(self.drop_cross.backward(dout))
+            return dout + self.ln_2.backward(dq), dmemory
+        # y = ln_2(s),  s = x + drop(cross_attn(x, memory))
+        ds = self.ln_2.backward(dout)
+        dq, dmemory = self.cross_attn.backward(self.drop_cross.backward(ds))
+        return ds + dq, dmemory
 
 
 class EncoderDecoder(Module):
@@ -180,7 +185,7 @@ class EncoderDecoder(Module):
             if cfg.tie_weights:
                 self.lm_head = OutputHead(self.tgt_emb.weight)
             else:
-                self.lm_head = OutputHead(Parameter(normal_init((V, C), 0.0, dt)))
+                self.lm_head = OutputHead(Parameter(backend.xp.zeros((V, C), dtype=dt)))
         self.init_weights(seed)
 
     def init_weights(self, seed: int | None = 0) -> None:
