@@ -6,6 +6,7 @@ from .model import FeedForward, GPTModel, OutputHead, TransformerBlock
 from .nn import (CrossEntropyLoss, Dropout, Embedding, GELU, KVCache, LayerNorm, Linear, LoRALinear, LoRAOutputHead,
                  Module, MultiHeadAttention, Parameter, SequenceReadout, Softmax, eval_mode, no_grad)
 from .lora import apply_lora, load_lora, merge_lora, save_lora, unmerge_lora
+from .encdec import DecoderBlock, EncDecConfig, EncoderBlock, EncoderDecoder
 
 __version__ = "0.1.0"
 
@@ -14,5 +15,5 @@ __all__ = [
     "OutputHead", "CrossEntropyLoss", "Dropout", "Embedding", "GELU", "KVCache", "LayerNorm", "Linear",
     "Module", "MultiHeadAttention", "Parameter", "Softmax", "eval_mode", "no_grad",
     "SequenceReadout", "LoRALinear", "LoRAOutputHead", "apply_lora", "merge_lora", "unmerge_lora", "save_lora",
-    "load_lora",
+    "load_lora", "EncDecConfig", "EncoderDecoder", "EncoderBlock", "DecoderBlock",
 ]
