@@ -303,7 +303,7 @@ def _encdec_checks(sizes: dict, dev, randn, randomized, fixed_masks) -> list:
         ("Self-attention (pad mask)", masked_self_attention_check),
         ("CrossAttention (pad mask)", lambda: check_layer(
             randomized(CrossAttention(C, C, C, NH, dropout=0.2, qkv_bias=True, dtype=F64)), randn(B, T, C),
-            randn(B, T + 2, C), source_padding(T + 2), input_names=["x", "memory", "key_padding_mask"],
+            randn(B, S, C), source_padding(S), input_names=["x", "memory", "key_padding_mask"],
             before_forward=fixed_masks)),
         ("EncoderBlock (pad mask)", lambda: check_layer(
             randomized(EncoderBlock(cfg)), randn(B, S, C), source_padding(S), input_names=["x", "src_pad"],

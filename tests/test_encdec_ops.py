@@ -4,6 +4,7 @@ padding), plus the properties a mask must have: a padded key changes nothing and
 gradient."""
 
 import numpy as np
+import pytest
 from hypothesis import given, strategies as st
 
 from numpygpt import backend
@@ -115,3 +116,10 @@ def test_cross_attention_cache_computes_keys_once(device, rng):
                  for t in range(T)]
     assert cache.length == S
     np.testing.assert_allclose(np.concatenate(steps, axis=1), full, rtol=1e-12, atol=1e-12)
+
+
+def test_key_padding_mask_must_match_the_keys(device, rng):
+    layer = CrossAttention(4, 4, 4, 2, dtype=F64)
+    x, memory = to_dev(rng.standard_normal((1, 2, 4)), F64), to_dev(rng.standard_normal((1, 3, 4)), F64)
+    with pytest.raises(ValueError, match="3 long"):
+        layer(x, memory, to_dev(np.zeros((1, 2), bool)))

@@ -71,7 +71,7 @@ def reference(model, tr, src, tgt):
     src_table = leaves["src_emb.weight"]
     tgt_table = leaves.get("tgt_emb.weight", src_table)
     head = leaves.get("lm_head.weight", tgt_table)
-    pe = torch.tensor(sinusoidal_table(16, C))
+    pe = torch.tensor(backend.to_host(sinusoidal_table(16, C)))
     S, T = src.shape[1], tgt.shape[1]
     src_t, tgt_t = torch.tensor(src), torch.tensor(tgt)
     x_src = src_table[src_t] * math.sqrt(C) + pe[:S]

@@ -63,7 +63,7 @@ def attention_mask(T_q: int, T_k: int, causal: bool, key_padding_mask, xp, dtype
     mask = causal_mask(T_q, T_k, xp, dtype) if causal else None  # (T_q, T_k)
     if key_padding_mask is None:
         return mask
-    if tuple(key_padding_mask.shape) != (key_padding_mask.shape[0], T_k):
+    if key_padding_mask.ndim != 2 or key_padding_mask.shape[1] != T_k:
         raise ValueError(f"key_padding_mask has shape {tuple(key_padding_mask.shape)}; the keys are {T_k} long")
     pad = xp.where(key_padding_mask[:, None, None, :], -xp.inf, 0.0).astype(dtype)  # (B, 1, 1, T_k)
     return pad if mask is None else pad + mask

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import numpy
-
 from .module import Module
 from .. import backend
 
 
-def sinusoidal_table(length: int, dim: int):
-    """(length, dim) host float64 table: PE[p, 2i] = sin(p / 10000^(2i/dim)),
-    PE[p, 2i+1] = cos(p / 10000^(2i/dim))."""
-    pos = numpy.arange(length, dtype=numpy.float64)[:, None]  # (L, 1)
-    pair = numpy.arange(dim) // 2  # i for columns 2i and 2i+1
-    angle = pos / numpy.power(10000.0, 2.0 * pair / dim)[None, :]  # (L, C)
-    return numpy.where(numpy.arange(dim) % 2 == 0, numpy.sin(angle), numpy.cos(angle))
+def sinusoidal_table(length: int, dim: int, dtype="float64"):
+    """(length, dim) table on the current device: PE[p, 2i] = sin(p / 10000^(2i/dim)),
+    PE[p, 2i+1] = cos(p / 10000^(2i/dim)); computed in float64, then cast to ``dtype``."""
+    xp = backend.xp
+    pos = xp.arange(length, dtype="float64")[:, None]  # (L, 1)
+    pair = xp.arange(dim) // 2  # i for columns 2i and 2i+1
+    angle = pos / xp.power(10000.0, 2.0 * pair / dim)[None, :]  # (L, C)
+    return xp.where(xp.arange(dim) % 2 == 0, xp.sin(angle), xp.cos(angle)).astype(dtype)
 
 
 class SinusoidalPositionalEncoding(Module):
@@ -28,7 +27,7 @@ class SinusoidalPositionalEncoding(Module):
 
     def __init__(self, dim: int, max_length: int, dtype="float32"):
         self.dim, self.max_length = int(dim), int(max_length)
-        self.table = backend.to_device(sinusoidal_table(self.max_length, self.dim), dtype=dtype)  # (L, C)
+        self.table = sinusoidal_table(self.max_length, self.dim, dtype)  # (L, C)
 
     def forward(self, x, start: int = 0):
         B, T, C = x.shape
