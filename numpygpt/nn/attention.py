@@ -44,7 +44,7 @@ class KVCache:
 
 
 def causal_mask(T_q: int, T_k: int, xp, dtype):
-    """(T_q, T_k) additive mask: 0 where query i may see key j, -inf where j is in its future.
+    r"""(T_q, T_k) additive mask M: $M_{ij} = 0$ where query i may see key j, $-\infty$ where j is in its future.
 
     Queries are the last T_q of T_k positions, so query i sits at position T_k - T_q + i.
     """
@@ -70,20 +70,32 @@ def attention_mask(T_q: int, T_k: int, causal: bool, key_padding_mask, xp, dtype
 
 
 class AttentionCore(Module):
-    """What every multi-head attention shares: the scaled dot product, the softmax, the
+    r"""What every multi-head attention shares: the scaled dot product, the softmax, the
     attention dropout and the output projection ``c_proj``, on queries, keys and values
-    already split into heads. Self-attention (``MultiHeadAttention``) and cross-attention
-    (``CrossAttention``) differ only in where q, k and v come from.
+    already split into NH heads of size hs. Self-attention (``MultiHeadAttention``) and
+    cross-attention (``CrossAttention``) differ only in where q, k and v come from.
 
-    Forward (per batch and head):
-        A = softmax(q k^T / sqrt(hs) + mask)            (T_q, T_k)
-        y = dropout(A) v                                 (T_q, hs)
-        out = concat_heads(y) @ W_proj + b_proj          (T_q, C)
-    Backward, reading it in reverse (A' = dropout(A)):
-        dA' = dy v^T,  dv = A'^T dy,  dA = dropout.backward(dA')
-        dS  = softmax.backward(dA) / sqrt(hs)           (masked entries get 0)
-        dq  = dS k,    dk = dS^T q
-    The mask is additive (0 or -inf), so it has no gradient and a masked key gets none.
+    Forward (per batch and head; M the additive mask, 0 or $-\infty$):
+
+    $$
+    \begin{aligned}
+    A &= \operatorname{softmax}\big(q k^\top / \sqrt{hs} + M\big) && (T_q, T_k) \\
+    y &= \operatorname{dropout}(A)\, v && (T_q, hs) \\
+    \text{out} &= \operatorname{concat}_{\text{heads}}(y)\, W_{\text{proj}} + b_{\text{proj}} && (T_q, C)
+    \end{aligned}
+    $$
+
+    Backward, reading it in reverse ($A' = \operatorname{dropout}(A)$, S the scaled scores):
+
+    $$
+    \begin{aligned}
+    dA' &= dy\, v^\top, \qquad dv = A'^\top dy, \qquad dA = \text{dropout.backward}(dA') \\
+    dS &= \text{softmax.backward}(dA) / \sqrt{hs} \qquad \text{(masked entries get 0)} \\
+    dq &= dS\, k, \qquad dk = dS^\top q
+    \end{aligned}
+    $$
+
+    M is a constant, so it has no gradient, and a masked key gets none.
     """
 
     def _init_core(self, d_out: int, num_heads: int, dropout: float, dtype, seed) -> None:
@@ -141,13 +153,16 @@ class AttentionCore(Module):
 
 
 class MultiHeadAttention(AttentionCore):
-    """Self-attention with NH heads of size hs = C / NH: q, k and v all come from x,
-    through one (C, 3C) projection ``c_attn`` as in GPT-2:
-        q, k, v = split(x @ W_attn + b_attn)            (T, hs) each, per head
-    then ``AttentionCore``'s attention. ``causal=True`` (GPT's decoder) hides each
-    token's future; an encoder passes ``causal=False``. ``key_padding_mask`` (B, T), True
-    at padding, hides padded keys. Backward: dq, dk, dv from the core, stacked back into
-    c_attn's (B, T, 3C) output and through c_attn.
+    r"""Self-attention with NH heads of size hs = C / NH: q, k and v all come from x, through
+    one (C, 3C) projection ``c_attn`` as in GPT-2,
+
+    $$q, k, v = \operatorname{split}(x W_{\text{attn}} + b_{\text{attn}}) \qquad (T, hs) \text{ each, per head}$$
+
+    then ``AttentionCore``'s attention. ``causal=True`` (GPT's decoder) hides each token's
+    future, $M_{ij} = -\infty$ for $j > i$; an encoder passes ``causal=False``.
+    ``key_padding_mask`` (B, T), True at padding, hides padded keys from every query.
+    Backward: dq, dk, dv from the core, stacked back into c_attn's (B, T, 3C) output and
+    through c_attn.
     """
 
     def __init__(self, d_in: int, d_out: int, num_heads: int, dropout: float = 0.0,
@@ -175,19 +190,22 @@ class MultiHeadAttention(AttentionCore):
 
 
 class CrossAttention(AttentionCore):
-    """Attention of one sequence (queries, from x) over another (keys and values, from
+    r"""Attention of one sequence (queries, from x) over another (keys and values, from
     ``memory``, the encoder's output), with no causal mask:
-        q    = x @ W_q + b_q                             (T, C)   ``c_q``
-        k, v = split(memory @ W_kv + b_kv)               (S, C)   ``c_kv`` (C, 2C)
-    then ``AttentionCore``'s attention; ``key_padding_mask`` (B, S), True at padding, hides
-    the source's padding. Backward returns two gradients:
-        dx      = c_q.backward(dq)
-        dmemory = c_kv.backward([dk, dv])
-    In an encoder-decoder every decoder layer attends to the same memory, so the
-    encoder's output receives the sum of every layer's dmemory.
 
-    For generation, ``kv_cache`` (a ``KVCache`` of the source's length) keeps k and v:
-    the first call computes them from memory, later calls reuse them (memory unused).
+    $$q = x W_q + b_q \quad (T, C), \qquad k, v = \operatorname{split}(\text{memory}\, W_{kv} + b_{kv}) \quad (S, C)$$
+
+    (``c_q``, and ``c_kv`` of shape (C, 2C)), then ``AttentionCore``'s attention;
+    ``key_padding_mask`` (B, S), True at padding, hides the source's padding. Backward
+    returns two gradients:
+
+    $$dx = dq\, W_q^\top, \qquad d\,\text{memory} = [dk, dv]\, W_{kv}^\top$$
+
+    In an encoder-decoder every decoder layer attends to the same memory, so the encoder's
+    output receives the sum of every layer's $d\,\text{memory}$.
+
+    For generation, ``kv_cache`` (a ``KVCache`` of the source's length) keeps k and v: the
+    first call computes them from memory, later calls reuse them (memory unused).
     """
 
     def __init__(self, d_in: int, d_memory: int, d_out: int, num_heads: int, dropout: float = 0.0,

@@ -7,8 +7,8 @@ from .. import backend
 
 
 def sinusoidal_table(length: int, dim: int, dtype="float64"):
-    """(length, dim) table on the current device: PE[p, 2i] = sin(p / 10000^(2i/dim)),
-    PE[p, 2i+1] = cos(p / 10000^(2i/dim)); computed in float64, then cast to ``dtype``."""
+    r"""(length, dim) table on the current device, computed in float64 and cast to ``dtype``:
+    $PE_{p, 2i} = \sin(p / 10000^{2i/\text{dim}})$ and $PE_{p, 2i+1} = \cos(p / 10000^{2i/\text{dim}})$."""
     xp = backend.xp
     pos = xp.arange(length, dtype="float64")[:, None]  # (L, 1)
     pair = xp.arange(dim) // 2  # i for columns 2i and 2i+1
@@ -17,12 +17,11 @@ def sinusoidal_table(length: int, dim: int, dtype="float64"):
 
 
 class SinusoidalPositionalEncoding(Module):
-    """y[b, t] = x[b, t] + PE[start + t], with the paper's fixed table (``sinusoidal_table``).
+    r"""$y_{b,t} = x_{b,t} + PE_{\text{start} + t}$, with the paper's fixed table (``sinusoidal_table``).
 
-    PE does not depend on x and has no parameters, so dy/dx is the identity and
-        dx = dout
-    (the gradient passes through untouched). ``start`` offsets the positions, for
-    generation that feeds one new token at a time after ``start`` cached ones.
+    PE does not depend on x and has no parameters, so $\partial y / \partial x$ is the
+    identity and $dx = dout$: the gradient passes through untouched. ``start`` offsets the
+    positions, for generation that feeds one new token at a time after ``start`` cached ones.
     """
 
     def __init__(self, dim: int, max_length: int, dtype="float32"):
