@@ -8,6 +8,7 @@ from .nn import (CrossEntropyLoss, Dropout, Embedding, GELU, KVCache, LayerNorm,
 from .lora import apply_lora, load_lora, merge_lora, save_lora, unmerge_lora
 from .llama import LlamaModel
 from .hf import from_pretrained, save_pretrained
+from .encdec import DecoderBlock, EncDecConfig, EncoderBlock, EncoderDecoder
 
 __version__ = "0.1.0"
 
@@ -17,4 +18,5 @@ __all__ = [
     "Module", "MultiHeadAttention", "Parameter", "Softmax", "eval_mode", "no_grad",
     "SequenceReadout", "LoRALinear", "LoRAOutputHead", "apply_lora", "merge_lora", "unmerge_lora", "save_lora",
     "load_lora", "LlamaConfig", "LlamaModel", "from_pretrained", "save_pretrained",
+    "EncDecConfig", "EncoderDecoder", "EncoderBlock", "DecoderBlock",
 ]

@@ -257,10 +257,12 @@ def run_finetune_task(args: argparse.Namespace):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="numpygpt", description="GPT-2 in NumPy/CuPy with hand-written backward passes.")
     from . import walkthrough
+    from .translation import add_translation_args
 
     sub = parser.add_subparsers(dest="command",
                                 metavar="{train,generate,tokenizer,finetune,classify,chat,score-responses,"
-                                        "make-preferences,gradcheck,walkthrough}",
+                                        "make-preferences,gradcheck,walkthrough,"
+                                        "train-translation}",
                                 required=True)
     _add_train_args(sub.add_parser("train", help="train a model (a small one on Python's manual by default)",
                                    description="Train a GPT model.", argument_default=argparse.SUPPRESS))
@@ -297,7 +299,14 @@ def build_parser() -> argparse.ArgumentParser:
                                        description="Check every layer's backward pass against finite differences."))
     walkthrough.add_arguments(sub.add_parser("walkthrough", help="print one backward pass of a tiny GPT, op by op",
                                              description=walkthrough.DESCRIPTION))
+    add_translation_args(sub.add_parser("train-translation", help="train an encoder-decoder to translate numbers "
+                                        "between words and digits", description=TRANSLATION_DESCRIPTION))
     return parser
+
+
+TRANSLATION_DESCRIPTION = ("Train the original Transformer (encoder, decoder, cross-attention) to translate "
+                           "numbers between English words and digits, then print its held-out exact-match "
+                           "accuracy and a few translations.")
 
 
 def _ignore_late_signals() -> None:
@@ -371,6 +380,10 @@ def main(argv=None) -> int:
         from .walkthrough import run
 
         return run(args)
+    if args.command == "train-translation":
+        from .translation import run_translation
+
+        return run_cli(lambda: _one_line_errors(lambda: run_translation(args)))
     return run_cli(lambda: run_gradcheck_args(args))
 
 

@@ -127,10 +127,12 @@ def check_layer(layer: Module, *inputs, dout=None, eps: float = 1e-6, max_coords
 
 def check_model_loss(model, loss_fn, idx, targets, eps: float = 1e-6, max_coords: int | None = 20,
                      seed: int = 0, before_forward=None) -> dict:
-    """Gradient check of loss_fn(model(idx), targets) for every trainable model parameter."""
+    """Gradient check of loss_fn(model(idx), targets) for every trainable model parameter;
+    ``idx`` a tuple is the model's several inputs (an encoder-decoder's source and target)."""
+    inputs = idx if isinstance(idx, tuple) else (idx,)
 
     def forward():
-        return loss_fn(model(idx), targets)
+        return loss_fn(model(*inputs), targets)
 
     def backward(dloss):
         model.backward(loss_fn.backward(float(dloss)))
@@ -255,7 +257,7 @@ def gradcheck_checks(seed: int = 0) -> list:
         # preference tuning (issue 18)
         ("DPOLoss (mean, masked)", lambda: _dpo_check(rng, "mean")),
         ("DPOLoss (sum, masked)", lambda: _dpo_check(rng, "sum")),
-    ] + _llama_checks(rng, dev, randn, randomized, seed)
+    ] + _llama_checks(rng, dev, randn, randomized, seed) + _encdec_checks(dict(B=B, T=T, C=C, NH=NH), dev, randn, randomized, fixed_masks)
 
 
 def _dpo_check(rng, reduction: str, B: int = 2, T: int = 5, V: int = 11) -> dict:
@@ -319,6 +321,65 @@ def _llama_checks(rng, dev, randn, randomized, seed: int) -> list:
         ("Llama + loss (untied)", llama_check("llama", False)),
         ("Qwen3 + loss (tied)", llama_check("qwen3", True)),
         ("Qwen3 + LoRA + loss", llama_check("qwen3", False, lora=True)),
+    ]
+
+
+def _encdec_checks(sizes: dict, dev, randn, randomized, fixed_masks) -> list:
+    """The encoder-decoder's entries (issue 19): its ops with key padding masks, its blocks
+    and the whole model; the helpers are gradcheck_checks' own."""
+    from .encdec import DecoderBlock, EncDecConfig, EncoderBlock, EncoderDecoder
+    from .nn import CrossAttention, CrossEntropyLoss, MultiHeadAttention, SinusoidalPositionalEncoding
+
+    F64 = "float64"
+    B, T, C, NH = sizes["B"], sizes["T"], sizes["C"], sizes["NH"]
+    V, S = 11, T + 2
+    cfg = EncDecConfig(vocab_size=V, context_length=8, emb_dim=C, n_heads=NH, drop_rate=0.2, dtype=F64)
+
+    def source_padding(S):
+        """(B, S) bool key padding mask, True at padding: row 0 padded after 2 keys, row 1 unpadded."""
+        pad = numpy.zeros((B, S), bool)
+        pad[0, 2:] = True
+        return dev(pad, None)
+
+    def masked_self_attention_check():
+        layer = randomized(MultiHeadAttention(C, C, NH, dropout=0.2, qkv_bias=True, dtype=F64, causal=False))
+        pad = source_padding(T)
+        return check_gradients(lambda x: layer(x, key_padding_mask=pad), layer.backward, {"x": randn(B, T, C)},
+                               dict(layer.named_parameters()), before_forward=fixed_masks)
+
+    def model_check(norm_first: bool):
+        def run():
+            model = randomized(EncoderDecoder(cfg.replace(norm_first=norm_first), seed=0), scale=0.3)
+            for name, p in model.named_parameters():
+                if "ln_" in name and name.endswith(".weight"):
+                    p.data += 1.0  # scales near 1: a chain of post-LN norms at 0.3 leaves no gradient
+            src = numpy.arange(B * S).reshape(B, S) % (V - 1) + 1
+            src[0, 3:] = cfg.pad_id
+            targets = numpy.arange(B * T).reshape(B, T) % V
+            targets[1, 2] = -100
+            return check_model_loss(model, CrossEntropyLoss(), (dev(src, None), dev(src[:, :T], None)),
+                                    dev(targets, None), eps=1e-5, before_forward=fixed_masks)
+        return run
+
+    def positional_check():
+        layer = SinusoidalPositionalEncoding(C, max_length=2 * T, dtype=F64)
+        return check_gradients(lambda x: layer(x, start=2), layer.backward, {"x": randn(B, T, C)}, {})
+
+    return [
+        ("SinusoidalPositionalEncoding", positional_check),
+        ("Self-attention (pad mask)", masked_self_attention_check),
+        ("CrossAttention (pad mask)", lambda: check_layer(
+            randomized(CrossAttention(C, C, C, NH, dropout=0.2, qkv_bias=True, dtype=F64)), randn(B, T, C),
+            randn(B, S, C), source_padding(S), input_names=["x", "memory", "key_padding_mask"],
+            before_forward=fixed_masks)),
+        ("EncoderBlock (pad mask)", lambda: check_layer(
+            randomized(EncoderBlock(cfg)), randn(B, S, C), source_padding(S), input_names=["x", "src_pad"],
+            before_forward=fixed_masks)),
+        ("DecoderBlock (post-LN)", lambda: check_layer(
+            randomized(DecoderBlock(cfg.replace(norm_first=False))), randn(B, T, C), randn(B, S, C),
+            source_padding(S), input_names=["x", "memory", "src_pad"], before_forward=fixed_masks)),
+        ("EncoderDecoder + loss", model_check(True)),
+        ("EncDec (post-LN) + loss", model_check(False)),
     ]
 
 

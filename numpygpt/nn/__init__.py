@@ -6,7 +6,8 @@ from .embedding import Embedding
 from .normalization import LayerNorm, RMSNorm
 from .activation import GELU, SiLU, Softmax
 from .dropout import Dropout
-from .attention import MultiHeadAttention, KVCache, causal_mask
+from .attention import AttentionCore, CrossAttention, MultiHeadAttention, KVCache, attention_mask, causal_mask
+from .positional import SinusoidalPositionalEncoding
 from .blockwise_attention import BlockwiseAttention, make_attention
 from .loss import CrossEntropyLoss
 from .dpo import DPOLoss, DPOOutput, sequence_logprobs
@@ -18,7 +19,8 @@ from .gqa import GroupedQueryAttention
 
 __all__ = [
     "Module", "Parameter", "eval_mode", "no_grad", "is_grad_enabled", "Linear", "OutputHead", "Embedding", "LayerNorm",
-    "GELU", "Softmax", "Dropout", "MultiHeadAttention", "BlockwiseAttention", "make_attention", "KVCache",
-    "causal_mask", "CrossEntropyLoss", "DPOLoss", "DPOOutput", "sequence_logprobs", "SequenceReadout", "LoRALinear", "LoRAOutputHead", "LowRankAdapter",
+    "GELU", "Softmax", "Dropout", "AttentionCore", "CrossAttention", "MultiHeadAttention", "BlockwiseAttention",
+    "make_attention", "KVCache", "attention_mask", "causal_mask", "SinusoidalPositionalEncoding", "CrossEntropyLoss",
+    "DPOLoss", "DPOOutput", "sequence_logprobs", "SequenceReadout", "LoRALinear", "LoRAOutputHead", "LowRankAdapter",
     "RMSNorm", "SiLU", "RoPE", "rope_frequencies", "SwiGLU", "GroupedQueryAttention",
 ]

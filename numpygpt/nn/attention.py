@@ -1,4 +1,5 @@
-"""Causal multi-head self-attention, all heads in one batched matmul."""
+"""Multi-head attention, all heads in one batched matmul: causal or masked self-attention
+(``MultiHeadAttention``) and cross-attention (``CrossAttention``), sharing one core."""
 
 from __future__ import annotations
 
@@ -69,17 +70,35 @@ def causal_mask(T_q: int, T_k: int, xp, dtype):
     return xp.where(future, -xp.inf, 0.0).astype(dtype)
 
 
-class MultiHeadAttention(Module):
-    r"""Causal self-attention with NH heads of size hs = C / NH.
+def attention_mask(T_q: int, T_k: int, causal: bool, key_padding_mask, xp, dtype):
+    """The additive mask the scores get, broadcastable to (B, NH, T_q, T_k), or None.
 
-    Forward (per batch and head; M is the causal mask):
+    ``causal`` hides each query's future keys (``causal_mask``); ``key_padding_mask``
+    (B, T_k), True at padding, hides those keys from every query. Every query must keep at
+    least one key (a padded row of the source still has its real tokens to look at).
+    """
+    mask = causal_mask(T_q, T_k, xp, dtype) if causal else None  # (T_q, T_k)
+    if key_padding_mask is None:
+        return mask
+    if key_padding_mask.ndim != 2 or key_padding_mask.shape[1] != T_k:
+        raise ValueError(f"key_padding_mask has shape {tuple(key_padding_mask.shape)}; the keys are {T_k} long")
+    pad = xp.where(key_padding_mask[:, None, None, :], -xp.inf, 0.0).astype(dtype)  # (B, 1, 1, T_k)
+    return pad if mask is None else pad + mask
+
+
+class AttentionCore(Module):
+    r"""What every multi-head attention shares: the scaled dot product, the softmax, the
+    attention dropout and the output projection ``c_proj``, on queries, keys and values
+    already split into NH heads of size hs. Self-attention (``MultiHeadAttention``) and
+    cross-attention (``CrossAttention``) differ only in where q, k and v come from.
+
+    Forward (per batch and head; M the additive mask, 0 or $-\infty$):
 
     $$
     \begin{aligned}
-    q, k, v &= \operatorname{split}(x W_{\text{attn}} + b_{\text{attn}}) && (T, hs) \text{ each} \\
-    A &= \operatorname{softmax}\big(q k^\top / \sqrt{hs} + M\big) && (T, T) \\
-    y &= \operatorname{dropout}(A)\, v && (T, hs) \\
-    \text{out} &= \operatorname{concat}_{\text{heads}}(y)\, W_{\text{proj}} + b_{\text{proj}} && (T, C)
+    A &= \operatorname{softmax}\big(q k^\top / \sqrt{hs} + M\big) && (T_q, T_k) \\
+    y &= \operatorname{dropout}(A)\, v && (T_q, hs) \\
+    \text{out} &= \operatorname{concat}_{\text{heads}}(y)\, W_{\text{proj}} + b_{\text{proj}} && (T_q, C)
     \end{aligned}
     $$
 
@@ -93,60 +112,146 @@ class MultiHeadAttention(Module):
     \end{aligned}
     $$
 
-    Q, K and V come from one (C, 3C) projection, ``c_attn``, as in GPT-2.
+    M is a constant, so it has no gradient, and a masked key gets none.
     """
 
-    def __init__(self, d_in: int, d_out: int, num_heads: int, dropout: float = 0.0,
-                 qkv_bias: bool = False, dtype="float32", seed: int | None = None):
+    def _init_core(self, d_out: int, num_heads: int, dropout: float, dtype, seed) -> None:
         if d_out % num_heads != 0:
             raise ValueError(f"d_out ({d_out}) must be divisible by num_heads ({num_heads})")
         self.num_heads = num_heads
         self.head_dim = d_out // num_heads
-        rng = backend.host_rng(seed)  # one seed, two independent draws
-        self.c_attn = Linear(d_in, 3 * d_out, bias=qkv_bias, dtype=dtype, seed=rng.integers(2**31))
         self.softmax = Softmax(axis=-1)
         self.attn_dropout = Dropout(dropout)
-        self.c_proj = Linear(d_out, d_out, bias=True, dtype=dtype, seed=rng.integers(2**31))
+        self.c_proj = Linear(d_out, d_out, bias=True, dtype=dtype, seed=seed)
 
-    def forward(self, x, kv_cache: KVCache | None = None):
+    def _split_heads(self, x, n: int):
+        """(B, T, n C) -> (n, B, NH, T, hs): n projections' outputs as heads."""
         B, T, _ = x.shape
-        NH, hs = self.num_heads, self.head_dim
-        xp = backend.array_module(x)
-        qkv = self.c_attn(x)  # (B, T, 3C)
-        qkv = qkv.reshape(B, T, 3, NH, hs).transpose(2, 0, 3, 1, 4)  # (3, B, NH, T, hs)
-        q, k, v = qkv[0], qkv[1], qkv[2]  # (B, NH, T, hs) each
-        if kv_cache is not None:
-            k, v = kv_cache.append(k, v)  # (B, NH, T_k, hs), T_k = cached + T
-        T_k = k.shape[2]
-        scale = 1.0 / math.sqrt(hs)
-        scores = q @ k.transpose(0, 1, 3, 2)  # (B, NH, T, T_k)
-        scores *= scale
-        scores += causal_mask(T, T_k, xp, scores.dtype)
-        att = self.softmax(scores)  # (B, NH, T, T_k)
+        return x.reshape(B, T, n, self.num_heads, self.head_dim).transpose(2, 0, 3, 1, 4)
+
+    @staticmethod
+    def _merge_heads(d_heads):
+        """(n, B, NH, T, hs) -> (B, T, n C): undoes _split_heads (for the gradients)."""
+        n, B, NH, T, hs = d_heads.shape
+        return d_heads.transpose(1, 3, 0, 2, 4).reshape(B, T, n * NH * hs)
+
+    def _attend(self, q, k, v, mask):
+        """q (B, NH, T_q, hs), k and v (B, NH, T_k, hs), mask additive or None -> (B, T_q, C)."""
+        B, NH, T, hs = q.shape
+        scores = q @ k.transpose(0, 1, 3, 2)  # (B, NH, T_q, T_k)
+        scores *= 1.0 / math.sqrt(hs)
+        if mask is not None:
+            scores += mask
+        att = self.softmax(scores)  # (B, NH, T_q, T_k)
         att_d = self.attn_dropout(att)
-        y = att_d @ v  # (B, NH, T, hs)
-        y = y.transpose(0, 2, 1, 3).reshape(B, T, NH * hs)  # (B, T, C)
+        y = att_d @ v  # (B, NH, T_q, hs)
+        y = y.transpose(0, 2, 1, 3).reshape(B, T, NH * hs)  # (B, T_q, C)
         self._save(q=q, k=k, v=v, att_d=att_d)
         return self.c_proj(y)
 
-    def backward(self, dout):
+    def _attend_backward(self, dout):
+        """dout (B, T_q, C) -> dq, dk, dv shaped as q, k, v."""
         cache = self._take()
         q, k, v, att_d = cache["q"], cache["k"], cache["v"], cache["att_d"]
         B, NH, T, hs = q.shape
-        xp = backend.array_module(dout)
         # out = y @ W_proj + b
-        dy = self.c_proj.backward(dout)  # (B, T, C)
-        dy = dy.reshape(B, T, NH, hs).transpose(0, 2, 1, 3)  # (B, NH, T, hs)
+        dy = self.c_proj.backward(dout)  # (B, T_q, C)
+        dy = dy.reshape(B, T, NH, hs).transpose(0, 2, 1, 3)  # (B, NH, T_q, hs)
         # y = att_d @ v
-        datt_d = dy @ v.transpose(0, 1, 3, 2)  # (B, NH, T, T)
-        dv = att_d.transpose(0, 1, 3, 2) @ dy  # (B, NH, T, hs)
+        datt_d = dy @ v.transpose(0, 1, 3, 2)  # (B, NH, T_q, T_k)
+        dv = att_d.transpose(0, 1, 3, 2) @ dy  # (B, NH, T_k, hs)
         # att_d = dropout(att); att = softmax(scores); scores = q k^T * scale + mask
         datt = self.attn_dropout.backward(datt_d)
         dscores = self.softmax.backward(datt)
         dscores *= 1.0 / math.sqrt(hs)
-        dq = dscores @ k  # (B, NH, T, hs)
-        dk = dscores.transpose(0, 1, 3, 2) @ q  # (B, NH, T, hs)
+        dq = dscores @ k  # (B, NH, T_q, hs)
+        dk = dscores.transpose(0, 1, 3, 2) @ q  # (B, NH, T_k, hs)
+        return dq, dk, dv
+
+
+class MultiHeadAttention(AttentionCore):
+    r"""Self-attention with NH heads of size hs = C / NH: q, k and v all come from x, through
+    one (C, 3C) projection ``c_attn`` as in GPT-2,
+
+    $$q, k, v = \operatorname{split}(x W_{\text{attn}} + b_{\text{attn}}) \qquad (T, hs) \text{ each, per head}$$
+
+    then ``AttentionCore``'s attention. ``causal=True`` (GPT's decoder) hides each token's
+    future, $M_{ij} = -\infty$ for $j > i$; an encoder passes ``causal=False``.
+    ``key_padding_mask`` (B, T), True at padding, hides padded keys from every query.
+    Backward: dq, dk, dv from the core, stacked back into c_attn's (B, T, 3C) output and
+    through c_attn.
+    """
+
+    def __init__(self, d_in: int, d_out: int, num_heads: int, dropout: float = 0.0,
+                 qkv_bias: bool = False, dtype="float32", seed: int | None = None, causal: bool = True):
+        rng = backend.host_rng(seed)  # one seed, two independent draws
+        self.c_attn = Linear(d_in, 3 * d_out, bias=qkv_bias, dtype=dtype, seed=rng.integers(2**31))
+        self._init_core(d_out, num_heads, dropout, dtype, rng.integers(2**31))
+        self.causal = causal
+
+    def forward(self, x, kv_cache: KVCache | None = None, key_padding_mask=None):
+        T = x.shape[1]
+        xp = backend.array_module(x)
+        q, k, v = self._split_heads(self.c_attn(x), 3)  # (B, NH, T, hs) each
+        if kv_cache is not None:
+            k, v = kv_cache.append(k, v)  # (B, NH, T_k, hs), T_k = cached + T
+        mask = attention_mask(T, k.shape[2], self.causal, key_padding_mask, xp, q.dtype)
+        return self._attend(q, k, v, mask)  # (B, T, C)
+
+    def backward(self, dout):
+        xp = backend.array_module(dout)
+        dq, dk, dv = self._attend_backward(dout)  # (B, NH, T, hs) each
         # q, k, v were slices of c_attn's output, reshaped to heads
-        dqkv = xp.stack((dq, dk, dv))  # (3, B, NH, T, hs)
-        dqkv = dqkv.transpose(1, 3, 0, 2, 4).reshape(B, T, 3 * NH * hs)  # (B, T, 3C)
+        dqkv = self._merge_heads(xp.stack((dq, dk, dv)))  # (B, T, 3C)
         return self.c_attn.backward(dqkv)
+
+
+class CrossAttention(AttentionCore):
+    r"""Attention of one sequence (queries, from x) over another (keys and values, from
+    ``memory``, the encoder's output), with no causal mask:
+
+    $$q = x W_q + b_q \quad (T, C), \qquad k, v = \operatorname{split}(\text{memory}\, W_{kv} + b_{kv}) \quad (S, C)$$
+
+    (``c_q``, and ``c_kv`` of shape (C, 2C)), then ``AttentionCore``'s attention;
+    ``key_padding_mask`` (B, S), True at padding, hides the source's padding. Backward
+    returns two gradients:
+
+    $$dx = dq\, W_q^\top, \qquad d\,\text{memory} = [dk, dv]\, W_{kv}^\top$$
+
+    In an encoder-decoder every decoder layer attends to the same memory, so the encoder's
+    output receives the sum of every layer's $d\,\text{memory}$.
+
+    For generation, ``kv_cache`` (a ``KVCache`` of the source's length) keeps k and v: the
+    first call computes them from memory, later calls reuse them (memory unused).
+    """
+
+    def __init__(self, d_in: int, d_memory: int, d_out: int, num_heads: int, dropout: float = 0.0,
+                 qkv_bias: bool = False, dtype="float32", seed: int | None = None):
+        rng = backend.host_rng(seed)
+        self.c_q = Linear(d_in, d_out, bias=qkv_bias, dtype=dtype, seed=rng.integers(2**31))
+        self.c_kv = Linear(d_memory, 2 * d_out, bias=qkv_bias, dtype=dtype, seed=rng.integers(2**31))
+        self._init_core(d_out, num_heads, dropout, dtype, rng.integers(2**31))
+
+    def forward(self, x, memory, key_padding_mask=None, kv_cache: KVCache | None = None):
+        T = x.shape[1]
+        xp = backend.array_module(x)
+        q = self._split_heads(self.c_q(x), 1)[0]  # (B, NH, T, hs)
+        if kv_cache is not None and kv_cache.length:
+            S = kv_cache.length  # computed by an earlier call: the memory has not changed
+            k, v = kv_cache.k[:, :, :S], kv_cache.v[:, :, :S]  # (B, NH, S, hs)
+        else:
+            k, v = self._split_heads(self.c_kv(memory), 2)  # (B, NH, S, hs) each
+            if kv_cache is not None:
+                kv_cache.append(k, v)
+        mask = attention_mask(T, k.shape[2], False, key_padding_mask, xp, q.dtype)
+        return self._attend(q, k, v, mask)  # (B, T, C)
+
+    def backward(self, dout):
+        """-> (dx, dmemory)."""
+        xp = backend.array_module(dout)
+        dq, dk, dv = self._attend_backward(dout)
+        # q = heads(c_q(x))
+        dx = self.c_q.backward(self._merge_heads(dq[None]))  # (B, T, C)
+        # k, v = heads(c_kv(memory))
+        dmemory = self.c_kv.backward(self._merge_heads(xp.stack((dk, dv))))  # (B, S, C)
+        return dx, dmemory
