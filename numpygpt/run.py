@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from . import backend, distributed
 from .generate import SAMPLING_DEFAULTS, describe_sampling, generate_text
 from .model import GPTModel
+from .objective import FusedNextTokenObjective
 from .optim import AdamW, CosineWithWarmup, param_groups
 from .options import DROP_RATE, FRACTION, NONNEG_FLOAT, NONNEG_INT, POSITIVE_INT, Options, option
 from .plots import plot_losses
@@ -111,6 +112,9 @@ class TrainCommandOptions(Options):
     grad_clip: float = option(1.0, "clip the global gradient norm; 0 disables", check=NONNEG_FLOAT,
                               metavar="NORM", group=OPT_GROUP)
     grad_accum: int = option(1, "micro-batches per optimiser step", check=POSITIVE_INT, metavar="K", group=OPT_GROUP)
+    fused_loss: bool = option(False, "the output head and the cross-entropy computed together, chunk by chunk of "
+                              "rows, so the (B, T, V) logits never exist whole: the same loss and gradients in "
+                              "less memory (numpygpt.nn.FusedLinearCrossEntropy)", negatable=True, group=OPT_GROUP)
     seed: int = option(123, "seeds weights, dropout and data order", group=OPT_GROUP)
 
     eval_freq: int = option(50, "evaluate every N steps", check=POSITIVE_INT, group="run")
@@ -324,7 +328,8 @@ def run_training(given) -> dict:
         grad_accum_steps=opts.grad_accum, max_grad_norm=opts.grad_clip or None, scheduler=scheduler,
         max_steps=total, checkpoint_path=run.checkpoint, checkpoint_every=opts.checkpoint_every,
         resume_state=resume_state, run_options=run_options, extra={"tokenizer": "gpt2"},
-        progress=not opts.no_progress, sample_tokens=opts.sample_tokens, sampling=sampling)
+        progress=not opts.no_progress, sample_tokens=opts.sample_tokens, sampling=sampling,
+        objective=FusedNextTokenObjective() if opts.fused_loss else None)
     history = run.train(model, train_loader, val_loader, optimizer, epochs, opts.eval_freq, opts.eval_iter,
                         start_context=prompt or None, tokenizer=tokenizer, options=options)
     final = _write_outputs(run, model, history, train_loader, val_loader, opts.eval_iter, comm)

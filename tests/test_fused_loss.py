@@ -3,6 +3,7 @@
 float64 and float32, tied and untied, the objective built on it through the one training
 loop, and that it never holds the (N, V) logits."""
 
+import json
 import tracemalloc
 
 import numpy as np
@@ -175,3 +176,39 @@ def test_the_objective_refuses_a_lora_head_and_a_classifier():
         FusedNextTokenObjective().loss(classifier, batch)
     with pytest.raises(ValueError, match="classifier"):
         classifier.forward_hidden(batch[0])
+
+
+def test_train_command_with_and_without_fused_loss(tmp_path, monkeypatch):
+    """``numpygpt train --fused-loss`` runs the same steps as the plain loss (float64), and
+    it is the fused op that computes them."""
+    from numpygpt.cli import main
+    from numpygpt.data import default_corpus
+
+    text = tmp_path / "text.txt"
+    text.write_text(default_corpus()[:6000], encoding="utf-8")
+    calls, real = [], FusedLinearCrossEntropy.forward
+    monkeypatch.setattr(FusedLinearCrossEntropy, "forward", lambda self, *a: calls.append(1) or real(self, *a))
+    histories, fused_calls = [], []
+    for flag in ("--no-fused-loss", "--fused-loss"):
+        out = tmp_path / flag
+        assert main(["train", "--preset", "tiny", "--dtype", "float64", "--max-steps", "3", "--batch-size", "2",
+                     "--eval-freq", "2", "--eval-iter", "1", "--prompt", "", "--data", str(text), "--out", str(out),
+                     "--device", "cpu", "--no-progress", flag]) == 0
+        histories.append(json.loads((out / "history.json").read_text()))
+        fused_calls.append(len(calls))
+    assert fused_calls[0] == 0 and fused_calls[1] >= 3
+    assert len(histories[1]["step_losses"]) == 3
+    np.testing.assert_allclose(histories[1]["step_losses"], histories[0]["step_losses"], rtol=1e-12)
+    np.testing.assert_allclose(histories[1]["val_losses"], histories[0]["val_losses"], rtol=1e-12)
+
+
+def test_the_guide_runs_and_prints_what_it_shows():
+    """docs/fused-loss.md: every snippet runs (each asserts its checks) and prints what the
+    page shows, numbers aside (regenerate with ``python tests/test_docs.py docs/fused-loss.md``)."""
+    from test_docs import ROOT, run_snippet, skeleton, snippets
+
+    found = snippets((ROOT / "docs" / "fused-loss.md").read_text(encoding="utf-8"))
+    assert len(found) == 2
+    for i, m in enumerate(found):
+        assert "assert " in m["code"] and m["text"] is not None
+        assert skeleton(run_snippet(m["code"], f"fused-loss.md snippet {i}")) == skeleton(m["text"])
