@@ -64,6 +64,52 @@ def worker(variant: str, config: str, B: int, T: int, steps: int, threads: int, 
     return out
 
 
+def head_only(config: str, B: int, T: int, rounds: int, threads: int, chunk_rows: int | None) -> list[list]:
+    """The head and the loss alone on random hidden states, plain and fused taking turns in
+    this one process (so load from other processes hits both alike): [B x T, variant, median
+    s, spread, time / plain's, peak traced MiB] rows. The peak is what NumPy allocated during
+    one forward + backward, from a separate call under tracemalloc."""
+    import tracemalloc
+
+    import numpy as np
+
+    common.apply_threads(threads, torch_too=False)
+    from numpygpt import CrossEntropyLoss, FusedLinearCrossEntropy, OutputHead, Parameter
+
+    cfg = common.make_config(config, context=T)
+    rng = np.random.default_rng(0)
+    W = Parameter((rng.standard_normal((cfg.vocab_size, cfg.emb_dim), dtype=np.float32) * 0.02))
+    h = rng.standard_normal((B, T, cfg.emb_dim), dtype=np.float32)
+    _, y = common.random_batch(cfg, B, T)
+
+    def plain():
+        head, loss_fn = OutputHead(W), CrossEntropyLoss()
+        loss_fn(head(h), y)
+        head.backward(loss_fn.backward())
+        W.grad = None
+
+    def fused():
+        op = FusedLinearCrossEntropy(W, chunk_rows=chunk_rows)
+        op(h, y)
+        op.backward()
+        W.grad = None
+
+    fns = {"plain": plain, "fused": fused}
+    times = {name: [] for name in fns}
+    for _ in range(rounds + 1):  # the first round warms up
+        for name, fn in fns.items():
+            times[name].append(common.time_calls(fn, 0, 1)[0])
+    peaks = {}
+    for name, fn in fns.items():
+        tracemalloc.start()
+        fn()
+        peaks[name] = tracemalloc.get_traced_memory()[1] / 2**20
+        tracemalloc.stop()
+    t_plain = common.median(times["plain"][1:])
+    return [[f"{B}x{T}", name, f"{common.median(ts[1:]):.2f}", f"{common.spread(ts[1:]):.0%}",
+             f"{common.median(ts[1:]) / t_plain:.2f}", f"{peaks[name]:.0f}"] for name, ts in times.items()]
+
+
 def run_worker(args, variant: str, B: int, T: int) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", variant, "--config", args.config,
            "--shapes", f"{B}x{T}", "--steps", str(args.steps), "--threads", str(args.threads)]
@@ -97,6 +143,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up")
     p.add_argument("--chunk-rows", type=int, default=None, help="rows per chunk of the fused loss "
                    "(default: numpygpt.nn.fused_loss.CHUNK_BYTES of logits)")
+    p.add_argument("--head-rounds", type=int, default=3, help="rounds of the head + loss alone (0: skip)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
@@ -120,6 +167,17 @@ def main(argv=None) -> int:
           f"median of {args.steps} steps after 1 warm-up, each variant in a fresh process)\n")
     print(common.machine_markdown() + "\n")
     print(table(results))
+    if args.head_rounds:
+        rows = []
+        for B, T in shapes:
+            monitor = common.LoadMonitor().start()
+            shape_rows = head_only(args.config, B, T, args.head_rounds, args.threads, args.chunk_rows)
+            other_load = monitor.stop()
+            rows += [r + [f"{other_load:.0%}"] for r in shape_rows]
+        print(f"\n#### The head + loss alone (forward + backward on random hidden states; plain and fused "
+              f"taking turns in one process, median of {args.head_rounds} rounds after 1 warm-up)\n")
+        print(common.md_table(["B x T", "variant", "s (median)", "spread", "time / plain's",
+                               "peak NumPy allocation MiB", "other load"], rows))
     return 0
 
 

@@ -7,7 +7,11 @@ from .loss import prepare_targets
 from .module import Module, Parameter, is_grad_enabled
 from .. import backend, parallel
 
-CHUNK_BYTES = 16 << 20  # logits of one chunk of rows: 16 MiB (83 rows of GPT-2's V=50257 in float32)
+# logits of one chunk of rows: 64 MiB, 333 rows of GPT-2's V=50257 in float32. Every chunk reads
+# all of W (V, C) three times and dW once, so a chunk needs rows enough to reuse them: at
+# GPT-2 small, B x T = 2 x 256, chunks of 83 / 167 / 333 rows took 1.34 / 0.81 / 0.66 times the
+# plain head + loss's time (2 threads, a loaded machine; benchmarks/RESULTS.md)
+CHUNK_BYTES = 64 << 20
 SLICE_ROWS = 4096  # rows of dW a chunk adds at a time: a (4096, C) temporary that stays in cache
 
 
@@ -93,7 +97,9 @@ class FusedLinearCrossEntropy(Module):
             logits = h_rows[rows] @ W.T  # (M, V), z_c = h_c W^T
             _log_softmax_rows(logits, t[rows], nll[rows], scale[rows] if grad else None)  # logits -> G_c
             if grad:
-                xp.matmul(logits, W, out=dh[rows])  # dh_c = G_c @ W          (M, C)
+                # dh_c = G_c @ W (M, C), computed as (W^T @ G_c^T)^T: OpenBLAS on two threads
+                # ran G_c @ W (few rows, K = V) up to 14x slower than this transposed form
+                dh[rows] = (W.T @ logits.T).T
             if dW is not None:
                 _add_chunk_dW(dW, logits, h_rows[rows], first=start == 0)  # dW += G_c^T @ h_c
             del logits
