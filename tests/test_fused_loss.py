@@ -212,3 +212,11 @@ def test_the_guide_runs_and_prints_what_it_shows():
     for i, m in enumerate(found):
         assert "assert " in m["code"] and m["text"] is not None
         assert skeleton(run_snippet(m["code"], f"fused-loss.md snippet {i}")) == skeleton(m["text"])
+
+
+def test_default_chunks_are_at_most_chunk_bytes_and_even(monkeypatch):
+    monkeypatch.setattr(fused_loss, "CHUNK_BYTES", 800)  # 10 rows of V = 10 float64 logits
+    op = FusedLinearCrossEntropy(Parameter(np.zeros((10, 3))))
+    assert op.rows_per_chunk() == op.rows_per_chunk(5) == op.rows_per_chunk(10) == 10
+    assert op.rows_per_chunk(23) == 8  # 3 chunks: 8 + 8 + 7, not 10 + 10 + 3
+    assert FusedLinearCrossEntropy(op.weight, chunk_rows=4).rows_per_chunk(23) == 4

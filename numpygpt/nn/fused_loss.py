@@ -7,11 +7,13 @@ from .loss import prepare_targets
 from .module import Module, Parameter, is_grad_enabled
 from .. import backend, parallel
 
-# logits of one chunk of rows: 64 MiB, 333 rows of GPT-2's V=50257 in float32. Every chunk reads
-# all of W (V, C) three times and dW once, so a chunk needs rows enough to reuse them: at
-# GPT-2 small, B x T = 2 x 256, chunks of 83 / 167 / 333 rows took 1.34 / 0.81 / 0.66 times the
-# plain head + loss's time (2 threads, a loaded machine; benchmarks/RESULTS.md)
-CHUNK_BYTES = 64 << 20
+# logits of one chunk of rows, at most: 128 MiB, 667 rows of GPT-2's V=50257 in float32 (the rows
+# are then shared out evenly: 4096 rows go in 7 chunks of 586). Every chunk reads all of W (V, C)
+# three times and dW once, so a chunk needs rows enough to reuse them. GPT-2 small's head + loss
+# alone (2 threads, a loaded machine; benchmarks/RESULTS.md) took, against the plain path's time,
+# 1.34 / 0.81 / 0.66 times in chunks of 83 / 167 / 333 rows at B x T = 2 x 256, and at 4 x 1024
+# 1.34 / 1.0 / 1.1 times in chunks of 333 / 683 / 1366 rows.
+CHUNK_BYTES = 128 << 20
 SLICE_ROWS = 4096  # rows of dW a chunk adds at a time: a (4096, C) temporary that stays in cache
 
 
@@ -20,7 +22,7 @@ class FusedLinearCrossEntropy(Module):
 
     The same number as ``CrossEntropyLoss()(OutputHead(W)(h), targets)``, with the same
     ``ignore_index`` rule, but the rows go through in chunks of ``chunk_rows`` (by default
-    as many as make ``CHUNK_BYTES`` of logits), so memory holds one chunk's (M, V) logits
+    equal chunks of at most ``CHUNK_BYTES`` of logits), so memory holds one chunk's (M, V) logits
     instead of all N rows' (at GPT-2 small's B x T = 4 x 1024, 823 MB of logits and as
     much of softmax) and never the (N, V) gradient.
 
@@ -43,7 +45,8 @@ class FusedLinearCrossEntropy(Module):
     does). The backward is asked for d(s L) for an upstream scalar s (``backward(s)``:
     1/grad_accum, a rank's weight). Both gradients are linear in s (d(sL)/dh = s dL/dh), so
     the forward computes them for s = 1 while each chunk's logits are at hand, and backward
-    multiplies by s: exact up to that one rounding of the product. What it costs:
+    multiplies by s: exact up to that one rounding of the product (W must not change in
+    between, as for every layer's cache). What it costs:
     - the forward does the two gradient GEMMs as well, whenever gradients are enabled (a
       forward under ``no_grad``, evaluation, computes only the logits and the loss);
     - dh (N, C) and dW (V, C) are held from the forward to the backward, where the plain
@@ -70,12 +73,17 @@ class FusedLinearCrossEntropy(Module):
             raise ValueError(f"chunk_rows must be a positive integer, got {chunk_rows}")
         self.chunk_rows = None if chunk_rows is None else int(chunk_rows)
 
-    def rows_per_chunk(self) -> int:
-        """``chunk_rows``, or as many rows as make CHUNK_BYTES of logits (at least 1)."""
+    def rows_per_chunk(self, N: int | None = None) -> int:
+        """``chunk_rows``, or: at most as many rows as make CHUNK_BYTES of logits (at least 1),
+        shared out evenly over the chunks that N rows need."""
         if self.chunk_rows is not None:
             return self.chunk_rows
         V = self.weight.shape[0]
-        return max(1, CHUNK_BYTES // (V * self.weight.dtype.itemsize))
+        most = max(1, CHUNK_BYTES // (V * self.weight.dtype.itemsize))
+        if N is None or N <= most:
+            return most
+        n_chunks = -(-N // most)
+        return -(-N // n_chunks)
 
     def forward(self, h, targets):
         xp = backend.array_module(h)
@@ -91,7 +99,7 @@ class FusedLinearCrossEntropy(Module):
         scale = (keep / n).astype(dtype)  # (N,): keep_i / n, the rows' weights in the mean
         dh = xp.empty_like(h_rows) if grad else None  # (N, C)
         dW = xp.empty((V, C), dtype=dtype) if grad and self.weight.requires_grad else None  # (V, C)
-        step = self.rows_per_chunk()
+        step = self.rows_per_chunk(N)
         for start in range(0, N, step):
             rows = slice(start, min(start + step, N))
             logits = h_rows[rows] @ W.T  # (M, V), z_c = h_c W^T
