@@ -16,10 +16,14 @@ _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)  # a Python float: keeps the array's 
 
 
 class GELU(Module):
-    """GPT-2's tanh approximation:  y = 0.5 x (1 + tanh(u)),  u = sqrt(2/pi) (x + 0.044715 x^3).
+    r"""GPT-2's tanh approximation: $y = \tfrac{1}{2} x (1 + \tanh u)$, $u = \sqrt{2/\pi}\,(x + 0.044715\, x^3)$.
 
-    Backward (product rule, tanh' = 1 - tanh^2):
-        dy/dx = 0.5 (1 + tanh u) + 0.5 x (1 - tanh^2 u) sqrt(2/pi) (1 + 3 * 0.044715 x^2)
+    Backward (product rule, $\tanh' = 1 - \tanh^2$), element by element:
+
+    $$\frac{\partial y}{\partial x} = \tfrac{1}{2} \left(1 + \tanh u\right)
+    + \tfrac{1}{2}\, x \left(1 - \tanh^2 u\right) \sqrt{2/\pi}\, \left(1 + 3 \cdot 0.044715\, x^2\right)$$
+
+    and the input gradient is the upstream one times it: $dx = dy \odot \partial y / \partial x$.
     """
 
     def forward(self, x):
@@ -56,11 +60,15 @@ class GELU(Module):
 
 
 class Softmax(Module):
-    """y = exp(x - max x) / sum exp(x - max x) along ``axis``.
+    r"""$y = \exp(x - \max x) \,/\, \sum \exp(x - \max x)$ along ``axis``.
 
-    Backward: the Jacobian is diag(y) - y y^T, so
-        dx = y * (dy - sum(dy * y))
-    Entries with y = 0 (masked, -inf scores) get exactly zero gradient.
+    Backward: the Jacobian is $\partial y_i / \partial x_j = y_i (\delta_{ij} - y_j)$, that is
+    $\operatorname{diag}(y) - y y^\top$, so
+
+    $$dx_i = \sum_j dy_j\, y_j (\delta_{ij} - y_i) = y_i \Big( dy_i - \sum_j dy_j\, y_j \Big),
+    \qquad dx = y \odot \big( dy - \operatorname{sum}(dy \odot y) \big).$$
+
+    Entries with $y = 0$ (masked, $-\infty$ scores) get exactly zero gradient.
     """
 
     def __init__(self, axis: int = -1):

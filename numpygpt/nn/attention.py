@@ -43,7 +43,7 @@ class KVCache:
 
 
 def causal_mask(T_q: int, T_k: int, xp, dtype):
-    """(T_q, T_k) additive mask: 0 where query i may see key j, -inf where j is in its future.
+    r"""(T_q, T_k) additive mask M: $M_{ij} = 0$ where query i may see key j, $-\infty$ where j is in its future.
 
     Queries are the last T_q of T_k positions, so query i sits at position T_k - T_q + i.
     """
@@ -53,17 +53,29 @@ def causal_mask(T_q: int, T_k: int, xp, dtype):
 
 
 class MultiHeadAttention(Module):
-    """Causal self-attention with NH heads of size hs = C / NH.
+    r"""Causal self-attention with NH heads of size hs = C / NH.
 
-    Forward (per batch and head):
-        q, k, v = split(x @ W_attn + b_attn)            (T, hs) each
-        A = softmax(q k^T / sqrt(hs) + mask)            (T, T)  causal
-        y = dropout(A) v                                 (T, hs)
-        out = concat_heads(y) @ W_proj + b_proj          (T, C)
-    Backward, reading it in reverse (A' = dropout(A)):
-        dA' = dy v^T,  dv = A'^T dy,  dA = dropout.backward(dA')
-        dS  = softmax.backward(dA) / sqrt(hs)           (masked entries get 0)
-        dq  = dS k,    dk = dS^T q
+    Forward (per batch and head; M is the causal mask):
+
+    $$
+    \begin{aligned}
+    q, k, v &= \operatorname{split}(x W_{\text{attn}} + b_{\text{attn}}) && (T, hs) \text{ each} \\
+    A &= \operatorname{softmax}\big(q k^\top / \sqrt{hs} + M\big) && (T, T) \\
+    y &= \operatorname{dropout}(A)\, v && (T, hs) \\
+    \text{out} &= \operatorname{concat}_{\text{heads}}(y)\, W_{\text{proj}} + b_{\text{proj}} && (T, C)
+    \end{aligned}
+    $$
+
+    Backward, reading it in reverse ($A' = \operatorname{dropout}(A)$, S the scaled scores):
+
+    $$
+    \begin{aligned}
+    dA' &= dy\, v^\top, \qquad dv = A'^\top dy, \qquad dA = \text{dropout.backward}(dA') \\
+    dS &= \text{softmax.backward}(dA) / \sqrt{hs} \qquad \text{(masked entries get 0)} \\
+    dq &= dS\, k, \qquad dk = dS^\top q
+    \end{aligned}
+    $$
+
     Q, K and V come from one (C, 3C) projection, ``c_attn``, as in GPT-2.
     """
 

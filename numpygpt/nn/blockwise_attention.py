@@ -46,20 +46,27 @@ def _key_tiles(q_start: int, q_stop: int, block_k: int):
 # than along 128-element rows (measured 47 against 152 us for a (12, 128, 128) max).
 
 def blockwise_attention_forward(q, k, v, offset: int, block_q: int, block_k: int, out, lse) -> None:
-    """Causal attention of a group of heads, tile by tile, with an online softmax.
+    r"""Causal attention of a group of heads, tile by tile, with an online softmax.
 
     q: (G, Tq, hs) queries already multiplied by 1/sqrt(hs), at positions offset + i;
     k, v: (G, Tk, hs) with Tk = offset + Tq. Writes out (G, Tq, hs), the attention output,
     and lse (G, Tq), each query's log-sum-exp of its scores, which the backward needs.
 
     For one tile of queries, running over its key tiles j = 0, 1, ... with
-        S_j = q k_j^T (+ causal mask)            m' = max(m, rowmax S_j)
-        P_j = exp(S_j - m')                       l' = exp(m - m') l + rowsum P_j
-        acc' = exp(m - m') acc + P_j v_j
-    keeps acc = sum_j exp(S_j - m) v_j and l = sum_j rowsum exp(S_j - m) for the running
-    max m: rescaling by exp(m - m') moves both to a new max without changing their ratio.
-    After the last tile, out = acc / l = softmax(S) v and lse = m + log l.
-    (In the code S_j is held transposed, so "rowmax" is a max over axis 1.)
+
+    $$
+    \begin{aligned}
+    S_j &= q k_j^\top \ (+ \text{causal mask}), & m' &= \max(m, \operatorname{rowmax} S_j), \\
+    P_j &= \exp(S_j - m'), & l' &= e^{m - m'}\, l + \operatorname{rowsum} P_j, \\
+    \text{acc}' &= e^{m - m'}\, \text{acc} + P_j v_j
+    \end{aligned}
+    $$
+
+    keeps $\text{acc} = \sum_j \exp(S_j - m)\, v_j$ and $l = \sum_j \operatorname{rowsum} \exp(S_j - m)$
+    for the running max m: rescaling by $e^{m - m'}$ moves both to a new max without changing
+    their ratio. After the last tile, $\text{out} = \text{acc} / l = \operatorname{softmax}(S)\, v$
+    and $\text{lse} = m + \log l$.
+    (In the code $S_j$ is held transposed, so "rowmax" is a max over axis 1.)
     """
     xp = backend.array_module(q)
     G, Tq, hs = q.shape
@@ -89,19 +96,26 @@ def blockwise_attention_forward(q, k, v, offset: int, block_q: int, block_k: int
 
 def blockwise_attention_backward(q, k, v, out, lse, dout, offset: int, block_q: int, block_k: int,
                                  dq, dk, dv) -> None:
-    """Gradients of blockwise_attention_forward: fills dq (G, Tq, hs) (with respect to the
+    r"""Gradients of blockwise_attention_forward: fills dq (G, Tq, hs) (with respect to the
     scaled queries) and dk, dv (G, Tk, hs); recomputes each tile's probabilities
-    P = exp(S - lse) from the saved log-sum-exp instead of keeping them.
+    $P = \exp(S - \text{lse})$ from the saved log-sum-exp instead of keeping them.
 
-    With out = P v and P = softmax(S) row by row:
-        dv = P^T dout,    dP = dout v^T
-        dS = P * (dP - D),  D = rowsum(P * dP) = rowsum(dout * out)
-    (the softmax's Jacobian diag(P) - P P^T, with sum_j P_ij dP_ij = dout_i . sum_j P_ij v_j
-    = dout_i . out_i, so D needs no (T, T) matrix), and S = q k^T gives
-        dq = dS k,        dk = dS^T q.
+    With $\text{out} = P v$ and $P = \operatorname{softmax}(S)$ row by row:
+
+    $$dv = P^\top d\text{out}, \qquad dP = d\text{out}\; v^\top$$
+
+    $$dS = P \odot (dP - D), \qquad
+    D = \operatorname{rowsum}(P \odot dP) = \operatorname{rowsum}(d\text{out} \odot \text{out})$$
+
+    (the softmax's Jacobian $\operatorname{diag}(P) - P P^\top$, with
+    $\sum_j P_{ij}\, dP_{ij} = d\text{out}_i \cdot \sum_j P_{ij} v_j = d\text{out}_i \cdot \text{out}_i$,
+    so D needs no (T, T) matrix), and $S = q k^\top$ gives
+
+    $$dq = dS\, k, \qquad dk = dS^\top q.$$
+
     Each is a sum over tiles: dq over a query tile's key tiles, dk and dv over the query
     tiles that see a key tile. Masked entries have P = 0 and so get no gradient.
-    (As in the forward, the code holds the tiles transposed: pt = P^T, dst = dS^T.)
+    (As in the forward, the code holds the tiles transposed: pt = $P^\top$, dst = $dS^\top$.)
     """
     xp = backend.array_module(q)
     G, Tq, hs = q.shape
@@ -134,12 +148,15 @@ def blockwise_attention_backward(q, k, v, out, lse, dout, offset: int, block_q: 
 
 
 class BlockwiseAttention(MultiHeadAttention):
-    """``MultiHeadAttention`` (same parameters, same results) with the attention itself
+    r"""``MultiHeadAttention`` (same parameters, same results) with the attention itself
     computed by ``blockwise_attention_forward`` / ``_backward``.
 
-    Per batch and head, with q scaled by 1/sqrt(hs):
-        out = softmax(q k^T + mask) v     tile by tile, keeping out and lse (T,) only
-    and the backward recomputes the probabilities from lse. The B * NH heads are split
+    Per batch and head, with q scaled by $1/\sqrt{hs}$:
+
+    $$\text{out} = \operatorname{softmax}(q k^\top + M)\, v$$
+
+    tile by tile, keeping out and lse (T,) only, and the backward recomputes the
+    probabilities from lse. The B * NH heads are split
     into groups that run on every core (``numpygpt.parallel``; BLAS single-threaded
     inside each group), as the tiles of one head depend on each other only through the
     running max and sums.

@@ -7,9 +7,9 @@ from .. import backend
 
 
 class Dropout(Module):
-    """Training: y = x * mask / (1 - p) with mask ~ Bernoulli(1 - p); eval: y = x.
+    r"""Training: $y = x \odot m / (1 - p)$ with $m \sim \operatorname{Bernoulli}(1 - p)$; eval: $y = x$.
 
-    Backward uses the same mask: dx = dy * mask / (1 - p). Masks come from the
+    Backward uses the same mask: $dx = dy \odot m / (1 - p)$. Masks come from the
     backend's dropout generator, so ``backend.manual_seed(s)`` before a forward pass
     replays the same masks (that is how the gradient checks hold them fixed).
     """

@@ -7,11 +7,13 @@ from .. import backend
 
 
 class Embedding(Module):
-    """out[b, t] = W[ids[b, t]].
+    r"""$\text{out}[b, t] = W[\text{ids}[b, t]]$.
 
     The lookup is linear in W with a one-hot selector, so the gradient of row v is
     the sum of dout over every position that looked v up:
-        dW[v] = sum_{b,t : ids[b,t] = v} dout[b, t]
+
+    $$dW[v] = \sum_{(b, t)\,:\ \text{ids}[b, t] = v} \text{dout}[b, t]$$
+
     Repeated ids must all count, which is a scatter-add (backend.scatter_add_rows),
     not ``dW[ids] += dout`` (that keeps one repeat only). There is no gradient with
     respect to the integer ids, so backward returns None.

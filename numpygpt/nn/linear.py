@@ -8,12 +8,13 @@ from .. import backend
 
 
 class Linear(Module):
-    """y = x @ W + b.
+    r"""$y = x W + b$.
 
-    Backward, with x and dy flattened to (N, in) and (N, out):
-        dx = dy @ W.T        (N, in)
-        dW = x.T @ dy        (in, out)
-        db = sum_n dy        (out,)
+    Backward, with x and dy flattened to (N, in) and (N, out): from
+    $y_{nj} = \sum_i x_{ni} W_{ij} + b_j$,
+
+    $$dx = dy\, W^\top \ \ (N, \text{in}), \qquad dW = x^\top dy \ \ (\text{in}, \text{out}),
+    \qquad db = \sum_n dy_n \ \ (\text{out})$$
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, dtype="float32",
@@ -43,9 +44,9 @@ class Linear(Module):
 
 
 class OutputHead(Module):
-    """logits = x @ W.T with W (V, C): the token embedding itself when weights are tied.
+    r"""$\text{logits} = x W^\top$ with W (V, C): the token embedding itself when weights are tied.
 
-    Backward: dx = dlogits @ W,  dW = dlogits^T @ x.
+    Backward: $dx = d\text{logits}\; W$, $\ dW = d\text{logits}^\top x$.
     """
 
     def __init__(self, weight: Parameter):

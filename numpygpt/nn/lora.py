@@ -1,6 +1,7 @@
-"""LoRA: a frozen linear layer plus a trainable low-rank update (the book's appendix E).
+r"""LoRA: a frozen linear layer plus a trainable low-rank update (the book's appendix E).
 
-    y = x @ W + b + (alpha / rank) * (x @ A) @ B         A (in, rank), B (rank, out)
+$$y = x W + b + \frac{\alpha}{r}\, (x A) B, \qquad
+A \ (\text{in}, r), \quad B \ (r, \text{out}), \quad r = \text{rank}$$
 
 A is drawn U(-1/sqrt(rank), 1/sqrt(rank)) (what the book's ``kaiming_uniform_(A, a=sqrt(5))``
 gives for an (in, rank) tensor, whose fan-in is rank) and B is zeros, so a fresh adapter
@@ -29,20 +30,33 @@ from .. import backend
 
 
 class LowRankAdapter:
-    """The adapter's math, shared by LoRALinear and LoRAOutputHead.
+    r"""The adapter's math, shared by LoRALinear and LoRAOutputHead.
 
-    Forward over rows x (N, in), split k covering output columns [k o, (k+1) o), o = out / S:
-        u_k = s * x @ A_k                     (N, rank)     s = alpha / rank
-        delta[:, cols_k] = u_k @ B_k          (N, o)
-    Backward with dy (N, out), dy_k its column block k:
-        dB_k = u_k^T @ dy_k                   (rank, o)     = s (x A_k)^T dy_k
-        g_k  = s * dy_k @ B_k^T               (N, rank)     dL/d(x A_k)
-        dA_k = x^T @ g_k                      (in, rank)
-        dx  += sum_k g_k @ A_k^T              (N, in)
-    Every split goes through one 2-D matmul each way: the A_k side by side are
-    A_flat (in, S rank), u is (N, S rank), and the B_k sit on the diagonal of a zero
+    Forward over rows x (N, in), split k covering output columns $[k o, (k+1) o)$, $o = \text{out} / S$,
+    with $s = \alpha / r$:
+
+    $$
+    \begin{aligned}
+    u_k &= s\, x A_k && (N, r) \\
+    \delta_{:,\, \text{cols}_k} &= u_k B_k && (N, o)
+    \end{aligned}
+    $$
+
+    Backward with dy (N, out), $dy_k$ its column block k:
+
+    $$
+    \begin{aligned}
+    dB_k &= u_k^\top dy_k = s\, (x A_k)^\top dy_k && (r, o) \\
+    g_k &= s\, dy_k B_k^\top = \partial L / \partial (x A_k) && (N, r) \\
+    dA_k &= x^\top g_k && (\text{in}, r) \\
+    dx &\mathrel{+}= \textstyle\sum_k g_k A_k^\top && (N, \text{in})
+    \end{aligned}
+    $$
+
+    Every split goes through one 2-D matmul each way: the $A_k$ side by side are
+    A_flat (in, S rank), u is (N, S rank), and the $B_k$ sit on the diagonal of a zero
     B_diag (S rank, out), so u @ B_diag sends split k's update to its own columns only
-    and dy @ B_diag^T gives every g_k at once. (Batched matmuls over strided (S, N, .)
+    and dy @ B_diag^T gives every $g_k$ at once. (Batched matmuls over strided (S, N, .)
     views would skip BLAS in NumPy: ~10x slower here. The zero blocks cost S times the
     adapter's few FLOPs, which stay tiny next to the base layer's.)
     """
@@ -104,7 +118,7 @@ class LowRankAdapter:
         return g @ self._A_flat().T  # (N, in)
 
     def delta_weight(self):
-        """s * [A_1 B_1 | ... | A_S B_S]: (in, out), what the adapter adds to an (in, out) weight."""
+        r"""$s\, [A_1 B_1 \mid \dots \mid A_S B_S]$: (in, out), what the adapter adds to an (in, out) weight."""
         S, n_in, _ = self.lora_A.shape
         blocks = self.lora_A.data @ self.lora_B.data  # (S, in, o)
         delta = blocks.transpose(1, 0, 2).reshape(n_in, -1)  # (in, out)
@@ -130,11 +144,11 @@ def _positive_int(name: str, value) -> int:
 
 
 class LoRALinear(Linear, LowRankAdapter):
-    """A Linear whose weight and bias are frozen, plus a trainable low-rank adapter:
-    y = x @ W + b + (alpha / rank) * (x @ A) @ B  (see LowRankAdapter for the backward).
+    r"""A Linear whose weight and bias are frozen, plus a trainable low-rank adapter:
+    $y = x W + b + (\alpha / r)\, (x A) B$ (see LowRankAdapter for the backward).
 
     ``base``'s Parameters are shared, not copied, and frozen (requires_grad False): the
-    base backward skips its dW matmul and computes only dx = dy @ W^T. Unfreeze
+    base backward skips its dW matmul and computes only $dx = dy\, W^\top$. Unfreeze
     ``layer.weight`` to train it as well.
     """
 
@@ -168,23 +182,23 @@ class LoRALinear(Linear, LowRankAdapter):
         return self._add_adapter_dx(dx, cache, dout)
 
     def merge(self) -> None:
-        """W += s A B: the adapter folded into the weight; forward then skips it (inference)."""
+        r"""$W \mathrel{+}= s A B$: the adapter folded into the weight; forward then skips it (inference)."""
         if not self.merged:
             self.weight.data += self.delta_weight()
             self.merged = True
 
     def unmerge(self) -> None:
-        """W -= s A B: undo merge (equal to the weight before it up to float rounding)."""
+        r"""$W \mathrel{-}= s A B$: undo merge (equal to the weight before it up to float rounding)."""
         if self.merged:
             self.weight.data -= self.delta_weight()
             self.merged = False
 
 
 class LoRAOutputHead(OutputHead, LowRankAdapter):
-    """The language-model head with a frozen W (V, C) and a trainable adapter:
-    logits = x @ W^T + (alpha / rank) * (x @ A) @ B,  A (1, C, rank), B (1, rank, V).
+    r"""The language-model head with a frozen W (V, C) and a trainable adapter:
+    $\text{logits} = x W^\top + (\alpha / r)\, (x A) B$, A (1, C, rank), B (1, rank, V).
 
-    Merging adds the adapter's (C, V) update transposed: W += (s A B)^T. Do not wrap a head
+    Merging adds the adapter's (C, V) update transposed: $W \mathrel{+}= (s A B)^\top$. Do not wrap a head
     tied to the token embedding if you mean to merge: the embedding would change too.
     """
 

@@ -7,11 +7,15 @@ from .. import backend, parallel
 
 
 class CrossEntropyLoss(Module):
-    """loss = mean over counted targets of  -log softmax(logits)[target].
+    r"""$\text{loss} = -\frac{1}{N} \sum_n \log \operatorname{softmax}(z_n)[t_n]$ over the N counted targets.
 
-    Targets equal to ``ignore_index`` (default -100, as in the book and PyTorch) are
-    not counted. With p = softmax(logits) and N counted targets, the fused gradient is
-        dlogits = (p - onehot(target)) / N      (zero on ignored rows)
+    z are the logits and t the targets; targets equal to ``ignore_index`` (default -100,
+    as in the book and PyTorch) are not counted. With $p = \operatorname{softmax}(z)$, the
+    loss of one row is $-\log p_t = -z_t + \log \sum_j e^{z_j}$, whose gradient is
+    $p_j - [j = t]$, so the fused gradient is
+
+    $$dz_n = \frac{p_n - \operatorname{onehot}(t_n)}{N} \qquad \text{(zero on ignored rows)}$$
+
     which never forms the softmax's Jacobian.
 
         loss = loss_fn(logits, targets)    # logits (B, T, V), targets (B, T); or (B, K) and (B,)

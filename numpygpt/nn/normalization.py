@@ -7,14 +7,22 @@ from .. import backend, parallel
 
 
 class LayerNorm(Module):
-    """y = xhat * w + b,  xhat = (x - mean) * rstd,  rstd = 1 / sqrt(var + eps).
+    r"""$y = \hat{x} \odot w + b$, with $\hat{x} = (x - \mu)\, r$ and $r = 1 / \sqrt{\sigma^2 + \epsilon}$.
 
-    The variance is the biased one (divide by C), as in GPT-2. Backward, per row,
-    with g = dy * w (the gradient reaching xhat):
-        dw = sum_rows dy * xhat
-        db = sum_rows dy
-        dx = (g - mean(g) - xhat * mean(g * xhat)) * rstd
-    The two means come from xhat's dependence on the row's mean and variance.
+    Per row of C channels, $\mu$ is the row's mean and $\sigma^2$ its variance, the biased
+    one (divide by C), as in GPT-2; $\hat{x}$ is ``xhat`` in the code and $r$ is ``rstd``.
+
+    Backward, per row, with $g = dy \odot w$ (the gradient reaching $\hat{x}$):
+
+    $$dw = \sum_{\text{rows}} dy \odot \hat{x}, \qquad db = \sum_{\text{rows}} dy$$
+
+    $$dx = r \left( g - \operatorname{mean}(g) - \hat{x} \odot \operatorname{mean}(g \odot \hat{x}) \right)$$
+
+    The two means come from $\hat{x}$'s dependence on the row's mean and variance:
+    $\partial \mu / \partial x_j = 1/C$ and $\partial r / \partial x_j = -r^2 \hat{x}_j / C$, so
+
+    $$\frac{\partial \hat{x}_i}{\partial x_j} = r \left( \delta_{ij} - \frac{1}{C} \right)
+    - \frac{r}{C}\, \hat{x}_i \hat{x}_j, \qquad dx_j = \sum_i g_i \frac{\partial \hat{x}_i}{\partial x_j}.$$
 
     On the CPU the rows are split into chunks over every core (``numpygpt.parallel``);
     dw and db are summed per chunk and the chunks' sums added in chunk order, so the

@@ -8,15 +8,17 @@ from ..config import READOUTS
 
 
 class SequenceReadout(Module):
-    """y[b] = x[b, pos[b]]: (B, T, C) -> (B, C).
+    r"""$y[b] = x[b, \text{pos}[b]]$: (B, T, C) -> (B, C).
 
     ``mode="last"``: pos[b] = T - 1 for every row (the book's classifier).
     ``mode="last_non_pad"``: pos[b] is the last position whose token id is not ``pad_id``,
     so a short text right-padded to the batch length is read at its own last token. The
     token ids must then be given: ``readout(x, idx)`` with idx (B, T).
 
-    Backward: y is a selection, y[b] = sum_t [t = pos[b]] x[b, t], so
-        dx[b, t] = dy[b] if t = pos[b], else 0
+    Backward: y is a selection, $y[b] = \sum_t [t = \text{pos}[b]]\, x[b, t]$, so
+
+    $$dx[b, t] = \begin{cases} dy[b] & t = \text{pos}[b] \\ 0 & \text{otherwise} \end{cases}$$
+
     a scatter of the (B, C) gradient into zeros (B, T, C) at the read positions only.
     """
 
