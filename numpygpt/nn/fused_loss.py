@@ -18,32 +18,38 @@ SLICE_ROWS = 4096  # rows of dW a chunk adds at a time: a (4096, C) temporary th
 
 
 class FusedLinearCrossEntropy(Module):
-    """loss = mean over counted rows i of  -log softmax(W h_i)[t_i],  W (V, C), h (N, C).
+    r"""$\text{loss} = -\frac{1}{n} \sum_i \text{keep}_i \log \operatorname{softmax}(W h_i)[t_i]$, W (V, C), h (N, C).
 
     The same number as ``CrossEntropyLoss()(OutputHead(W)(h), targets)``, with the same
     ``ignore_index`` rule, but the rows go through in chunks of ``chunk_rows`` (by default
-    equal chunks of at most ``CHUNK_BYTES`` of logits), so memory holds one chunk's (M, V) logits
-    instead of all N rows' (at GPT-2 small's B x T = 4 x 1024, 823 MB of logits and as
-    much of softmax) and never the (N, V) gradient.
+    equal chunks of at most ``CHUNK_BYTES`` of logits), so memory holds one chunk's (M, V)
+    logits instead of all N rows' (at GPT-2 small's B x T = 4 x 1024, 823 MB of logits and
+    as much of softmax) and never the (N, V) gradient.
 
-    Derivation. Write z_i = W h_i (the logits of row i, a V-vector), p_i = softmax(z_i),
-    keep_i = 1 if t_i counts (t_i != ignore_index) else 0, and n = sum_i keep_i. Then
-        L = (1/n) sum_i keep_i l_i,   l_i = logsumexp(z_i) - z_i[t_i]
-    and, since d logsumexp(z)/dz = softmax(z),
-        dL/dz_i = (keep_i / n) (p_i - onehot(t_i))                         (V,)
-    The chain rule through z_i = W h_i (so $\\partial z_{iv} / \\partial h_{ic} = W_{vc}$ and
-    $\\partial z_{iv} / \\partial W_{vc} = h_{ic}$) gives, with G the (N, V) matrix of rows dL/dz_i:
-        dh_i = W^T dL/dz_i,          i.e.  dh = G @ W                     (N, C)
-        dW   = sum_i dL/dz_i h_i^T,  i.e.  dW = G^T @ h = sum_chunks G_c^T @ h_c   (V, C)
+    Derivation. Write $z_i = W h_i$ (the logits of row i, a V-vector), $p_i = \operatorname{softmax}(z_i)$,
+    $\text{keep}_i$ = 1 if $t_i$ counts ($t_i \ne$ ``ignore_index``) else 0, and $n = \sum_i \text{keep}_i$. Then
+
+    $$L = \frac{1}{n} \sum_i \text{keep}_i \, \ell_i, \qquad \ell_i = \log \sum_v e^{z_{iv}} - z_{i t_i}$$
+
+    and, since the gradient of log-sum-exp is the softmax,
+
+    $$g_i = \frac{\partial L}{\partial z_i} = \frac{\text{keep}_i}{n} \left(p_i - \operatorname{onehot}(t_i)\right) \qquad (V,)$$
+
+    The chain rule through $z_{iv} = \sum_c W_{vc} h_{ic}$ (so $\partial z_{iv} / \partial h_{ic} = W_{vc}$
+    and $\partial z_{iv} / \partial W_{vc} = h_{ic}$) gives, with G the (N, V) matrix of rows $g_i$:
+
+    $$dh_i = W^T g_i, \text{ i.e. } dh = G W \quad (N, C); \qquad
+      dW = \sum_i g_i h_i^T = G^T h = \sum_{\text{chunks } c} G_c^T h_c \quad (V, C)$$
+
     Row i of G needs only row i of the logits, its target and n, and n is known from the
     targets before any row is computed. So a chunk of rows c can compute its logits
-    z_c = h_c @ W^T, the stable log-softmax (max subtracted before exp), its loss terms, its
-    G_c, its rows dh_c = G_c @ W and its share G_c^T @ h_c of dW, and then drop z_c and G_c.
+    $z_c = h_c W^T$, the stable log-softmax (max subtracted before exp), its loss terms, its
+    $G_c$, its rows $dh_c = G_c W$ and its share $G_c^T h_c$ of dW, and then drop $z_c$ and $G_c$.
     dW is a sum over chunks; dh is a stack of the chunks' rows.
 
     Gradients computed in the forward pass (as Liger-Kernel's fused linear cross-entropy
-    does). The backward is asked for d(s L) for an upstream scalar s (``backward(s)``:
-    1/grad_accum, a rank's weight). Both gradients are linear in s (d(sL)/dh = s dL/dh), so
+    does). The backward is asked for $d(sL)$ for an upstream scalar s (``backward(s)``:
+    1/grad_accum, a rank's weight). Both gradients are linear in s ($d(sL)/dh = s \, dL/dh$), so
     the forward computes them for s = 1 while each chunk's logits are at hand, and backward
     multiplies by s: exact up to that one rounding of the product (W must not change in
     between, as for every layer's cache). What it costs:
