@@ -82,6 +82,7 @@ def plan_long() -> dict[str, list[str]]:
                                        "1024", "--impls", "numpygpt,torch eager,torch sdpa", "--default-malloc"],
         "memory-256": ["bench_memory.py", "--config", "gpt2-hf", "--batch", "2", "--context", "256",
                        "--impls", "numpygpt,torch eager,torch sdpa"],
+        "fused-loss": ["bench_fused_loss.py", "--shapes", "2x256,4x1024", "--steps", "3"],
         "profile-1024": ["profile_step.py", "--config", "gpt2-hf", "--batch", "4", "--context", "1024",
                          "--steps", "2", "--lines", "20"],
         "blockwise": ["bench_blockwise.py", "--contexts", "64,128,256,512,1024", "--tokens", "2048",

@@ -162,8 +162,8 @@ def gradcheck_checks(seed: int = 0) -> list:
     from .config import GPTConfig
     from .lora import apply_lora
     from .model import FeedForward, GPTModel, OutputHead, TransformerBlock
-    from .nn import (BlockwiseAttention, CrossEntropyLoss, Dropout, Embedding, GELU, LayerNorm, Linear, LoRALinear,
-                     LoRAOutputHead, MultiHeadAttention, Parameter, SequenceReadout, Softmax)
+    from .nn import (BlockwiseAttention, CrossEntropyLoss, Dropout, Embedding, FusedLinearCrossEntropy, GELU, LayerNorm,
+                     Linear, LoRALinear, LoRAOutputHead, MultiHeadAttention, Parameter, SequenceReadout, Softmax)
 
     F64 = "float64"
     rng = numpy.random.default_rng(seed)
@@ -254,6 +254,10 @@ def gradcheck_checks(seed: int = 0) -> list:
         ("BlockwiseAttention", lambda: check_layer(
             randomized(BlockwiseAttention(C, C, NH, qkv_bias=True, dtype=F64, mode="blockwise", block_q=2,
                                           block_k=3)), randn(B, T, C))),
+        ("FusedLinearCrossEntropy", lambda: check_layer(  # 3-row chunks, row 4 ignored
+            FusedLinearCrossEntropy(Parameter(randn(V, C) * 0.5), chunk_rows=3), randn(B * T, C),
+            dev(numpy.where(numpy.arange(B * T) == 4, -100, rng.integers(0, V, B * T)), None),
+            input_names=["h", "targets"])),
         # preference tuning (issue 18)
         ("DPOLoss (mean, masked)", lambda: _dpo_check(rng, "mean")),
         ("DPOLoss (sum, masked)", lambda: _dpo_check(rng, "sum")),

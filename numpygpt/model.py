@@ -214,10 +214,29 @@ class GPTModel(Module):
         With ``kv_caches`` (one KVCache per block, see ``new_kv_caches``), idx holds only
         the new tokens; their positions continue after the cached ones.
         """
+        if not self.is_classifier:
+            return self.lm_head(self.forward_hidden(idx, kv_caches))  # (B, T, V)
+        if kv_caches:
+            raise ValueError("a classifier reads whole sequences: it takes no KV cache")
+        idx = self.check_input(idx)  # (B, T) on the model's device
+        x = self._forward_body(idx, None)  # (B, T, C)
+        x = self.readout(x, idx)  # (B, C): ln_f acts per position, so read first
+        x = self.ln_f(x)
+        return self.score(x)  # (B, K)
+
+    def forward_hidden(self, idx, kv_caches: list | None = None):
+        """idx (B, T) -> the final hidden states h (B, T, C) that the head reads
+        (logits = h @ W^T, W = ``head.weight``), for a loss that applies the head itself
+        (``numpygpt.nn.FusedLinearCrossEntropy``). ``backward_hidden(dh)`` continues from them."""
+        if self.is_classifier:
+            raise ValueError("a classifier's head reads one position per row: it has no per-position hidden states")
         start = kv_caches[0].length if kv_caches else 0
         idx = self.check_input(idx, start)  # (B, T) on the model's device
-        if kv_caches and self.is_classifier:
-            raise ValueError("a classifier reads whole sequences: it takes no KV cache")
+        return self.ln_f(self._forward_body(idx, kv_caches))  # (B, T, C)
+
+    def _forward_body(self, idx, kv_caches):
+        """Embeddings and blocks: checked ids (B, T) -> the residual stream (B, T, C) before ln_f."""
+        start = kv_caches[0].length if kv_caches else 0
         B, T = idx.shape
         xp = backend.array_module(self.wte.weight.data)
         # stage -1 is the embeddings, stage i block i; stages below grad_from train nothing
@@ -229,24 +248,27 @@ class GPTModel(Module):
         for i, block in enumerate(self.h):
             with self._stage(i, grad_from):
                 x = block(x, kv_caches[i] if kv_caches else None)
-        if self.is_classifier:
-            x = self.readout(x, idx)  # (B, C): ln_f acts per position, so read first
-            x = self.ln_f(x)
-            return self.score(x)  # (B, K)
-        x = self.ln_f(x)
-        return self.lm_head(x)  # (B, T, V)
+        return x
 
     def backward(self, dlogits) -> None:
         """The forward pass read in reverse; adds into every parameter's .grad. It stops
         above the stages the forward ran without a cache (nothing below them trains)."""
+        if not self.is_classifier:
+            self.backward_hidden(self.lm_head.backward(dlogits))  # dh (B, T, C)
+            return
+        dx = self.score.backward(dlogits)  # (B, C)
+        dx = self.ln_f.backward(dx)
+        dx = self.readout.backward(dx)  # (B, T, C)
+        self._backward_body(dx)
+
+    def backward_hidden(self, dh) -> None:
+        """Backward from dL/dh (B, T, C), h being ``forward_hidden``'s output: every
+        parameter below the head gets its gradient (the head's own is the caller's)."""
+        self._backward_body(self.ln_f.backward(dh))
+
+    def _backward_body(self, dx) -> None:
+        """The blocks and embeddings read in reverse, from the gradient of the stream before ln_f."""
         grad_from = self._take()["grad_from"]
-        if self.is_classifier:
-            dx = self.score.backward(dlogits)  # (B, C)
-            dx = self.ln_f.backward(dx)
-            dx = self.readout.backward(dx)  # (B, T, C)
-        else:
-            dx = self.lm_head.backward(dlogits)  # (B, T, C)
-            dx = self.ln_f.backward(dx)
         for block in reversed(self.h[max(grad_from, 0):]):
             dx = block.backward(dx)
         if grad_from >= 0:

@@ -21,9 +21,9 @@ and the classifier; a tuple or dict of arrays whose first axis is the batch's ro
 
 from __future__ import annotations
 
-from .nn import CrossEntropyLoss
+from .nn import CrossEntropyLoss, FusedLinearCrossEntropy, OutputHead
 
-__all__ = ["NextTokenObjective", "ClassifierObjective", "split_rows"]
+__all__ = ["NextTokenObjective", "FusedNextTokenObjective", "ClassifierObjective", "split_rows"]
 
 
 def split_rows(batch, comm):
@@ -70,6 +70,40 @@ class NextTokenObjective:
             return batch, 1.0
         inputs, targets, weight = comm.shard(batch[0], batch[1], getattr(self.loss_fn, "ignore_index", None))
         return (inputs, targets), weight
+
+
+class FusedNextTokenObjective(NextTokenObjective):
+    """The language model's next-token loss, as NextTokenObjective computes it, with the head
+    and the cross-entropy fused (``numpygpt.nn.FusedLinearCrossEntropy``): the model runs up
+    to its final hidden states (``model.forward_hidden``), the fused op makes the loss, dh
+    and the head's dW chunk by chunk of rows, and ``model.backward_hidden(dh)`` takes the
+    gradient down from there. The (B, T, V) logits and their gradient never exist whole.
+
+    Any model with ``forward_hidden(idx)``, ``backward_hidden(dh)`` and a plain
+    ``OutputHead`` as ``model.head`` works. A head with a LoRA adapter, or a classifier,
+    is refused: use NextTokenObjective there. ``chunk_rows``: rows per chunk (default:
+    as many as make ``numpygpt.nn.fused_loss.CHUNK_BYTES`` of logits).
+    """
+
+    def __init__(self, ignore_index: int = -100, chunk_rows: int | None = None):
+        super().__init__(CrossEntropyLoss(ignore_index))  # its ignore_index serves ``split``
+        self.chunk_rows = chunk_rows
+        self.fused = None  # the op of the last loss, holding what backward needs
+
+    def loss(self, model, batch):
+        inputs, targets = batch
+        head = getattr(model, "head", None)
+        if type(head) is not OutputHead:  # a LoRAOutputHead adds its adapter to the logits
+            raise ValueError(f"the fused loss needs a plain OutputHead as the model's head, not "
+                             f"{type(head).__name__}: use NextTokenObjective")
+        h = model.forward_hidden(inputs)  # (B, T, C)
+        self.fused = FusedLinearCrossEntropy(head.weight, self.loss_fn.ignore_index, self.chunk_rows)
+        return self.fused(h, targets)
+
+    def backward(self, model, scale: float = 1.0) -> None:
+        if self.fused is None:
+            raise RuntimeError("FusedNextTokenObjective.backward called before loss")
+        model.backward_hidden(self.fused.backward(scale))  # dh -> every parameter below the head
 
 
 class ClassifierObjective(NextTokenObjective):

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from . import backend, distributed
 from .generate import SAMPLING_DEFAULTS, describe_sampling, generate_text
 from .model import GPTModel
+from .objective import FusedNextTokenObjective
 from .optim import AdamW, CosineWithWarmup, param_groups
 from .zero import ShardedAdamW
 from .options import DROP_RATE, FRACTION, NONNEG_FLOAT, NONNEG_INT, POSITIVE_INT, Options, option
@@ -118,6 +119,9 @@ class TrainCommandOptions(Options):
     grad_accum: int = option(1, "micro-batches per optimiser step", check=POSITIVE_INT, metavar="K", group=OPT_GROUP)
     zero: int = option(0, "ZeRO stage: 1 shards AdamW's moments over the mpiexec ranks (numpygpt.zero), 0 keeps "
                        "them whole on every rank", choices=(0, 1), check=NONNEG_INT, group=OPT_GROUP)
+    fused_loss: bool = option(False, "the output head and the cross-entropy computed together, chunk by chunk of "
+                              "rows, so the (B, T, V) logits never exist whole: the same loss and gradients in "
+                              "less memory (numpygpt.nn.FusedLinearCrossEntropy)", negatable=True, group=OPT_GROUP)
     seed: int = option(123, "seeds weights, dropout and data order", group=OPT_GROUP)
 
     eval_freq: int = option(50, "evaluate every N steps", check=POSITIVE_INT, group="run")
@@ -400,7 +404,9 @@ def run_training(given) -> dict:
         max_steps=total, checkpoint_path=run.checkpoint, checkpoint_every=opts.checkpoint_every,
         resume_state=resume_state, run_options=run_options, extra={"tokenizer": tokenizer_record},
         progress=not opts.no_progress, sample_tokens=opts.sample_tokens, sampling=sampling,
-        on_evaluate=val_bits.hook, comm=getattr(optimizer, "comm", None))  # ZeRO: gradients reduce-scattered into the optimiser
+        on_evaluate=val_bits.hook,
+        comm=getattr(optimizer, "comm", None),  # ZeRO: gradients reduce-scattered into the optimiser
+        objective=FusedNextTokenObjective() if opts.fused_loss else None)
     history = run.train(model, train_loader, val_loader, optimizer, epochs, opts.eval_freq, opts.eval_iter,
                         start_context=prompt or None, tokenizer=tokenizer, options=options)
     final = _write_outputs(run, model, history, train_loader, val_loader, opts.eval_iter, comm)

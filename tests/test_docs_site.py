@@ -40,7 +40,7 @@ def test_the_front_page_is_the_readme_with_links_to_the_guides(site):
 def test_the_api_reference_is_generated_from_the_docstrings(site):
     page = (site / "reference" / "nn" / "index.html").read_text(encoding="utf-8")
     for name in ("normalization.LayerNorm", "attention.MultiHeadAttention", "blockwise_attention.BlockwiseAttention",
-                 "loss.CrossEntropyLoss", "lora.LoRALinear"):
+                 "loss.CrossEntropyLoss", "fused_loss.FusedLinearCrossEntropy", "lora.LoRALinear"):
         assert f'id="numpygpt.nn.{name}"' in page, name
 
 

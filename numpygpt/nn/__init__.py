@@ -11,6 +11,7 @@ from .positional import SinusoidalPositionalEncoding
 from .blockwise_attention import BlockwiseAttention, make_attention
 from .loss import CrossEntropyLoss
 from .dpo import DPOLoss, DPOOutput, sequence_logprobs
+from .fused_loss import FusedLinearCrossEntropy
 from .readout import SequenceReadout
 from .lora import LoRALinear, LoRAOutputHead, LowRankAdapter
 from .rope import RoPE, rope_frequencies
@@ -20,7 +21,7 @@ from .gqa import GroupedQueryAttention
 __all__ = [
     "Module", "Parameter", "eval_mode", "no_grad", "is_grad_enabled", "Linear", "OutputHead", "Embedding", "LayerNorm",
     "GELU", "Softmax", "Dropout", "AttentionCore", "CrossAttention", "MultiHeadAttention", "BlockwiseAttention",
-    "make_attention", "KVCache", "attention_mask", "causal_mask", "SinusoidalPositionalEncoding", "CrossEntropyLoss",
+    "make_attention", "KVCache", "attention_mask", "causal_mask", "SinusoidalPositionalEncoding", "CrossEntropyLoss", "FusedLinearCrossEntropy",
     "DPOLoss", "DPOOutput", "sequence_logprobs", "SequenceReadout", "LoRALinear", "LoRAOutputHead", "LowRankAdapter",
     "RMSNorm", "SiLU", "RoPE", "rope_frequencies", "SwiGLU", "GroupedQueryAttention",
 ]

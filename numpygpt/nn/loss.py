@@ -26,36 +26,10 @@ class CrossEntropyLoss(Module):
         self.ignore_index = ignore_index
 
     def forward(self, logits, targets):
-        xp = backend.array_module(logits)
-        if not (hasattr(targets, "dtype") and hasattr(targets, "shape")):
-            targets = backend.to_host(targets)
         V = logits.shape[-1]
-        if tuple(targets.shape) != tuple(logits.shape[:-1]):
-            raise ValueError(f"targets have shape {tuple(targets.shape)}; logits need {tuple(logits.shape[:-1])}")
-        if targets.dtype.kind not in "iu":  # bool and float targets are refused, not cast
-            raise ValueError(f"targets must be integer class ids, got dtype {targets.dtype}")
-        if backend.is_cupy_array(targets):
-            # already on the device: checking would cost host syncs every micro-batch, so
-            # device targets are trusted; n stays a device scalar (all ignored gives NaN)
-            t = targets.reshape(-1)
-            keep = t != self.ignore_index  # (N_all,)
-            n = keep.sum(dtype=logits.dtype)  # in the logits' dtype: an int64 n would promote the loss
-        else:
-            # host targets (the data loader's): checked here, once, then moved
-            t_host = targets.reshape(-1)
-            keep_host = t_host != self.ignore_index
-            n = int(keep_host.sum())
-            if n == 0:
-                raise ValueError("every target equals ignore_index: the mean loss is undefined")
-            bad = keep_host & ((t_host < 0) | (t_host >= V))
-            if bad.any():
-                raise ValueError(f"target ids must be in [0, {V}) or equal ignore_index={self.ignore_index}; "
-                                 f"got {int(t_host[bad][0])}")
-            t = backend.to_device(t_host, device_name=backend.device_of(logits))
-            keep = backend.to_device(keep_host, device_name=backend.device_of(logits))
+        t_safe, keep, n = prepare_targets(targets, logits.shape[:-1], V, self.ignore_index, logits)
         z = logits.reshape(-1, V)  # (N_all, V)
         grad = is_grad_enabled()  # the normalised softmax is only needed by backward
-        t_safe = xp.where(keep, t, 0)
         nll, p = softmax_nll(z, t_safe, normalise=grad)  # (N_all,), (N_all, V): p is kept for backward
         loss = (nll * keep).sum() / n  # a 0-d array on the device: no host sync
         if grad:
@@ -109,3 +83,38 @@ def softmax_nll_backward(p, targets, scale):
 
     parallel.for_rows(rows, p)
     return p
+
+
+def prepare_targets(targets, lead_shape, V: int, ignore_index: int, like):
+    """Targets (any integer array of shape ``lead_shape``) as (t_safe, keep, n) on ``like``'s
+    device: t_safe (N_all,) the ids with ignored ones replaced by 0 (safe to index with),
+    keep (N_all,) whether each counts, n the number that count.
+
+    Host targets (the data loader's) are checked here, once, then moved; n is then an int.
+    Targets already on the device are trusted: checking would cost host syncs every
+    micro-batch; n stays a device scalar (all ignored gives NaN).
+    """
+    xp = backend.array_module(like)
+    if not (hasattr(targets, "dtype") and hasattr(targets, "shape")):
+        targets = backend.to_host(targets)
+    if tuple(targets.shape) != tuple(lead_shape):
+        raise ValueError(f"targets have shape {tuple(targets.shape)}; logits need {tuple(lead_shape)}")
+    if targets.dtype.kind not in "iu":  # bool and float targets are refused, not cast
+        raise ValueError(f"targets must be integer class ids, got dtype {targets.dtype}")
+    if backend.is_cupy_array(targets):
+        t = targets.reshape(-1)
+        keep = t != ignore_index  # (N_all,)
+        n = keep.sum(dtype=like.dtype)  # in the logits' dtype: an int64 n would promote the loss
+    else:
+        t_host = targets.reshape(-1)
+        keep_host = t_host != ignore_index
+        n = int(keep_host.sum())
+        if n == 0:
+            raise ValueError("every target equals ignore_index: the mean loss is undefined")
+        bad = keep_host & ((t_host < 0) | (t_host >= V))
+        if bad.any():
+            raise ValueError(f"target ids must be in [0, {V}) or equal ignore_index={ignore_index}; "
+                             f"got {int(t_host[bad][0])}")
+        t = backend.to_device(t_host, device_name=backend.device_of(like))
+        keep = backend.to_device(keep_host, device_name=backend.device_of(like))
+    return xp.where(keep, t, 0), keep, n
