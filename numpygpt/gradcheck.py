@@ -152,68 +152,69 @@ def report(errors: dict, tol: float = 1e-6) -> str:
 
 # -- the checks that ``numpygpt gradcheck`` runs ---------------------------------------
 
+class _Draws:
+    """Seeded float64 inputs and weights for the checks, on the default device: ``dev``
+    moves an array, ``randn`` draws one, ``randomized`` redraws a layer's weights and
+    ``fixed_masks`` reseeds the dropout generator (the same masks every forward)."""
+
+    F64 = "float64"
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self.rng = numpy.random.default_rng(seed)
+
+    def dev(self, a, dtype=F64):
+        return backend.to_device(numpy.asarray(a), dtype=dtype)
+
+    def randn(self, *shape):
+        return self.dev(self.rng.standard_normal(shape))
+
+    def randomized(self, layer, scale=0.5):
+        for p in layer.parameters():
+            p.data = self.randn(*p.shape) * scale
+        return layer
+
+    def fixed_masks(self):
+        backend.manual_seed(self.seed)
+
+
+B, T, C, NH, V = 2, 5, 8, 2, 11  # the checks' sizes: batch, time, channels, heads, vocabulary
+
+
 def gradcheck_checks(seed: int = 0) -> list:
     """[(name, thunk -> {tensor: relative error})]: each layer and a tiny model, float64.
 
     Weights are redrawn larger than GPT-2's 0.02 so every gradient is far from zero;
-    dropout masks are held fixed by reseeding before each forward pass. A new layer adds
-    one entry to the list at the end (the helpers above it draw inputs and weights).
+    dropout masks are held fixed by reseeding before each forward pass. The list is one
+    part per family of ops (a new op adds an entry to its family's part).
     """
+    d = _Draws(seed)
+    return _gpt2_checks(d) + _finetune_checks(d) + _llama_checks(d) + _encdec_checks(d)
+
+
+def _gpt2_checks(d: _Draws) -> list:
+    """GPT-2's ops, its block and the whole model with its loss (tied and untied head)."""
     from .config import GPTConfig
-    from .lora import apply_lora
     from .model import FeedForward, GPTModel, OutputHead, TransformerBlock
     from .nn import (BlockwiseAttention, CrossEntropyLoss, Dropout, Embedding, FusedLinearCrossEntropy, GELU, LayerNorm,
-                     Linear, LoRALinear, LoRAOutputHead, MultiHeadAttention, Parameter, SequenceReadout, Softmax)
+                     Linear, MultiHeadAttention, Parameter, Softmax)
 
-    F64 = "float64"
-    rng = numpy.random.default_rng(seed)
-
-    def dev(a, dtype=F64):
-        return backend.to_device(numpy.asarray(a), dtype=dtype)
-
-    def randn(*shape):
-        return dev(rng.standard_normal(shape))
-
-    def randomized(layer, scale=0.5):
-        for p in layer.parameters():
-            p.data = randn(*p.shape) * scale
-        return layer
-
-    def fixed_masks():
-        backend.manual_seed(seed)
-
-    B, T, C, NH, V = 2, 5, 8, 2, 11
+    F64, dev, randn, randomized, fixed_masks = d.F64, d.dev, d.randn, d.randomized, d.fixed_masks
     cfg = GPTConfig(vocab_size=V, context_length=8, emb_dim=C, n_heads=NH, n_layers=2, drop_rate=0.2,
                     qkv_bias=True, dtype=F64)
 
     def model_check(tied: bool):
         def run():
-            model = randomized(GPTModel(cfg.replace(tie_weights=tied), seed=seed), scale=0.3)
-            idx = dev(rng.integers(0, V, (B, T)), None)
-            targets = rng.integers(0, V, (B, T))
+            model = randomized(GPTModel(cfg.replace(tie_weights=tied), seed=d.seed), scale=0.3)
+            idx = dev(d.rng.integers(0, V, (B, T)), None)
+            targets = d.rng.integers(0, V, (B, T))
             targets[0, 0] = -100  # an ignored position
             return check_model_loss(model, CrossEntropyLoss(), idx, dev(targets, None), eps=1e-5,
                                     before_forward=fixed_masks)
         return run
 
-    K, PAD = 3, V - 1
-
-    def padded_ids():
-        """(B + 1, T) ids right-padded with PAD to different lengths; one row unpadded."""
-        idx = rng.integers(0, PAD, (B + 1, T))
-        idx[0, 3:] = idx[2, 1:] = PAD
-        return dev(idx, None)
-
-    def classifier_lora_check():
-        """A whole classifier (last_non_pad readout) with LoRA on every Linear; B redrawn from
-        its zeros, so the adapters' every gradient is exercised."""
-        model = randomized(GPTModel(cfg, seed=seed).to_classifier(K, readout="last_non_pad", pad_id=PAD), 0.3)
-        randomized(apply_lora(model, rank=2, alpha=3.0, seed=seed), scale=0.3)
-        return check_model_loss(model, CrossEntropyLoss(), padded_ids(), dev(rng.integers(0, K, B + 1), None),
-                                eps=1e-5, before_forward=fixed_masks)
-
     def loss_check():
-        targets = rng.integers(0, V, (B, T))
+        targets = d.rng.integers(0, V, (B, T))
         targets[1, 2] = -100
         return check_layer(CrossEntropyLoss(), randn(B, T, V) * 2, dev(targets, None),
                            input_names=["logits", "targets"])
@@ -221,7 +222,7 @@ def gradcheck_checks(seed: int = 0) -> list:
     return [
         ("Linear", lambda: check_layer(randomized(Linear(C, 3 * C, dtype=F64)), randn(B, T, C))),
         ("Embedding (repeated ids)", lambda: check_layer(randomized(Embedding(4, C, dtype=F64)),
-                                                         dev(rng.integers(0, 4, (B, T)), None), max_coords=None)),
+                                                         dev(d.rng.integers(0, 4, (B, T)), None), max_coords=None)),
         ("LayerNorm", lambda: check_layer(randomized(LayerNorm(C, dtype=F64)), randn(B, T, C))),
         ("GELU", lambda: check_layer(GELU(), randn(B, T, C) * 2)),
         ("Softmax", lambda: check_layer(Softmax(axis=-1), randn(B, T, C) * 2)),
@@ -236,32 +237,61 @@ def gradcheck_checks(seed: int = 0) -> list:
         ("CrossEntropyLoss", loss_check),
         ("GPTModel + loss (untied)", model_check(False)),
         ("GPTModel + loss (tied)", model_check(True)),
-        # fine-tuning (issue 8): class logits, the classification readout, LoRA
+        ("BlockwiseAttention", lambda: check_layer(
+            randomized(BlockwiseAttention(C, C, NH, qkv_bias=True, dtype=F64, mode="blockwise", block_q=2,
+                                          block_k=3)), randn(B, T, C))),
+        ("FusedLinearCrossEntropy", lambda: check_layer(  # 3-row chunks, row 4 ignored
+            FusedLinearCrossEntropy(Parameter(randn(V, C) * 0.5), chunk_rows=3), randn(B * T, C),
+            dev(numpy.where(numpy.arange(B * T) == 4, -100, d.rng.integers(0, V, B * T)), None),
+            input_names=["h", "targets"])),
+    ]
+
+
+def _finetune_checks(d: _Draws) -> list:
+    """Fine-tuning's ops (issues 8 and 18): class logits, the classification readout, LoRA,
+    a whole classifier with adapters, and the DPO loss."""
+    from .config import GPTConfig
+    from .lora import apply_lora
+    from .model import GPTModel, OutputHead
+    from .nn import CrossEntropyLoss, Linear, LoRALinear, LoRAOutputHead, Parameter, SequenceReadout
+
+    F64, dev, randn, randomized = d.F64, d.dev, d.randn, d.randomized
+    cfg = GPTConfig(vocab_size=V, context_length=8, emb_dim=C, n_heads=NH, n_layers=2, drop_rate=0.2,
+                    qkv_bias=True, dtype=F64)
+    K, PAD = 3, V - 1
+
+    def padded_ids():
+        """(B + 1, T) ids right-padded with PAD to different lengths; one row unpadded."""
+        idx = d.rng.integers(0, PAD, (B + 1, T))
+        idx[0, 3:] = idx[2, 1:] = PAD
+        return dev(idx, None)
+
+    def classifier_lora_check():
+        """A whole classifier (last_non_pad readout) with LoRA on every Linear; B redrawn from
+        its zeros, so the adapters' every gradient is exercised."""
+        model = randomized(GPTModel(cfg, seed=d.seed).to_classifier(K, readout="last_non_pad", pad_id=PAD), 0.3)
+        randomized(apply_lora(model, rank=2, alpha=3.0, seed=d.seed), scale=0.3)
+        return check_model_loss(model, CrossEntropyLoss(), padded_ids(), dev(d.rng.integers(0, K, B + 1), None),
+                                eps=1e-5, before_forward=d.fixed_masks)
+
+    return [
         ("CrossEntropyLoss (B, K)", lambda: check_layer(CrossEntropyLoss(), randn(B, K) * 2,
-                                                        dev(rng.integers(0, K, B), None),
+                                                        dev(d.rng.integers(0, K, B), None),
                                                         input_names=["logits", "targets"])),
         ("SequenceReadout (last)", lambda: check_layer(SequenceReadout("last"), randn(B, T, C), max_coords=None)),
         ("SequenceReadout (non-pad)", lambda: check_layer(SequenceReadout("last_non_pad", pad_id=PAD),
                                                           randn(B + 1, T, C), padded_ids(),
                                                           input_names=["x", "idx"], max_coords=None)),
         ("LoRALinear (splits=3)", lambda: check_layer(
-            randomized(LoRALinear(Linear(C, 3 * C, dtype=F64), rank=2, alpha=4.0, splits=3, seed=seed)),
+            randomized(LoRALinear(Linear(C, 3 * C, dtype=F64), rank=2, alpha=4.0, splits=3, seed=d.seed)),
             randn(B, T, C))),
         ("LoRAOutputHead", lambda: check_layer(
-            randomized(LoRAOutputHead(OutputHead(Parameter(randn(V, C) * 0.5)), rank=2, alpha=4.0, seed=seed)),
+            randomized(LoRAOutputHead(OutputHead(Parameter(randn(V, C) * 0.5)), rank=2, alpha=4.0, seed=d.seed)),
             randn(B, T, C))),
         ("classifier + LoRA + loss", classifier_lora_check),
-        ("BlockwiseAttention", lambda: check_layer(
-            randomized(BlockwiseAttention(C, C, NH, qkv_bias=True, dtype=F64, mode="blockwise", block_q=2,
-                                          block_k=3)), randn(B, T, C))),
-        ("FusedLinearCrossEntropy", lambda: check_layer(  # 3-row chunks, row 4 ignored
-            FusedLinearCrossEntropy(Parameter(randn(V, C) * 0.5), chunk_rows=3), randn(B * T, C),
-            dev(numpy.where(numpy.arange(B * T) == 4, -100, rng.integers(0, V, B * T)), None),
-            input_names=["h", "targets"])),
-        # preference tuning (issue 18)
-        ("DPOLoss (mean, masked)", lambda: _dpo_check(rng, "mean")),
-        ("DPOLoss (sum, masked)", lambda: _dpo_check(rng, "sum")),
-    ] + _llama_checks(rng, dev, randn, randomized, seed) + _encdec_checks(dict(B=B, T=T, C=C, NH=NH), dev, randn, randomized, fixed_masks)
+        ("DPOLoss (mean, masked)", lambda: _dpo_check(d.rng, "mean")),
+        ("DPOLoss (sum, masked)", lambda: _dpo_check(d.rng, "sum")),
+    ]
 
 
 def _dpo_check(rng, reduction: str, B: int = 2, T: int = 5, V: int = 11) -> dict:
@@ -281,16 +311,14 @@ def _dpo_check(rng, reduction: str, B: int = 2, T: int = 5, V: int = 11) -> dict
                            {"logits_c": randn(B, T, V) * 2, "logits_r": randn(B, T, V) * 2}, {})
 
 
-
-def _llama_checks(rng, dev, randn, randomized, seed: int) -> list:
-    """gradcheck_checks' entries for the Llama 3 / Qwen3 ops and models (issue 17)."""
+def _llama_checks(d: _Draws) -> list:
+    """The Llama 3 / Qwen3 ops and models (issue 17)."""
     from .config import LlamaConfig
     from .llama import LlamaModel
     from .lora import apply_lora
     from .nn import CrossEntropyLoss, GroupedQueryAttention, RMSNorm, RoPE, SiLU, SwiGLU
 
-    F64 = "float64"
-    B, T, C, V = 2, 5, 8, 11
+    F64, rng, dev, randn, randomized, seed = d.F64, d.rng, d.dev, d.randn, d.randomized, d.seed
     llama3_rope = dict(rope_type="llama3", factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0,
                        original_max_position_embeddings=16)  # head_dim 6: one middle, two slow frequencies
     rope = RoPE(6, theta=100.0, scaling=llama3_rope, max_positions=16)
@@ -328,15 +356,14 @@ def _llama_checks(rng, dev, randn, randomized, seed: int) -> list:
     ]
 
 
-def _encdec_checks(sizes: dict, dev, randn, randomized, fixed_masks) -> list:
-    """The encoder-decoder's entries (issue 19): its ops with key padding masks, its blocks
-    and the whole model; the helpers are gradcheck_checks' own."""
+def _encdec_checks(d: _Draws) -> list:
+    """The encoder-decoder (issue 19): its ops with key padding masks, its blocks and the
+    whole model."""
     from .encdec import DecoderBlock, EncDecConfig, EncoderBlock, EncoderDecoder
     from .nn import CrossAttention, CrossEntropyLoss, MultiHeadAttention, SinusoidalPositionalEncoding
 
-    F64 = "float64"
-    B, T, C, NH = sizes["B"], sizes["T"], sizes["C"], sizes["NH"]
-    V, S = 11, T + 2
+    F64, dev, randn, randomized, fixed_masks = d.F64, d.dev, d.randn, d.randomized, d.fixed_masks
+    S = T + 2
     cfg = EncDecConfig(vocab_size=V, context_length=8, emb_dim=C, n_heads=NH, drop_rate=0.2, dtype=F64)
 
     def source_padding(S):
