@@ -378,9 +378,12 @@ def _encdec_checks(d: _Draws) -> list:
         return check_gradients(lambda x: layer(x, key_padding_mask=pad), layer.backward, {"x": randn(B, T, C)},
                                dict(layer.named_parameters()), before_forward=fixed_masks)
 
-    def model_check(norm_first: bool):
+    def model_check(norm_first: bool, lora: bool = False):
         def run():
-            model = randomized(EncoderDecoder(cfg.replace(norm_first=norm_first), seed=0), scale=0.3)
+            # with lora: adapters on every Linear of both stacks and the untied head, B drawn away
+            # from 0 with the rest, so every adapter gradient is exercised (the frozen weights are not checked)
+            lora_cfg = dict(tie_weights=False, lora_rank=2, lora_alpha=3.0) if lora else {}
+            model = randomized(EncoderDecoder(cfg.replace(norm_first=norm_first, **lora_cfg), seed=0), scale=0.3)
             for name, p in model.named_parameters():
                 if "ln_" in name and name.endswith(".weight"):
                     p.data += 1.0  # scales near 1: a chain of post-LN norms at 0.3 leaves no gradient
@@ -411,6 +414,7 @@ def _encdec_checks(d: _Draws) -> list:
             source_padding(S), input_names=["x", "memory", "src_pad"], before_forward=fixed_masks)),
         ("EncoderDecoder + loss", model_check(True)),
         ("EncDec (post-LN) + loss", model_check(False)),
+        ("EncDec + LoRA + loss", model_check(False, lora=True)),
     ]
 
 
