@@ -297,6 +297,33 @@ def test_lora_trains_only_the_adapters(tmp_path):
     np.testing.assert_array_equal(logits_of(restored, src), logits_of(model, src))
 
 
+def test_lora_adapters_on_a_trained_model(tmp_path, capsys):
+    """--init-from a trained run's checkpoint, then --lora-rank: the frozen weights are that
+    run's, so the adapters start from its loss, far below a fresh model's."""
+    def run(out, *extra):
+        return main(["train-translation", "--out", str(tmp_path / out), *SMALL, "--drop-rate", "0", *extra])
+
+    assert run("full") == 0
+    full_ckpt = tmp_path / "full" / "checkpoint.safetensors"
+    assert run("lora", "--init-from", str(full_ckpt), "--lora-rank", "2", "--epochs", "1") == 0
+    full, lora = (json.loads((tmp_path / d / "history.json").read_text()) for d in ("full", "lora"))
+    assert lora["val_losses"][0] < 0.9 * full["val_losses"][0]  # after one step: where the full run ended
+    base, adapted = (read_checkpoint(tmp_path / d / "checkpoint.safetensors") for d in ("full", "lora"))
+    assert adapted.config.lora_rank == 2
+    for name, value in base.model_tensors.items():
+        np.testing.assert_array_equal(adapted.model_tensors[name], value, err_msg=name)  # frozen
+    capsys.readouterr()
+    assert run("other", "--init-from", str(full_ckpt), "--emb-dim", "32") == 2
+    assert "does not fit the model" in capsys.readouterr().err
+    assert run("again", "--init-from", str(tmp_path / "lora" / "checkpoint.safetensors")) == 2
+    assert "holds LoRA adapters" in capsys.readouterr().err
+    from numpygpt import GPTConfig, GPTModel
+
+    save_checkpoint(tmp_path / "gpt2.safetensors", GPTModel(GPTConfig.preset("tiny"), seed=0))
+    assert run("gpt", "--init-from", str(tmp_path / "gpt2.safetensors")) == 2
+    assert "a gpt2 checkpoint, not an encoder-decoder's" in capsys.readouterr().err
+
+
 def logits_of(model, src):
     with no_grad():
         return backend.to_host(model(src, np.array([[1, 5]])))

@@ -90,6 +90,9 @@ class TranslationOptions(LoRAOptions):
                        group="optimisation")
     weight_decay: float = option(0.01, "", check=NONNEG_FLOAT, group="optimisation")
     seed: int = option(0, "seeds the numbers, the weights and the batch order", group="optimisation")
+    init_from: str | None = option(None, "start from the weights of this train-translation checkpoint (same model "
+                                   "options), e.g. to train --lora-rank adapters on a trained model", metavar="CKPT",
+                                   group="model")
     out: str = option("runs/translation", "the run's folder: history.json, checkpoint.safetensors (and "
                       "lora-adapters.safetensors)", metavar="DIR", group="run")
     checkpoint_every: int | None = option(None, "also write OUT/checkpoint.safetensors every N steps (it is always "
@@ -116,7 +119,8 @@ class TranslationOptions(LoRAOptions):
         """What a resumed run must share with the saved one."""
         keep = ("max_number", "train_numbers", "test_numbers", "emb_dim", "n_heads", "n_layers", "drop_rate",
                 "post_norm", "epochs", "batch_size", "lr", "weight_decay", "seed", "lora_rank")
-        return {**{k: getattr(self, k) for k in keep}, "lora_alpha": self.alpha}
+        init = os.path.abspath(self.init_from) if self.init_from is not None else None
+        return {**{k: getattr(self, k) for k in keep}, "lora_alpha": self.alpha, "init_from": init}
 
 
 def make_data(opts: TranslationOptions, tokenizer: NumberTokenizer):
@@ -143,14 +147,34 @@ def exact_match(model: EncoderDecoder, pairs: NumberPairs, batch_size: int = 256
 
 
 def build_model(opts: TranslationOptions, tokenizer: NumberTokenizer, pairs: NumberPairs) -> EncoderDecoder:
-    """The encoder-decoder the options describe, sized for ``pairs``, with LoRA adapters when
-    ``lora_rank`` is set (the weights are then frozen at their seeded draw)."""
+    """The encoder-decoder the options describe, sized for ``pairs``: seeded weights, or those of
+    ``init_from``; with LoRA adapters when ``lora_rank`` is set (the weights are then frozen)."""
+    from ..lora import apply_lora
+
     cfg = EncDecConfig(vocab_size=tokenizer.vocab_size, context_length=max(pairs.src.shape[1],
                                                                            pairs.tgt_in.shape[1]) + 2,
                        emb_dim=opts.emb_dim, n_heads=opts.n_heads, n_enc_layers=opts.n_layers,
                        n_dec_layers=opts.n_layers, drop_rate=opts.drop_rate, norm_first=not opts.post_norm,
-                       pad_id=tokenizer.pad_id, lora_rank=opts.lora_rank, lora_alpha=opts.alpha)
-    return EncoderDecoder(cfg, seed=opts.seed)
+                       pad_id=tokenizer.pad_id)
+    model = EncoderDecoder(cfg, seed=opts.seed)
+    if opts.init_from is not None:
+        _load_weights(model, opts.init_from)
+    if opts.lora_rank is not None:
+        apply_lora(model, opts.lora_rank, opts.alpha, seed=opts.seed)
+    return model
+
+
+def _load_weights(model: EncoderDecoder, path) -> None:
+    """``--init-from``: the weights of an encoder-decoder checkpoint without adapters, which must
+    fit the model the options describe (ValueError naming the first difference)."""
+    from ..checkpoint import read_checkpoint
+
+    saved = read_checkpoint(path)
+    if not isinstance(saved.config, EncDecConfig):
+        raise ValueError(f"--init-from {path}: a {saved.config.model_type} checkpoint, not an encoder-decoder's")
+    if saved.config.lora_rank is not None:
+        raise ValueError(f"--init-from {path}: the checkpoint holds LoRA adapters; start from one without")
+    saved.apply(model, restore_rng=False)  # "does not fit the model: ..." for other sizes
 
 
 def train_translation(opts: TranslationOptions, log=print) -> dict:
