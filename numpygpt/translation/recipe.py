@@ -30,9 +30,7 @@ from ..progress import say as _say
 from .numbers import MAX_NUMBER, NumberPairs, NumberTokenizer, sample_numbers
 
 __all__ = ["TranslationObjective", "TranslationOptions", "train_translation", "exact_match",
-           "add_translation_args", "run_translation", "ADAPTERS_FILE"]
-
-ADAPTERS_FILE = "lora-adapters.safetensors"
+           "add_translation_args", "run_translation"]
 
 
 class TranslationObjective:
@@ -200,8 +198,9 @@ def train_translation(opts: TranslationOptions, log=print) -> dict:
     optimizer = trainable_adamw(model, opts.lr, opts.weight_decay)
     run = RunFolder(opts.out, is_main=comm.is_main)
     state = run.resume(model, optimizer, opts.run_options()) if opts.resume else None
-    _print_plan(opts, model, train_pairs, test_pairs, planned_steps(len(train_loader), 1, opts.epochs,
-                                                                    opts.max_steps)[0], state, log)
+    steps = planned_steps(len(train_loader), 1, opts.epochs, opts.max_steps)[0]
+    _print_plan(opts, model, train_pairs, test_pairs, steps,
+                None if state is None else (state.global_step, run.checkpoint), log)
     options = TrainOptions(objective=TranslationObjective(), max_steps=opts.max_steps, max_grad_norm=1.0,
                            scheduler=CosineWithWarmup(opts.lr, total, max(1, total // 20), min_lr=opts.lr / 20),
                            checkpoint_path=run.checkpoint, checkpoint_every=opts.checkpoint_every,
@@ -219,19 +218,20 @@ def train_translation(opts: TranslationOptions, log=print) -> dict:
             "parameters": model.num_parameters(), "paths": paths}
 
 
-def _print_plan(opts: TranslationOptions, model, train_pairs, test_pairs, steps: int, state, log) -> None:
+def _print_plan(opts: TranslationOptions, model, train_pairs, test_pairs, steps: int, resumed, log) -> None:
+    """What the run will do; ``resumed``: (step, checkpoint path) of a resumed run, else None."""
     trainable = model.num_parameters(trainable_only=True)
     lora = f"; trainable {trainable:,} (LoRA rank {opts.lora_rank})" if opts.lora_rank is not None else ""
     _say(f"{len(train_pairs)} training pairs, {len(test_pairs)} held out; {model.num_parameters():,} "
          f"parameters{lora}; {steps} steps", log)
-    if state is not None:
-        _say(f"resuming at step {state.global_step:,} from {os.path.join(opts.out, 'checkpoint.safetensors')}", log)
+    if resumed:
+        _say(f"resuming at step {resumed[0]:,} from {resumed[1]}", log)
 
 
 def _write_outputs(run, model, history) -> dict:
     """history.json, and the adapters alone (``save_lora``) for a LoRA run; the main process
     writes, the others only name the paths."""
-    from ..lora import lora_layers, save_lora
+    from ..lora import ADAPTERS_FILE, lora_layers, save_lora
 
     paths = {"history": run.path("history.json"), "checkpoint": run.checkpoint}
     if lora_layers(model):
