@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 from . import backend, distributed
 from .generate import SAMPLING_DEFAULTS, describe_sampling, generate_text
+from .config import GPTConfig
+from .families import build_model
 from .model import GPTModel
 from .objective import FusedNextTokenObjective
 from .optim import AdamW, CosineWithWarmup, param_groups
@@ -30,11 +32,12 @@ from .options import DROP_RATE, FRACTION, NONNEG_FLOAT, NONNEG_INT, POSITIVE_INT
 from .plots import plot_losses
 from .progress import say as _progress_say
 from .scaffold import RunFolder
+from .run_model import MODEL_KEYS, SMALL_LLAMA, SMALL_MODEL, describe_config, train_config
 from .tokenizer import bits_per_character
 from .train import TrainOptions, TrainState, evaluate_model, perplexity
 
 __all__ = ["run_training", "run_generate", "run_gradcheck", "RunError", "TrainCommandOptions", "TRAIN_DEFAULTS",
-           "DEFAULT_MAX_STEPS", "sampling_options"]
+           "DEFAULT_MAX_STEPS", "sampling_options", "SMALL_MODEL", "SMALL_LLAMA"]
 
 
 class RunError(Exception):
@@ -45,22 +48,15 @@ class RunError(Exception):
         self.code = code
 
 
-# The model that `numpygpt train` builds when no --preset is given: small enough to learn
-# visibly in a few minutes on two CPU cores. Most of its time goes to the 50257-way
-# output layer, so the head shares the token embedding (half the embedding parameters
-# and optimiser work) and the blocks stay narrow. A model this small, trained this
-# briefly, takes a higher peak learning rate than the presets' default.
-SMALL_MODEL = dict(emb_dim=128, n_layers=4, n_heads=4, context_length=128, drop_rate=0.0,
-                   tie_weights=True, qkv_bias=False)
-SMALL_MODEL_LR = 3e-3  # the default --lr for SMALL_MODEL ...
+# A model as small as SMALL_MODEL (run_model.py), trained this briefly, takes a higher peak
+# learning rate than the presets' default.
+SMALL_MODEL_LR = 3e-3  # the default --lr for SMALL_MODEL and SMALL_LLAMA ...
 DEFAULT_LR = 1e-3  # ... and for presets and pretrained weights
 DEFAULT_MAX_STEPS = 400  # used when neither --max-steps nor --epochs is given
 DEFAULT_PROMPT = "The for statement is used to"  # fits the default corpus
 GENERIC_PROMPT = "Every effort moves you"  # the book's, for any other model
 
-MODEL_KEYS = ("preset", "emb_dim", "n_layers", "n_heads", "context_length", "drop_rate",
-              "tie_weights", "qkv_bias")
-MODEL_GROUP = "model (default: emb 128, 4 layers, 4 heads, context 128, tied head)"
+MODEL_GROUP = "model (default: GPT-2's blocks, emb 128, 4 layers, 4 heads, context 128, tied head)"
 OPT_GROUP = "optimisation"
 
 
@@ -68,7 +64,8 @@ OPT_GROUP = "optimisation"
 class TrainCommandOptions(Options):
     """``numpygpt train``'s options: each field is a flag (``--batch-size``...), with its default.
 
-    None means "chosen for you": the model's shape from ``--preset`` (or SMALL_MODEL), the
+    None means "chosen for you": the model's family and shape from ``--preset`` (or ``--arch``'s SMALL_MODEL or
+    SMALL_LLAMA), the
     learning rate from the model (SMALL_MODEL_LR for the default model, DEFAULT_LR otherwise),
     the step budget DEFAULT_MAX_STEPS when neither ``max_steps`` nor ``epochs`` is given.
     """
@@ -84,13 +81,23 @@ class TrainCommandOptions(Options):
                             "train --out DIR) or tokenizer.model; it is saved beside the checkpoint",
                             metavar="gpt2|DIR", group="data")
 
-    preset: str | None = option(None, "start from a preset: tiny, gpt2-small (gpt2), gpt2-medium, gpt2-large, gpt2-xl",
-                                group=MODEL_GROUP)
+    arch: str | None = option(None, "the model family: gpt2 (the default), llama (Llama 3: RMSNorm, rotary positions, "
+                              "SwiGLU, grouped-query attention, no biases) or qwen3 (Llama with QK-norm); a --preset "
+                              "names its own", choices=("gpt2", "llama", "qwen3"), group=MODEL_GROUP)
+    preset: str | None = option(None, "start from a preset: tiny, gpt2-small (gpt2), gpt2-medium, gpt2-large, gpt2-xl; "
+                                "llama-tiny, llama-small, llama-3.2-1b, llama-3.2-3b, qwen3-tiny, qwen3-0.6b, "
+                                "qwen3-1.7b", group=MODEL_GROUP)
     emb_dim: int | None = option(None, "", check=POSITIVE_INT, group=MODEL_GROUP)
     n_layers: int | None = option(None, "", check=POSITIVE_INT, group=MODEL_GROUP)
     n_heads: int | None = option(None, "", check=POSITIVE_INT, group=MODEL_GROUP)
     context_length: int | None = option(None, "also the length of a training window", check=POSITIVE_INT,
                                         group=MODEL_GROUP)
+    n_kv_heads: int | None = option(None, "key/value heads of grouped-query attention (llama, qwen3; default 2)",
+                                    check=POSITIVE_INT, group=MODEL_GROUP)
+    head_dim: int | None = option(None, "size of an attention head (llama, qwen3; default emb_dim / n_heads)",
+                                  check=POSITIVE_INT, group=MODEL_GROUP)
+    hidden_dim: int | None = option(None, "width of the SwiGLU feed-forward (llama, qwen3; default 3 x emb_dim)",
+                                    check=POSITIVE_INT, group=MODEL_GROUP)
     drop_rate: float | None = option(None, "", check=DROP_RATE, group=MODEL_GROUP)
     tie_weights: bool | None = option(None, "share the token embedding with the output head", negatable=True,
                                       group=MODEL_GROUP)
@@ -133,7 +140,8 @@ class TrainCommandOptions(Options):
                                        f"{SAMPLING_DEFAULTS['temperature']})", check=NONNEG_FLOAT, group="run")
     top_k: int | None = option(None, f"sample only from the k most likely tokens (default "
                                f"{SAMPLING_DEFAULTS['top_k']})", check=POSITIVE_INT, group="run")
-    device: str = option("auto", "cpu (NumPy), cuda (CuPy) or auto", choices=("cpu", "cuda", "auto"), group="run")
+    device: str = option("auto", "cpu (NumPy), cuda (CuPy) or auto; fake-cuda is for tests (NumPy that refuses what "
+                         "CuPy refuses: numpygpt.fake_cuda)", choices=("cpu", "cuda", "auto", "fake-cuda"), group="run")
     out: str = option("runs/train", "where the checkpoint, plot and history go", metavar="DIR", group="run")
     checkpoint_every: int = option(100, "also checkpoint every N steps", check=POSITIVE_INT, metavar="N",
                                    group="run")
@@ -226,17 +234,10 @@ def _load_text(opts: TrainCommandOptions) -> tuple[str, str]:
 
 
 def _model_config(opts: TrainCommandOptions, n_vocab: int):
-    """GPTConfig for a fresh model: the preset (or the small default) and the model flags,
-    with an embedding row for each of the tokenizer's ``n_vocab`` tokens."""
-    from .config import GPTConfig
-
+    """The config of a fresh model (run_model.train_config): the family's preset or small
+    default and the model flags, with an embedding row for each of the tokenizer's ``n_vocab`` tokens."""
     try:
-        base = GPTConfig.preset(opts.preset).to_dict() if opts.preset else {**GPTConfig().to_dict(), **SMALL_MODEL}
-        for key in MODEL_KEYS[1:]:
-            if getattr(opts, key) is not None:
-                base[key] = getattr(opts, key)
-        base.update(vocab_size=n_vocab, dtype=opts.dtype)
-        return GPTConfig(**base)
+        return train_config(opts, n_vocab)
     except ValueError as e:
         raise RunError(f"model configuration: {e}") from e
 
@@ -245,12 +246,6 @@ def _check_model_flags_unused(given: dict, why: str, allowed=()) -> None:
     for key in MODEL_KEYS:
         if key in given and key not in allowed:
             raise RunError(f"--{key.replace('_', '-')} cannot be used {why}: the model's shape is fixed there")
-
-
-def _describe_config(cfg) -> str:
-    return (f"emb_dim {cfg.emb_dim}, {cfg.n_layers} layers, {cfg.n_heads} heads, context {cfg.context_length}, "
-            f"vocab {cfg.vocab_size}, drop_rate {cfg.drop_rate}, qkv_bias {cfg.qkv_bias}, "
-            f"{'tied' if cfg.tie_weights else 'untied'} head, {cfg.dtype}")
 
 
 def _build_loaders(text: str, opts: TrainCommandOptions, T: int, tokenizer):
@@ -456,12 +451,15 @@ def _build_model(opts: TrainCommandOptions, given: dict, saved, device: str, n_v
     GPT-2 (--init-from), or a fresh one drawn from the seed."""
     if saved is not None:
         with backend.device(device):
-            return GPTModel(saved.config, init=False)
+            return build_model(saved.config, init=False)
     if opts.init_from:
         _check_model_flags_unused(given, "with --init-from", allowed=("context_length", "drop_rate"))
         return _from_pretrained(opts.init_from, dtype=opts.dtype, device=device, drop_rate=opts.drop_rate or 0.0)
+    cfg = _model_config(opts, n_vocab)
     backend.manual_seed(opts.seed)
-    return GPTModel(_model_config(opts, n_vocab), seed=opts.seed, init=opts.init)
+    if isinstance(cfg, GPTConfig):
+        return GPTModel(cfg, seed=opts.seed, init=opts.init)
+    return build_model(cfg, seed=opts.seed)
 
 
 def _restore(saved, resume_state, model, optimizer, train_loader, opts: TrainCommandOptions) -> None:
@@ -509,7 +507,7 @@ def _print_plan(opts, model, device, data_desc, train_loader, val_loader, T, tot
     if comm.world_size > 1:
         _say(f"ranks       {comm.describe()}")
     where = (f" (resumed from {opts.resume})" if opts.resume else f" (from {opts.init_from})" if opts.init_from else "")
-    _say(f"model       {_describe_config(model.cfg)}{where}")
+    _say(f"model       {describe_config(model.cfg)}{where}")
     _say(f"parameters  {model.num_parameters():,}")
     _say(f"data        {data_desc}")
     _say(f"tokenizer   {tokenizer_desc}")

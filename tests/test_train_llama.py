@@ -1,0 +1,156 @@
+"""``numpygpt train --arch llama|qwen3``: Llama 3 and Qwen3 trained from scratch through the one
+loop GPT-2 uses, with what a GPT-2 run has: the run folder, bit-for-bit resume, accumulation,
+ZeRO, a trained tokenizer, the fake GPU device, and the family's own refusals."""
+
+import json
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from numpygpt.checkpoint import read_checkpoint
+from numpygpt.cli import main
+from numpygpt.config import LlamaConfig
+from numpygpt.data import default_corpus
+from numpygpt.llama import LlamaModel
+from numpygpt.run import run_training
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "small.txt"
+    path.write_text(default_corpus()[:8000], encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory, corpus):
+    out = tmp_path_factory.mktemp("tok") / "tok"
+    assert main(["tokenizer", "train", "--data", str(corpus), "--vocab-size", "400", "--out", str(out)]) == 0
+    return out
+
+
+GPT2_SHAPE = ["--emb-dim", "16", "--n-layers", "2", "--n-heads", "4"]
+LLAMA_SHAPE = [*GPT2_SHAPE, "--n-kv-heads", "2", "--hidden-dim", "32"]
+
+
+def args(corpus, out, *extra, steps=6, tokenizer=None, shape=LLAMA_SHAPE, device="cpu"):
+    """A tiny model (float64, so that equal runs are equal to the last bit) on the small text."""
+    argv = ["train", *shape, "--context-length", "8", "--dtype", "float64", "--data", corpus,
+            "--device", device, "--batch-size", "4", "--schedule", "constant", "--lr", "3e-3", "--eval-freq", "3", "--eval-iter", "1",
+            "--prompt", "The", "--sample-tokens", "3", "--no-progress", "--max-steps", steps, "--out", out, *extra]
+    if tokenizer is not None:
+        argv += ["--tokenizer", tokenizer]
+    return [str(a) for a in argv]
+
+
+def history(out):
+    return json.loads((out / "history.json").read_text())
+
+
+def weights(out):
+    return {k: v for k, v in load_file(str(out / "checkpoint.safetensors")).items() if k.startswith("model.")}
+
+
+def assert_same_run(got, want, rel=0.0):
+    """The same per-step losses and final weights: bit for bit, or to ``rel`` relative."""
+    np.testing.assert_allclose(history(got)["step_losses"], history(want)["step_losses"], rtol=rel, atol=0)
+    a, b = weights(got), weights(want)
+    assert a.keys() == b.keys()
+    for key in b:
+        assert np.abs(a[key] - b[key]).max() <= rel * np.abs(b[key]).max(), key
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_the_default_corpus_trains_a_small_model_whose_loss_falls(arch, tmp_path, capsys):
+    """The family's small default shape (SMALL_LLAMA), GPT-2's tokenizer, the default corpus: the
+    run folder holds what a GPT-2 run's does, the checkpoint is the family's, and the loss falls."""
+    out = tmp_path / arch
+    result = run_training({"arch": arch, "context_length": 16, "batch_size": 4, "max_steps": 12, "eval_freq": 11,
+                           "eval_iter": 2, "sample_tokens": 4, "device": "cpu", "no_progress": True,
+                           "out": str(out)})
+    printed = capsys.readouterr().out
+    assert f"model       {arch}: emb_dim 128, 4 layers, 4 heads (2 key/value)" in printed
+    assert "Ep 1 sample (step 12)" in printed and "The for statement is used to" in printed
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.safetensors", "history.json", "loss.png"]
+    model = result["model"]
+    assert isinstance(model, LlamaModel) and model.cfg.model_type == arch and model.cfg.qk_norm == (arch == "qwen3")
+    assert read_checkpoint(out / "checkpoint.safetensors").config == model.cfg
+    losses = history(out)["step_losses"]
+    assert len(losses) == 12 and np.mean(losses[-3:]) < losses[0] - 1.0
+    assert history(out)["val_losses"][-1] < history(out)["val_losses"][0]
+
+
+def test_the_folder_of_a_llama_run_is_a_gpt2_runs(corpus, tokenizer_dir, tmp_path, capsys):
+    """Same files (the trained tokenizer saved beside the checkpoint), the same history keys; the
+    checkpoint decodes with that tokenizer."""
+    runs = {}
+    for arch in ("gpt2", "llama"):
+        out = tmp_path / arch
+        shape = GPT2_SHAPE if arch == "gpt2" else LLAMA_SHAPE
+        assert main(args(corpus, out, "--arch", arch, tokenizer=tokenizer_dir, shape=shape)) == 0
+        runs[arch] = out
+    capsys.readouterr()
+    files = [sorted(p.name for p in runs[a].iterdir()) for a in runs]
+    assert files[0] == files[1] == ["checkpoint.safetensors", "history.json", "loss.png", "tokenizer.json"]
+    assert history(runs["gpt2"]).keys() == history(runs["llama"]).keys()
+    saved = read_checkpoint(runs["llama"] / "checkpoint.safetensors")
+    assert saved.config.vocab_size == 400 and saved.extra["tokenizer"]["n_vocab"] == 400
+    assert main(["generate", "--checkpoint", str(runs["llama"] / "checkpoint.safetensors"), "--prompt", "The",
+                 "--max-new-tokens", "4", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.startswith("The")
+
+
+@pytest.mark.parametrize("arch,accum", [("llama", 1), ("qwen3", 2)])
+def test_resume_reproduces_the_uninterrupted_run(corpus, tokenizer_dir, tmp_path, capsys, arch, accum):
+    """8 steps straight == 4 steps, then --resume to 8: bit for bit (weights, AdamW, dropout stream,
+    data order), with gradient accumulation and a trained tokenizer."""
+    extra = ["--arch", arch, "--grad-accum", str(accum)]
+    straight, halves = tmp_path / "straight", tmp_path / "halves"
+    assert main(args(corpus, straight, *extra, steps=8, tokenizer=tokenizer_dir)) == 0
+    assert main(args(corpus, halves, *extra, steps=4, tokenizer=tokenizer_dir)) == 0
+    assert main(["train", "--resume", str(halves / "checkpoint.safetensors"), "--max-steps", "8",
+                 "--no-progress", "--out", str(halves)]) == 0
+    assert "resuming    at step 4" in capsys.readouterr().out
+    assert_same_run(halves, straight)
+
+
+def test_zero_1_and_the_fake_gpu_take_the_plain_runs_steps(corpus, tmp_path, capsys):
+    """--zero 1 (one rank: the whole flat vector is its shard) and --device fake-cuda (CuPy's
+    refusals, NumPy's arithmetic) take the plain CPU run's steps, to rounding: the clipping
+    norm sums in another order (a flat vector; on the device, without a sync)."""
+    plain = tmp_path / "plain"
+    assert main(args(corpus, plain, "--arch", "qwen3", "--grad-accum", "2")) == 0
+    for name, flags, device, rel in (("zero", ["--zero", "1"], "cpu", 1e-10), ("fake", [], "fake-cuda", 1e-10)):
+        assert main(args(corpus, tmp_path / name, "--arch", "qwen3", "--grad-accum", "2", *flags, device=device)) == 0
+        assert_same_run(tmp_path / name, plain, rel)
+    assert "device      fake-cuda" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--arch", "llama", "--qkv-bias"], "--qkv-bias: a llama model has no biases"),
+    (["--arch", "qwen3", "--drop-rate", "0.1"], "--drop-rate: a qwen3 model has no dropout"),
+    (["--arch", "llama", "--init", "pytorch"], "--init pytorch: a llama model starts from"),
+    (["--n-kv-heads", "2"], "--n-kv-heads: GPT-2 has no such field"),
+    (["--preset", "qwen3-tiny", "--arch", "llama"], "--preset qwen3-tiny is a qwen3 model, not --arch llama"),
+    (["--arch", "llama", "--n-heads", "4", "--n-kv-heads", "3"], "must be a multiple of n_kv_heads"),
+])
+def test_flags_the_family_has_no_use_for_are_refused(corpus, tmp_path, capsys, flags, message):
+    assert main(["train", "--data", str(corpus), "--device", "cpu", "--out", str(tmp_path / "x"), *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("numpygpt: error: model configuration:") and message in err[0], err
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_llama_preset_names_its_family_and_the_flags_change_its_shape(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    result = run_training({"preset": "llama-tiny", "n_layers": 1, "hidden_dim": 48, "context_length": 8,
+                           "data": str(corpus), "max_steps": 1, "batch_size": 2, "device": "cpu",
+                           "no_progress": True, "prompt": "", "out": str(out)})
+    cfg = result["model"].cfg
+    want = LlamaConfig.preset("llama-tiny", n_layers=1, hidden_dim=48, context_length=8, vocab_size=50257)
+    assert cfg == want  # the preset's RoPE scaling and eps kept
+    assert "--resume" not in capsys.readouterr().err
+    # a resumed run's shape is the checkpoint's: shape flags are refused
+    code = main(["train", "--resume", str(out / "checkpoint.safetensors"), "--hidden-dim", "64"])
+    assert code == 2 and "--hidden-dim cannot be used with --resume" in capsys.readouterr().err
