@@ -127,6 +127,23 @@ def test_zero_1_and_the_fake_gpu_take_the_plain_runs_steps(corpus, tmp_path, cap
     assert "device      fake-cuda" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_the_fused_loss_takes_the_plain_runs_steps(corpus, tmp_path, capsys, monkeypatch, tied):
+    """--fused-loss on a Llama model: the fused op computes the loss (forward_hidden, then the
+    head and cross-entropy chunk by chunk), and the steps are the plain loss's (float64)."""
+    from numpygpt.nn import FusedLinearCrossEntropy
+
+    calls, real = [], FusedLinearCrossEntropy.forward
+    monkeypatch.setattr(FusedLinearCrossEntropy, "forward", lambda self, *a: calls.append(1) or real(self, *a))
+    tie = "--tie-weights" if tied else "--no-tie-weights"
+    assert main(args(corpus, tmp_path / "plain", "--arch", "llama", tie, steps=4)) == 0
+    assert not calls
+    assert main(args(corpus, tmp_path / "fused", "--arch", "llama", tie, "--fused-loss", steps=4)) == 0
+    assert len(calls) >= 4
+    assert_same_run(tmp_path / "fused", tmp_path / "plain", rel=1e-12)
+    capsys.readouterr()
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--arch", "llama", "--qkv-bias"], "--qkv-bias: a llama model has no biases"),
     (["--arch", "qwen3", "--drop-rate", "0.1"], "--drop-rate: a qwen3 model has no dropout"),
