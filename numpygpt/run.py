@@ -36,7 +36,7 @@ from .run_model import MODEL_KEYS, SMALL_LLAMA, SMALL_MODEL, describe_config, tr
 from .tokenizer import bits_per_character
 from .train import TrainOptions, TrainState, evaluate_model, perplexity
 
-__all__ = ["run_training", "run_generate", "run_gradcheck", "RunError", "TrainCommandOptions", "TRAIN_DEFAULTS",
+__all__ = ["run_training", "run_generate", "load_model", "run_gradcheck", "RunError", "TrainCommandOptions", "TRAIN_DEFAULTS",
            "DEFAULT_MAX_STEPS", "sampling_options", "SMALL_MODEL", "SMALL_LLAMA"]
 
 
@@ -558,8 +558,9 @@ def run_generate(prompt: str | None = None, checkpoint=None, model=None, max_new
                  temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                  seed: int | None = None, greedy: bool = False, device: str = "auto", dtype: str = "float32",
                  use_cache: bool = True) -> str:
-    """Everything ``numpygpt generate`` does: load a checkpoint (``checkpoint``) or GPT-2
-    weights (``model``: a directory or a name), continue ``prompt``, print and return the text.
+    """Everything ``numpygpt generate`` does: load a checkpoint (``checkpoint``) or a model
+    (``model``: anything ``load_model`` reads), continue ``prompt`` and decode with the model's
+    own tokenizer, print and return the text.
 
     Decoding: ``sampling_options(greedy, temperature, top_k, seed, top_p)``, so by default
     temperature 0.8, top-k 40, seed 123; the settings are printed on stderr. ``prompt``
@@ -567,18 +568,11 @@ def run_generate(prompt: str | None = None, checkpoint=None, model=None, max_new
     """
     if (checkpoint is None) == (model is None):
         raise RunError("give exactly one of a checkpoint and a model")
-    device = _set_device(device)
-    default_corpus_run = False
-    if checkpoint is not None:
-        saved = _read_checkpoint(checkpoint)
-        options = (saved.extra or {}).get("cli_options") or {}
-        default_corpus_run = "data" in options and options["data"] is None
-        tokenizer = _checkpoint_tokenizer(saved)
-        gpt = _build_from_checkpoint(saved, device)
-        _check_tokenizer_fits(tokenizer, gpt, prefix=f"{checkpoint}: ")
-    else:
-        tokenizer = None  # GPT-2's
-        gpt = _from_pretrained(model, dtype=dtype, device=device)
+    if checkpoint is not None and not os.path.isfile(checkpoint):
+        raise RunError(f"checkpoint {checkpoint!r} does not exist (or is not a file)")
+    gpt, tokenizer, saved = load_model(checkpoint if checkpoint is not None else model, device, dtype)
+    options = ((saved.extra or {}).get("cli_options") or {}) if saved is not None else {}
+    default_corpus_run = "data" in options and options["data"] is None
     if prompt is None:
         prompt = DEFAULT_PROMPT if default_corpus_run else GENERIC_PROMPT
     if not prompt:
@@ -595,6 +589,53 @@ def run_generate(prompt: str | None = None, checkpoint=None, model=None, max_new
     print(f"numpygpt: {how}", file=sys.stderr, flush=True)
     print(text, flush=True)
     return text
+
+
+def load_model(source, device: str = "auto", dtype: str = "float32"):
+    """(model, tokenizer, the Checkpoint read or None) of ``source``, the model decoding with its
+    own tokenizer, whatever its family (GPT-2, Llama 3, Qwen3):
+
+    - a numpygpt checkpoint, or a run folder holding one (``checkpoint.safetensors``, no
+      ``config.json``): the tokenizer it was trained with, saved beside it;
+    - a Hugging Face directory (``config.json``, ``model_type`` gpt2, llama or qwen3): its
+      ``tokenizer.json`` or ``tokenizer.model``, or GPT-2's BPE for a GPT-2 model without one;
+    - a GPT-2 name ('gpt2', 'gpt2-medium', ...): GPT-2's BPE.
+
+    A tokenizer whose vocabulary does not fit the model is one RunError (check_vocab_size).
+    """
+    device = _set_device(device)
+    path = _checkpoint_in(source)
+    if path is not None:
+        saved = _read_checkpoint(path)
+        tokenizer = _checkpoint_tokenizer(saved)
+        model = _build_from_checkpoint(saved, device)
+        _check_tokenizer_fits(tokenizer, model, prefix=f"{path}: ")
+        return model, tokenizer, saved
+    from . import hf
+    from .tokenizer import TokenizerError, model_tokenizer
+
+    try:
+        model = hf.from_pretrained(source, dtype=dtype, device=device)
+    except (OSError, ValueError, KeyError) as e:
+        raise RunError(f"cannot load pretrained weights {source!r}: {e}") from e
+    try:
+        tokenizer = model_tokenizer(source, model.cfg.model_type, model.cfg.vocab_size)
+    except (TokenizerError, OSError) as e:
+        raise RunError(f"{source}: {e}") from e
+    return model, tokenizer, None
+
+
+def _checkpoint_in(source) -> str | None:
+    """The numpygpt checkpoint ``source`` names: the file itself, or a run folder's (a folder with
+    ``checkpoint.safetensors`` and no Hugging Face ``config.json``); None for anything else."""
+    from .scaffold import CHECKPOINT_FILE
+
+    path = os.path.expanduser(os.fspath(source))
+    if os.path.isfile(path):
+        return path
+    if os.path.isfile(os.path.join(path, CHECKPOINT_FILE)) and not os.path.isfile(os.path.join(path, "config.json")):
+        return os.path.join(path, CHECKPOINT_FILE)
+    return None
 
 
 def _checkpoint_tokenizer(saved):
