@@ -92,12 +92,12 @@ class TrainCommandOptions(Options):
     n_heads: int | None = option(None, "", check=POSITIVE_INT, group=MODEL_GROUP)
     context_length: int | None = option(None, "also the length of a training window", check=POSITIVE_INT,
                                         group=MODEL_GROUP)
-    n_kv_heads: int | None = option(None, "key/value heads of grouped-query attention (llama, qwen3; default 2)",
-                                    check=POSITIVE_INT, group=MODEL_GROUP)
+    n_kv_heads: int | None = option(None, "key/value heads of grouped-query attention (llama, qwen3; default: the "
+                                    "preset's, else half the query heads)", check=POSITIVE_INT, group=MODEL_GROUP)
     head_dim: int | None = option(None, "size of an attention head (llama, qwen3; default emb_dim / n_heads)",
                                   check=POSITIVE_INT, group=MODEL_GROUP)
-    hidden_dim: int | None = option(None, "width of the SwiGLU feed-forward (llama, qwen3; default 3 x emb_dim)",
-                                    check=POSITIVE_INT, group=MODEL_GROUP)
+    hidden_dim: int | None = option(None, "width of the SwiGLU feed-forward (llama, qwen3; default: the preset's, "
+                                    "else 3 x emb_dim)", check=POSITIVE_INT, group=MODEL_GROUP)
     drop_rate: float | None = option(None, "", check=DROP_RATE, group=MODEL_GROUP)
     tie_weights: bool | None = option(None, "share the token embedding with the output head", negatable=True,
                                       group=MODEL_GROUP)

@@ -71,6 +71,10 @@ def train_config(opts, n_vocab: int):
     else:
         base = {**LlamaConfig().to_dict(), **FAMILY_DEFAULTS[arch], **SMALL_LLAMA, "model_type": arch,
                 "head_dim": None, "rope_scaling": None}
+        # the shape follows the width and heads given: SwiGLU 3C, half as many key/value heads
+        base["hidden_dim"] = 3 * (opts.emb_dim or base["emb_dim"])
+        n_heads = opts.n_heads or base["n_heads"]
+        base["n_kv_heads"] = n_heads // 2 if n_heads % 2 == 0 else n_heads
     if opts.emb_dim is not None or opts.n_heads is not None:
         base["head_dim"] = None  # follows the new width unless given
     return LlamaConfig(**_override(base, opts, LLAMA_KEYS, n_vocab))

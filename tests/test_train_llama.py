@@ -171,3 +171,21 @@ def test_a_llama_preset_names_its_family_and_the_flags_change_its_shape(corpus, 
     # a resumed run's shape is the checkpoint's: shape flags are refused
     code = main(["train", "--resume", str(out / "checkpoint.safetensors"), "--hidden-dim", "64"])
     assert code == 2 and "--hidden-dim cannot be used with --resume" in capsys.readouterr().err
+
+
+def test_the_small_default_follows_the_width_and_heads_given():
+    from numpygpt.run import TrainCommandOptions
+    from numpygpt.run_model import SMALL_LLAMA, train_config
+
+    def config(**given):
+        return train_config(TrainCommandOptions.from_dict(given), n_vocab=300)
+
+    cfg = config(arch="llama")
+    assert {k: getattr(cfg, k) for k in SMALL_LLAMA} == SMALL_LLAMA and cfg.rope_scaling is None
+    assert (cfg.vocab_size, cfg.rope_theta, cfg.rms_norm_eps, cfg.qk_norm) == (300, 500000.0, 1e-5, False)
+    cfg = config(arch="qwen3", emb_dim=48, n_heads=6)
+    assert (cfg.hidden_dim, cfg.n_kv_heads, cfg.head_dim) == (144, 3, 8)
+    assert (cfg.rope_theta, cfg.rms_norm_eps, cfg.qk_norm) == (1000000.0, 1e-6, True)
+    assert config(arch="llama", n_heads=3, emb_dim=48).n_kv_heads == 3  # an odd count: every head its own
+    cfg = config(preset="qwen3-0.6b", n_layers=1)  # a preset keeps its own shape but for the flags given
+    assert (cfg.n_layers, cfg.hidden_dim, cfg.n_kv_heads, cfg.head_dim, cfg.vocab_size) == (1, 3072, 8, 128, 300)
