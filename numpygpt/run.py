@@ -13,6 +13,7 @@ knows nothing about options) and below ``cli`` (argument parsing and exit codes)
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shlex
@@ -77,8 +78,9 @@ class TrainCommandOptions(Options):
     stride: int | None = option(None, "offset between training windows (default: the context length)",
                                 check=POSITIVE_INT, group="data")
     batch_size: int = option(8, "windows per micro-batch", check=POSITIVE_INT, metavar="B", group="data")
-    tokenizer: str = option("gpt2", "GPT-2's vocabulary, or a directory with a tokenizer.json (numpygpt tokenizer "
-                            "train --out DIR) or tokenizer.model; it is saved beside the checkpoint",
+    tokenizer: str = option("gpt2", "GPT-2's vocabulary (with --init-from: the pretrained model's own), or a "
+                            "directory with a tokenizer.json (numpygpt tokenizer train --out DIR) or tokenizer.model; "
+                            "it is saved beside the checkpoint",
                             metavar="gpt2|DIR", group="data")
 
     arch: str | None = option(None, "the model family: gpt2 (the default), llama (Llama 3: RMSNorm, rotary positions, "
@@ -106,8 +108,9 @@ class TrainCommandOptions(Options):
     init: str = option("gpt2", "random initialisation: gpt2 (N(0, 0.02)) or pytorch (the book's: PyTorch's "
                        "default nn.Embedding N(0, 1) and nn.Linear U(+-1/sqrt(fan_in)))",
                        choices=("gpt2", "pytorch"), group=MODEL_GROUP)
-    init_from: str | None = option(None, "start from pretrained GPT-2 weights (a Hugging Face directory or "
-                                   "'gpt2', ...)", metavar="DIR_OR_NAME", group=MODEL_GROUP)
+    init_from: str | None = option(None, "start from pretrained weights: a Hugging Face directory (gpt2, llama, qwen3; "
+                                   "its own tokenizer unless --tokenizer is given) or 'gpt2', ...",
+                                   metavar="DIR_OR_NAME", group=MODEL_GROUP)
 
     epochs: int | None = option(None, "passes over the training split", check=POSITIVE_INT, group=OPT_GROUP)
     max_steps: int | None = option(None, f"stop after this many optimiser steps (default {DEFAULT_MAX_STEPS} "
@@ -209,11 +212,32 @@ def _apply_checkpoint(saved, model, optimizer) -> None:
         raise RunError(f"cannot load checkpoint {saved.path!r}: {e}") from e
 
 
-def _from_pretrained(name: str, **kw):
+def _from_pretrained(name: str, dtype: str = "float32", device: str | None = None, drop_rate: float = 0.0):
+    """The model of a Hugging Face directory of any family (``numpygpt.from_pretrained``), or
+    of a GPT-2 name; ``drop_rate``: GPT-2's dropout (Llama and Qwen3 have none)."""
+    from . import hf
+
+    family = _pretrained_family(name)
+    if drop_rate and family != "gpt2":
+        raise RunError(f"--drop-rate: a {family} model has no dropout")
     try:
-        return GPTModel.from_pretrained(name, **kw)
+        if family == "gpt2":
+            return GPTModel.from_pretrained(name, dtype=dtype, device=device, drop_rate=drop_rate)
+        return hf.from_pretrained(name, dtype=dtype, device=device)
     except (OSError, ValueError, KeyError) as e:
         raise RunError(f"cannot load pretrained weights {name!r}: {e}") from e
+
+
+def _pretrained_family(name: str) -> str:
+    """``config.json``'s model_type of a directory; "gpt2" for a name (or a directory whose
+    config the loader will report on)."""
+    path = os.path.join(os.path.expanduser(os.fspath(name)), "config.json")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            config = json.load(fh)
+    except (OSError, ValueError):
+        return "gpt2"
+    return config.get("model_type", "gpt2") if isinstance(config, dict) else "gpt2"
 
 
 def _load_text(opts: TrainCommandOptions) -> tuple[str, str]:
@@ -291,18 +315,38 @@ def _load_tokenizer(opts: TrainCommandOptions, given: dict, saved):
 
 
 def _tokenizer_and_model(opts: TrainCommandOptions, given: dict, saved, device: str):
-    """The run's tokenizer and the model, whose vocabulary must be the tokenizer's."""
-    tokenizer = _load_tokenizer(opts, given, saved)
-    model = _build_model(opts, given, saved, device, tokenizer.n_vocab)
+    """The run's tokenizer and the model, whose vocabulary must be the tokenizer's. Pretrained
+    weights (--init-from) come first and bring their own tokenizer unless --tokenizer is given."""
+    if saved is None and opts.init_from:
+        model = _build_model(opts, given, None, device, n_vocab=None)
+        if "tokenizer" in given:
+            tokenizer = _load_tokenizer(opts, given, None)
+        else:
+            tokenizer = _pretrained_tokenizer(opts.init_from, model)
+    else:
+        tokenizer = _load_tokenizer(opts, given, saved)
+        model = _build_model(opts, given, saved, device, tokenizer.n_vocab)
     _check_tokenizer_fits(tokenizer, model)
     return tokenizer, model
 
 
+def _pretrained_tokenizer(source, model):
+    """The tokenizer of pretrained weights: the directory's own (GPT-2's for GPT-2 without one)."""
+    from .tokenizer import TokenizerError, model_tokenizer
+
+    try:
+        return model_tokenizer(source, model.cfg.model_type, model.cfg.vocab_size)
+    except (TokenizerError, OSError) as e:
+        raise RunError(f"{source}: {e}") from e
+
+
 def _check_tokenizer_fits(tokenizer, model, prefix: str = "--tokenizer: ") -> None:
+    """A model may have more embedding rows than the tokenizer has tokens (published models pad
+    theirs; a fresh model has exactly one row a token), never fewer."""
     from .tokenizer import TokenizerError, check_vocab_size
 
     try:
-        check_vocab_size(tokenizer, model.cfg.vocab_size)
+        check_vocab_size(tokenizer, model.cfg.vocab_size, padded=True)
     except TokenizerError as e:
         raise RunError(f"{prefix}{e}") from e
 
@@ -611,18 +655,8 @@ def load_model(source, device: str = "auto", dtype: str = "float32"):
         model = _build_from_checkpoint(saved, device)
         _check_tokenizer_fits(tokenizer, model, prefix=f"{path}: ")
         return model, tokenizer, saved
-    from . import hf
-    from .tokenizer import TokenizerError, model_tokenizer
-
-    try:
-        model = hf.from_pretrained(source, dtype=dtype, device=device)
-    except (OSError, ValueError, KeyError) as e:
-        raise RunError(f"cannot load pretrained weights {source!r}: {e}") from e
-    try:
-        tokenizer = model_tokenizer(source, model.cfg.model_type, model.cfg.vocab_size)
-    except (TokenizerError, OSError) as e:
-        raise RunError(f"{source}: {e}") from e
-    return model, tokenizer, None
+    model = _from_pretrained(source, dtype=dtype, device=device)
+    return model, _pretrained_tokenizer(source, model), None
 
 
 def _checkpoint_in(source) -> str | None:

@@ -189,3 +189,51 @@ def test_the_small_default_follows_the_width_and_heads_given():
     assert config(arch="llama", n_heads=3, emb_dim=48).n_kv_heads == 3  # an odd count: every head its own
     cfg = config(preset="qwen3-0.6b", n_layers=1)  # a preset keeps its own shape but for the flags given
     assert (cfg.n_layers, cfg.hidden_dim, cfg.n_kv_heads, cfg.head_dim, cfg.vocab_size) == (1, 3072, 8, 128, 300)
+
+
+def test_init_from_a_qwen3_directory_trains_it_with_its_own_tokenizer(corpus, tmp_path, capsys):
+    """--init-from a Hugging Face Qwen3 directory: its weights (a padded vocabulary) and its
+    tokenizer.json, saved beside the checkpoint."""
+    from numpygpt import save_pretrained
+    from numpygpt.tokenizer import train_bpe
+
+    bpe = train_bpe(corpus.read_text(encoding="utf-8"), 300)
+    directory = tmp_path / "qwen3"
+    pretrained = LlamaModel(LlamaConfig.preset("qwen3-tiny", vocab_size=bpe.n_vocab + 4), seed=5)
+    save_pretrained(pretrained, directory)
+    bpe.save(directory)
+    common = ["--data", str(corpus), "--context-length", "16", "--batch-size", "2", "--max-steps", "2",
+              "--eval-freq", "1", "--eval-iter", "1", "--prompt", "The", "--sample-tokens", "2", "--device", "cpu",
+              "--no-progress"]
+    # lr 0: the steps leave the weights as loaded, so the checkpoint holds the directory's
+    assert main(["train", "--init-from", str(directory), "--lr", "0", "--out", str(tmp_path / "run"), *common]) == 0
+    assert "model       qwen3: emb_dim 32, 2 layers" in capsys.readouterr().out
+    saved = read_checkpoint(tmp_path / "run" / "checkpoint.safetensors")
+    assert saved.config == pretrained.cfg and saved.extra["tokenizer"]["n_vocab"] == bpe.n_vocab
+    assert (tmp_path / "run" / "tokenizer.json").read_bytes() == (directory / "tokenizer.json").read_bytes()
+    got = weights(tmp_path / "run")
+    for name, p in pretrained.named_parameters():
+        np.testing.assert_array_equal(got["model." + name], p.data, err_msg=name)
+    # a directory without a tokenizer, a dropout the family does not have: one line each
+    (directory / "tokenizer.json").unlink()
+    assert main(["train", "--init-from", str(directory), "--out", str(tmp_path / "x"), *common]) == 2
+    assert "has no tokenizer" in capsys.readouterr().err
+    assert main(["train", "--init-from", str(directory), "--drop-rate", "0.1", "--out", str(tmp_path / "x"),
+                 *common]) == 2
+    assert "--drop-rate: a qwen3 model has no dropout" in capsys.readouterr().err
+
+
+def test_init_from_a_gpt2_directory_keeps_gpt2s_tokenizer(corpus, tmp_path, capsys):
+    from numpygpt import GPTConfig, GPTModel
+
+    directory = tmp_path / "gpt2"
+    GPTModel(GPTConfig(vocab_size=50257, context_length=16, emb_dim=8, n_heads=2, n_layers=1), seed=0
+             ).save_pretrained(directory)
+    assert main(["train", "--init-from", str(directory), "--data", str(corpus), "--batch-size", "2", "--max-steps",
+                 "1", "--eval-iter", "1", "--prompt", "", "--device", "cpu", "--no-progress",
+                 "--out", str(tmp_path / "run")]) == 0
+    capsys.readouterr()
+    assert read_checkpoint(tmp_path / "run" / "checkpoint.safetensors").extra["tokenizer"] == {
+        "name": "gpt2", "n_vocab": 50257}
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint.safetensors", "history.json",
+                                                                   "loss.png"]
