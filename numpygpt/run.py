@@ -37,8 +37,8 @@ from .run_model import MODEL_KEYS, SMALL_LLAMA, SMALL_MODEL, describe_config, tr
 from .tokenizer import bits_per_character
 from .train import TrainOptions, TrainState, evaluate_model, perplexity
 
-__all__ = ["run_training", "run_generate", "load_model", "run_gradcheck", "RunError", "TrainCommandOptions", "TRAIN_DEFAULTS",
-           "DEFAULT_MAX_STEPS", "sampling_options", "SMALL_MODEL", "SMALL_LLAMA"]
+__all__ = ["run_training", "run_generate", "load_model", "run_gradcheck", "RunError", "TrainCommandOptions",
+           "TRAIN_DEFAULTS", "DEFAULT_MAX_STEPS", "sampling_options", "SMALL_MODEL", "SMALL_LLAMA"]
 
 
 class RunError(Exception):
@@ -65,9 +65,9 @@ OPT_GROUP = "optimisation"
 class TrainCommandOptions(Options):
     """``numpygpt train``'s options: each field is a flag (``--batch-size``...), with its default.
 
-    None means "chosen for you": the model's family and shape from ``--preset`` (or ``--arch``'s SMALL_MODEL or
-    SMALL_LLAMA), the
-    learning rate from the model (SMALL_MODEL_LR for the default model, DEFAULT_LR otherwise),
+    None means "chosen for you": the model's family and shape from ``--preset`` (or ``--arch``'s
+    SMALL_MODEL or SMALL_LLAMA), the learning rate from the model (SMALL_MODEL_LR for the
+    default model, DEFAULT_LR otherwise),
     the step budget DEFAULT_MAX_STEPS when neither ``max_steps`` nor ``epochs`` is given.
     """
 
