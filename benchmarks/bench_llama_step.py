@@ -9,7 +9,7 @@ configuration, weights, batch and thread count, in one process, steps taken in t
 The configs: ``llama-small`` is numpygpt's preset (~19M parameters with GPT-2's vocabulary:
 8 layers, C 256, 8 heads over 4 key/value heads, SwiGLU 768); ``llama-124m`` is a Llama of
 GPT-2 small's size (12 layers, C 768, 12 heads over 4 key/value heads, SwiGLU 2048, GPT-2's
-vocabulary, tied head: 110M parameters), the row issue 17 asks for. RoPE theta 500,000, no
+vocabulary, tied head: 114M parameters), the row issue 17 asks for. RoPE theta 500,000, no
 RoPE scaling, no dropout.
 
 numpygpt's model is drawn from a seed and written with ``numpygpt.save_pretrained``;
