@@ -5,6 +5,7 @@ configuration, weights, batch and thread count, in one process, steps taken in t
     python benchmarks/bench_llama_step.py                             # llama-small and llama-124m, 2x256
     python benchmarks/bench_llama_step.py --configs llama-124m --batch 4 --context 1024 --steps 3
     python benchmarks/bench_llama_step.py --no-torch                  # numpygpt alone
+    python benchmarks/bench_llama_step.py --memory --configs llama-124m  # peak memory, a process each
 
 The configs: ``llama-small`` is numpygpt's preset (~19M parameters with GPT-2's vocabulary:
 8 layers, C 256, 8 heads over 4 key/value heads, SwiGLU 768); ``llama-124m`` is a Llama of
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import sys
 import tempfile
@@ -102,6 +104,63 @@ def run_cfg(name: str, B: int, T: int, warmup: int, steps: int, impls: list[str]
     return table_rows(measured, impls, name, B, T, count_parameters(cfg), train_flops(cfg, B, T))
 
 
+# -- peak memory: each implementation in its own process ------------------------------------------
+
+def memory_worker(impl: str, directory: str, B: int, T: int) -> dict:
+    """Resident memory (MiB) of one implementation training the model saved in ``directory``:
+    after the imports, after loading the model and building AdamW, resting after two steps, the
+    peak over three steps and the third step's own peak (bench_memory's measures)."""
+    from bench_memory import reset_peak
+    from numpygpt import from_pretrained
+
+    out = {"impl": impl, "rss_import": common.current_rss_mib()}
+    if impl == "numpygpt":
+        model = from_pretrained(directory)
+        x, y = common.random_batch(model.cfg, B, T)
+        step = numpygpt_stepper(model.train(), x, y)
+    else:
+        model = hf_model(directory, impl.split()[-1])
+        x, y = common.random_batch(model.m.config, B, T)
+        step = torch_stepper(model, x, y)
+    gc.collect()
+    out["rss_model"] = common.current_rss_mib()
+    step()
+    step()
+    gc.collect()
+    out["peak_all"], out["rss_rest"] = common.peak_rss_mib(), common.current_rss_mib()
+    out["reset_ok"] = reset_peak()
+    step()
+    out["peak_step"] = common.peak_rss_mib()
+    return out
+
+
+def memory_table(name: str, B: int, T: int, impls: list[str], threads: int) -> str:
+    """bench_memory's table for ``name``: the model saved once, each implementation loading it
+    in a fresh process (``--memory-worker``)."""
+    import subprocess
+
+    cfg = llama_config(name, T)
+    rows = []
+    with tempfile.TemporaryDirectory() as directory:
+        save_pretrained(LlamaModel(cfg, seed=0), directory)
+        for impl in impls:
+            cmd = [sys.executable, os.path.abspath(__file__), "--memory-worker", impl, "--model-dir", directory,
+                   "--batch", str(B), "--context", str(T), "--threads", str(threads)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            if proc.returncode != 0 or not lines:
+                raise RuntimeError(f"worker {impl} failed:\n{proc.stderr}")
+            r = json.loads(lines[-1][len("RESULT "):])
+            step = r["peak_step"] - r["rss_rest"] if r["reset_ok"] else float("nan")
+            rows.append([name, f"{B}x{T}", impl, *(f"{r[k]:.0f}" for k in ("rss_import", "rss_model", "rss_rest",
+                                                                          "peak_all")),
+                         f"{r['peak_all'] - r['rss_import']:.0f}", f"{step:.0f}"])
+    theory = 16 * count_parameters(cfg) / 2**20
+    return (f"weights + gradients + AdamW moments in theory: {theory:.0f} MiB\n\n" + common.md_table(
+        ["config", "B x T", "implementation", "RSS after imports", "after model + optimiser", "resting between steps",
+         "peak (3 steps)", "peak above imports", "steady-state step above resting"], rows))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", default="llama-small,llama-124m", help=f"comma-separated: {', '.join(CONFIGS)}")
@@ -115,9 +174,21 @@ def main(argv=None) -> int:
     p.add_argument("--max-load", type=float, default=MAX_LOAD,
                    help="retake rounds in which other processes used more of the machine than this "
                         "(1 keeps every round: a machine that is never quiet)")
+    p.add_argument("--memory", action="store_true", help="peak memory instead of time, each implementation in "
+                                                           "its own process")
+    p.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    common.apply_threads(args.threads, torch_too=not args.no_torch)
+    common.apply_threads(args.threads, torch_too=not (args.no_torch or args.memory_worker == "numpygpt"))
+    if args.memory_worker:
+        print("RESULT " + json.dumps(memory_worker(args.memory_worker, args.model_dir, args.batch, args.context)))
+        return 0
     impls = ["numpygpt"] + ([] if args.no_torch else ["torch eager"] + ([] if args.no_sdpa else ["torch sdpa"]))
+    if args.memory:
+        for name in args.configs.split(","):
+            print(f"### Peak memory of a Llama training step (MiB; float32, AdamW, {args.threads} threads)\n")
+            print(memory_table(name, args.batch, args.context, impls, args.threads) + "\n")
+        return 0
     print(f"threads: {args.threads}; NumPy BLAS: {common.numpy_blas()}; OpenBLAS: {openblas_kernel()}; torch: "
           f"{common.torch_description() if not args.no_torch else 'not used'}", file=sys.stderr)
     results = []
