@@ -1,6 +1,7 @@
 """``numpygpt train --arch llama|qwen3``: Llama 3 and Qwen3 trained from scratch through the one
 loop GPT-2 uses, with what a GPT-2 run has: the run folder, bit-for-bit resume, accumulation,
-ZeRO, a trained tokenizer, the fake GPU device, and the family's own refusals."""
+ZeRO, a trained tokenizer, --init-from, the fake GPU device (and its one host transfer a
+step), and the family's own refusals."""
 
 import json
 
@@ -237,3 +238,41 @@ def test_init_from_a_gpt2_directory_keeps_gpt2s_tokenizer(corpus, tmp_path, caps
         "name": "gpt2", "n_vocab": 50257}
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint.safetensors", "history.json",
                                                                    "loss.png"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_a_llama_training_step_on_the_gpu_path_costs_one_host_transfer(arch):
+    """As GPT-2's (tests/test_fake_cuda.py): on the fake CUDA device a step of the one loop,
+    with accumulation and clipping, reads one number back to the host."""
+    from test_fake_cuda import per_step, token_loaders
+
+    from numpygpt import backend
+    from numpygpt.optim import AdamW, param_groups
+    from numpygpt.train import train_model
+
+    def run(steps):
+        model = LlamaModel(LlamaConfig.preset(f"{arch}-tiny"), seed=0)
+        train, val = token_loaders()
+        return train_model(model, train, val, AdamW(param_groups(model, 0.1), lr=1e-3), num_epochs=1,
+                           eval_freq=1000, eval_iter=2, max_steps=steps, grad_accum_steps=2, max_grad_norm=1.0,
+                           progress=False, log=None)
+
+    with backend.device("fake-cuda"):
+        backend.manual_seed(0)
+        assert per_step(run, 2, 6) == 1.0
+
+
+def test_a_token_generated_by_qwen3_on_the_gpu_path_costs_at_most_one_host_transfer():
+    from numpygpt import backend, fake_cuda
+    from numpygpt.generate import generate
+
+    prompt = np.random.default_rng(0).integers(0, 128, (2, 5))
+    with backend.device("fake-cuda"):
+        model = LlamaModel(LlamaConfig.preset("qwen3-tiny"), seed=0)
+        with fake_cuda.count_transfers() as log:
+            out = generate(model, prompt, 10, use_cache=True, temperature=0.8, top_k=5, seed=1)
+    assert out.shape == (2, 15) and log.total <= 10, log.report()
+    with backend.device("cpu"):
+        expected = generate(LlamaModel(LlamaConfig.preset("qwen3-tiny"), seed=0), prompt, 10, use_cache=True,
+                            temperature=0.8, top_k=5, seed=1)
+    np.testing.assert_array_equal(backend.to_host(out), expected)
