@@ -88,8 +88,9 @@ def param_groups(
     ``_``). That leaves the matmul weights decayed and biases, LayerNorm gains and the
     token/position embeddings (``wte``, ``wpe``, Llama's ``embed_tokens``; with a tied
     output head the shared matrix is named ``wte.weight``) undecayed;
-    ``decay_embeddings=True`` takes the embeddings out of the patterns. Frozen parameters are kept in their group
-    (the optimiser skips them) so names stay stable when they are unfrozen.
+    ``decay_embeddings=True`` takes the embeddings out of the patterns. Frozen parameters
+    are kept in their group (the optimiser skips them) so names stay stable when they are
+    unfrozen.
     """
     patterns = tuple(no_decay)
     if decay_embeddings:
