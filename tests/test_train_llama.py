@@ -276,3 +276,14 @@ def test_a_token_generated_by_qwen3_on_the_gpu_path_costs_at_most_one_host_trans
         expected = generate(LlamaModel(LlamaConfig.preset("qwen3-tiny"), seed=0), prompt, 10, use_cache=True,
                             temperature=0.8, top_k=5, seed=1)
     np.testing.assert_array_equal(backend.to_host(out), expected)
+
+
+def test_weight_decay_leaves_the_token_embedding_and_the_norms_alone_as_for_gpt2():
+    from numpygpt.optim import param_groups
+
+    for tied in (True, False):
+        model = LlamaModel(LlamaConfig.preset("qwen3-tiny", tie_weights=tied), seed=0)
+        decayed, kept = ({name for name, _ in group["params"]} for group in param_groups(model, 0.1))
+        assert "model.embed_tokens.weight" in kept and not any("norm" in name for name in decayed)
+        assert ("lm_head.weight" in decayed) == (not tied)  # an untied head is a matmul weight
+        assert all(name.endswith("proj.weight") for name in decayed - {"lm_head.weight"})
