@@ -6,8 +6,8 @@
     python benchmarks/run_all.py --no-torch            # numpygpt alone
     python benchmarks/run_all.py --long --wait-quiet   # GPT-2's context (issue 10), ~25 minutes
 
-Benchmarks: check (torch_gpt agrees with numpygpt), matmul, train, memory, generate,
-scaling, profile. Benchmarks run one after another (never two at once: they would
+Benchmarks: check (torch_gpt agrees with numpygpt), matmul, train, llama (a Llama 3 step
+against transformers), memory, generate, scaling, profile. Benchmarks run one after another (never two at once: they would
 share the cores); with ``--wait-quiet`` each one first waits until other processes use
 less than 10% of the machine. The summary goes to ``benchmarks/out/summary.md``
 (or ``--out``) and to stdout.
@@ -36,6 +36,7 @@ def plan(quick: bool) -> dict[str, list[str]]:
             "check": ["check_reference.py"],
             "matmul": ["bench_matmul.py", "--sizes", "1024,2048", "--no-gpt2-shapes"],
             "train": ["bench_train_step.py", "--configs", "small", "--steps", "5", "--warmup", "1"],
+            "llama": ["bench_llama_step.py", "--configs", "llama-small", "--steps", "3", "--warmup", "1"],
             "memory": ["bench_memory.py", "--config", "small"],
             "generate": ["bench_generate.py", "--config", "small", "--new-tokens", "50"],
             "scaling": ["bench_scaling.py", "--config", "small", "--contexts", "128,256,512",
@@ -46,6 +47,7 @@ def plan(quick: bool) -> dict[str, list[str]]:
         "check": ["check_reference.py"],
         "matmul": ["bench_matmul.py"],
         "train": ["bench_train_step.py", "--configs", "gpt2-small,small", "--steps", "5", "--warmup", "2"],
+        "llama": ["bench_llama_step.py", "--configs", "llama-small,llama-124m", "--steps", "5", "--warmup", "1"],
         "memory": ["bench_memory.py", "--config", "gpt2-small"],
         "generate": ["bench_generate.py", "--config", "gpt2-small", "--new-tokens", "200"],
         "scaling": ["bench_scaling.py"],

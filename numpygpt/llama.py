@@ -13,7 +13,8 @@ only change is the transpose of each linear weight (HF stores them (out, in), nu
 (in, out)): see ``numpygpt.hf``.
 
 The model answers the calls the rest of numpygpt makes on GPTModel: ``forward(idx,
-kv_caches)``, ``backward(dlogits)``, ``new_kv_caches()``, ``named_parameters()``,
+kv_caches)``, ``backward(dlogits)``, ``forward_hidden``/``backward_hidden`` (the fused
+loss's), ``new_kv_caches()``, ``named_parameters()``,
 ``zero_grad``, ``train``/``eval``, ``state_dict``/``load_state_dict``, ``init_weights(seed)``.
 """
 
@@ -141,15 +142,25 @@ class LlamaModel(Module):
         """idx (B, T) integer token ids -> logits (B, T, V). With ``kv_caches`` (one per
         block, ``new_kv_caches``) idx holds only the new tokens, at the positions after
         the cached ones."""
+        return self.lm_head(self.forward_hidden(idx, kv_caches))  # (B, T, V)
+
+    def forward_hidden(self, idx, kv_caches: list | None = None):
+        """idx (B, T) -> the final hidden states h (B, T, C) that the head reads
+        (logits = h @ W^T, W = ``head.weight``), for a loss that applies the head itself
+        (``numpygpt.nn.FusedLinearCrossEntropy``). ``backward_hidden(dh)`` continues from them."""
         start = kv_caches[0].length if kv_caches else 0
         idx = self.check_input(idx, start)  # (B, T) on the model's device
-        x = self.model(idx, kv_caches)  # (B, T, C)
-        return self.lm_head(x)  # (B, T, V)
+        return self.model(idx, kv_caches)  # (B, T, C), after the final RMSNorm
 
     def backward(self, dlogits) -> None:
         """The forward read in reverse; adds into every parameter's .grad."""
-        dx = self.lm_head.backward(dlogits)  # (B, T, C)
-        self.model.backward(dx)
+        self.backward_hidden(self.lm_head.backward(dlogits))  # dh (B, T, C)
+
+    def backward_hidden(self, dh) -> None:
+        """Backward from dL/dh (B, T, C), h being ``forward_hidden``'s output: every
+        parameter below the head gets its gradient (the head's own is the caller's; tied,
+        it is the embedding's, which the scatter-add here adds to)."""
+        self.model.backward(dh)
 
     def new_kv_caches(self) -> list:
         """One cache per block; each holds that block's NKV key/value heads."""

@@ -307,4 +307,5 @@ def chat(model, instruction: str, input: str = "", max_new_tokens: int = 256, to
     if isinstance(model, (str, os.PathLike)):
         model = load_for_chat(model)
     entry = validate_entries([{"instruction": instruction, "input": input, "output": ""}], "chat")[0]
-    return generate_response(model, entry, tokenizer, max_new_tokens)
+    eos_id = EOT_ID if tokenizer is None else tokenizer.eot_token  # the answer ends at the tokenizer's own
+    return generate_response(model, entry, tokenizer, max_new_tokens, eos_id=eos_id)
