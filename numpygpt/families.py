@@ -7,7 +7,7 @@ recipe never needs to know which family it holds.
 from __future__ import annotations
 
 from .config import GPTConfig, LlamaConfig, config_from_dict
-from .hf import is_transposed, llama_tensor_shapes
+from .hf_layout import is_transposed, llama_tensor_shapes
 from .llama import LlamaModel
 from .model import GPTModel
 from .pretrained import hf_tensor_shapes

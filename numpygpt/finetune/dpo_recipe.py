@@ -20,12 +20,12 @@ import sys
 from dataclasses import dataclass
 from functools import partial
 
-from .. import backend, distributed
+from .. import backend
 from ..fileio import write_json
-from ..options import DROP_RATE, NONNEG_FLOAT, POSITIVE_FLOAT, POSITIVE_INT, add_arguments, option
+from ..options import POSITIVE_FLOAT, add_arguments, option
 from ..progress import say as _say
 from ..tokenizer import EOT_ID
-from .common import LoRAOptions, check_split, planned_steps, trainable_adamw
+from .common import TextOptions, check_split, planned_steps, recipe_field, start_run, trainable_adamw
 from .dpo import DPOObjective, dpo_metrics_hook, evaluate_dpo, plot_margins
 from .dpo_data import PreferenceDataset, collate_preferences, load_preference_data, split_data
 
@@ -33,7 +33,7 @@ __all__ = ["DPOOptions", "finetune_dpo", "add_dpo_args"]
 
 
 @dataclass
-class DPOOptions(LoRAOptions):
+class DPOOptions(TextOptions):
     """``numpygpt finetune dpo``'s options; the defaults are the book's DPO recipe (beta 0.1,
     AdamW 5e-6 with weight decay 0.01, one epoch of batch 8). A bad value is one line."""
 
@@ -44,30 +44,13 @@ class DPOOptions(LoRAOptions):
     data: str | None = option(None, "preference data, a JSON list of {instruction, input, chosen, rejected} "
                               "(numpygpt make-preferences writes one)", metavar="JSON")
     reference: str | None = option(None, "the frozen reference model (default: --model)", metavar="DIR")
-    out: str = option("runs/dpo", "", metavar="DIR")
+    out: str = recipe_field("out", "runs/dpo")
     beta: float = option(0.1, "DPO's reward scale: how far the policy may move from the reference",
                          check=POSITIVE_FLOAT)
     reduction: str = option("mean", "a response's log-probability: the mean over its tokens (the book) or the "
                             "sum (the paper)", choices=("mean", "sum"), metavar="{mean,sum}")
-    batch_size: int = option(8, "pairs per micro-batch", check=POSITIVE_INT, metavar="B")
-    grad_accum: int = option(1, "micro-batches per optimiser step", check=POSITIVE_INT, metavar="K")
-    epochs: int = option(1, "", check=POSITIVE_INT)
-    max_steps: int | None = option(None, "stop after this many optimiser steps", check=POSITIVE_INT)
-    lr: float = option(5e-6, "AdamW learning rate", check=NONNEG_FLOAT)
-    weight_decay: float = option(0.01, "", check=NONNEG_FLOAT)
-    eval_freq: int = option(5, "evaluate every N steps", check=POSITIVE_INT)
-    eval_iter: int = option(5, "batches per evaluation", check=POSITIVE_INT)
-    seed: int = option(123, "")
-    drop_rate: float = option(0.0, "the policy's dropout", check=DROP_RATE)
-    allowed_max_length: int = option(1024, "cut longer texts to T tokens (at most the model's context)",
-                                     check=POSITIVE_INT, metavar="T")
-    device: str = option("auto", "", choices=("cpu", "cuda", "auto"))
-    dtype: str = option("float32", "", choices=("float32", "float64"))
-    checkpoint_every: int | None = option(None, "also write OUT/checkpoint.safetensors every N steps (it is always "
-                                          "written at the end of training and on Ctrl-C/SIGTERM)",
-                                          check=POSITIVE_INT, metavar="N")
-    resume: bool = option(False, "continue from OUT/checkpoint.safetensors (same options as the interrupted run)")
-    no_progress: bool = option(False, "no progress bars")
+    lr: float = recipe_field("lr", 5e-6)
+    weight_decay: float = recipe_field("weight_decay", 0.01)
 
     def check_more(self) -> None:
         super().check_more()
@@ -101,14 +84,7 @@ def finetune_dpo(options: DPOOptions | None = None, log=print, progress: bool | 
     from ..scaffold import RunFolder
     from ..train import TrainOptions
 
-    o = options.replace(**given) if options is not None else DPOOptions.from_dict(given)
-    if progress is not None:
-        o = o.replace(no_progress=not progress)
-    o.validate()
-    comm = distributed.init()
-    comm.check_batch_size(o.batch_size)
-    device = backend.set_device(o.device)
-    comm.use_device(device)
+    o, comm, device = start_run(DPOOptions, options, given, progress)
     splits = check_split(o.data, split_data(load_preference_data(o.data)), o.batch_size, "pairs")
     backend.manual_seed(o.seed)  # the policy's dropout: the same seed gives the same run
     model, reference = _load_models(o, device)
@@ -211,18 +187,19 @@ def _describe(metrics: dict | None, n_pairs: int) -> str:
 def _write_outputs(o: DPOOptions, run, model, history: dict, is_main: bool, log) -> dict:
     """The plots, the history and the model (LoRA merged, its adapters alone beside it)."""
     from ..plots import plot_losses
-    from .instruct import ADAPTERS_FILE, save_finetuned
+    from ..lora import ADAPTERS_FILE
+    from .instruct import save_finetuned
 
     paths = {name: run.path(file) for name, file in (
         ("loss_plot", "loss.png"), ("margin_plot", "margins.png"), ("history", "history.json"), ("model", "model"),
         ("checkpoint", "checkpoint.safetensors"))}
     if o.lora_rank is not None:
-        paths["adapters"] = run.path(ADAPTERS_FILE)
+        paths["adapters"] = os.path.join(paths["model"], ADAPTERS_FILE)
     if is_main:
         plot_losses(history, paths["loss_plot"])
         plot_margins(history, paths["margin_plot"])
         write_json(paths["history"], history)
-        save_finetuned(model, paths["model"], paths.get("adapters"))
+        save_finetuned(model, paths["model"])
     _say(f"model       {paths['model']}" + (f" (LoRA merged; adapters alone in {paths['adapters']})"
                                             if o.lora_rank is not None else ""), log)
     _say(f"plots       {paths['loss_plot']}, {paths['margin_plot']}", log)

@@ -19,13 +19,14 @@ from functools import partial
 
 import numpy as np
 
-from .. import backend, distributed
+from .. import backend
 from ..fileio import write_json
-from ..options import DROP_RATE, NONNEG_FLOAT, POSITIVE_INT, option
+from ..lora import ADAPTERS_FILE
+from ..options import POSITIVE_INT, option
 from ..progress import progress_bar
 from ..progress import say as _say
 from ..tokenizer import EOT_ID
-from .common import LoRAOptions, check_split, planned_steps, trainable_adamw
+from .common import TextOptions, check_split, planned_steps, recipe_field, start_run, trainable_adamw
 from .instruct_data import (BOOK_DATA_URL, PREAMBLE, RESPONSE_HEADER, Example, InstructionDataset,  # noqa: F401
                             collate_instructions, download_book_data, format_example, format_input,
                             load_instruction_data, split_data, validate_entries)
@@ -37,8 +38,6 @@ __all__ = [
     "PREAMBLE", "BOOK_DATA_URL", "format_input", "format_example", "validate_entries", "load_instruction_data",
     "split_data", "Example", "InstructionDataset", "collate_instructions", "download_book_data",
 ]
-
-ADAPTERS_FILE = "lora-adapters.safetensors"
 
 
 def extract_response(continuation: str) -> str:
@@ -85,7 +84,7 @@ def generate_responses(model, entries: list, path=None, tokenizer=None, max_new_
 # -- the chapter's recipe ------------------------------------------------------------------------
 
 @dataclass
-class InstructOptions(LoRAOptions):
+class InstructOptions(TextOptions):
     """``numpygpt finetune instruct``'s options; with none given, the book's chapter 7 recipe
     (GPT-2 medium, 2 epochs of batch 8, AdamW 5e-5 with weight decay 0.1 on every weight)."""
 
@@ -93,28 +92,11 @@ class InstructOptions(LoRAOptions):
                              "gpt2-medium / ...", metavar="DIR_OR_NAME")
     data: str | None = option(None, "instruction data, a JSON list of {instruction, input, output} (default: the "
                               "book's instruction-data.json, downloaded once)", metavar="JSON")
-    out: str = option("runs/instruct", "", metavar="DIR")
-    batch_size: int = option(8, "", check=POSITIVE_INT, metavar="B")
-    grad_accum: int = option(1, "micro-batches per optimiser step", check=POSITIVE_INT, metavar="K")
-    epochs: int = option(2, "", check=POSITIVE_INT)
-    max_steps: int | None = option(None, "stop after this many optimiser steps", check=POSITIVE_INT)
-    lr: float = option(5e-5, "AdamW learning rate", check=NONNEG_FLOAT)
-    weight_decay: float = option(0.1, "", check=NONNEG_FLOAT)
-    eval_freq: int = option(5, "evaluate every N steps", check=POSITIVE_INT)
-    eval_iter: int = option(5, "batches per evaluation", check=POSITIVE_INT)
-    seed: int = option(123, "")
-    drop_rate: float = option(0.0, "", check=DROP_RATE)
+    out: str = recipe_field("out", "runs/instruct")
+    epochs: int = recipe_field("epochs", 2)
+    lr: float = recipe_field("lr", 5e-5)
     mask_instruction: bool = option(False, "train on the response only (the prompt's targets are ignored)")
-    allowed_max_length: int = option(1024, "cut longer training texts to T tokens (at most the model's context)",
-                                     check=POSITIVE_INT, metavar="T")
     max_new_tokens: int = option(256, "response length limit", check=POSITIVE_INT)
-    device: str = option("auto", "", choices=("cpu", "cuda", "auto"))
-    dtype: str = option("float32", "", choices=("float32", "float64"))
-    checkpoint_every: int | None = option(None, "also write OUT/checkpoint.safetensors every N steps (it is always "
-                                          "written at the end of training and on Ctrl-C/SIGTERM)",
-                                          check=POSITIVE_INT, metavar="N")
-    resume: bool = option(False, "continue from OUT/checkpoint.safetensors (same options as the interrupted run)")
-    no_progress: bool = option(False, "no progress bars")
 
     def run_options(self, data_path: str) -> dict:
         """What a resumed run must share with the saved one (paths made absolute)."""
@@ -152,14 +134,7 @@ def finetune_instruct(options: InstructOptions | None = None, log=print, progres
     from ..tokenizer import get_tokenizer
     from ..train import TrainOptions
 
-    o = options.replace(**given) if options is not None else InstructOptions.from_dict(given)
-    if progress is not None:
-        o = o.replace(no_progress=not progress)
-    o.validate()
-    comm = distributed.init()
-    comm.check_batch_size(o.batch_size)
-    device = backend.set_device(o.device)
-    comm.use_device(device)
+    o, comm, device = start_run(InstructOptions, options, given, progress)
     data_path = os.fspath(o.data) if o.data is not None else download_book_data()
     splits = check_split(data_path, split_data(load_instruction_data(data_path)), o.batch_size)
     backend.manual_seed(o.seed)  # dropout's generator: the same seed gives the same run
@@ -268,28 +243,24 @@ def _write_outputs(o: InstructOptions, run, model, history, comm, log) -> dict:
         ("plot", "loss.png"), ("history", "history.json"), ("model", "model"), ("responses", "test-responses.json"),
         ("checkpoint", "checkpoint.safetensors"))}
     if o.lora_rank is not None:
-        paths["adapters"] = run.path(ADAPTERS_FILE)
+        paths["adapters"] = os.path.join(paths["model"], ADAPTERS_FILE)
     if comm.is_main:
         plot_losses(history, paths["plot"])
         write_json(paths["history"], history)
-        save_finetuned(model, paths["model"], paths.get("adapters"))
+        save_finetuned(model, paths["model"])
     _say(f"model       {paths['model']}" + (f" (LoRA merged; adapters alone in {paths['adapters']})"
                                             if o.lora_rank is not None else ""), log)
     return paths
 
 
-def save_finetuned(model, directory, adapters_path=None) -> None:
-    """``save_pretrained``. A model with LoRA adapters has them written alone to
-    ``adapters_path`` (``save_lora``; skipped when None) and then folded into its weights
-    (``merge_lora``; the model stays merged, which also makes generation cheaper), so the
-    directory is a plain GPT-2 that ``from_pretrained`` and ``chat`` read."""
-    from ..lora import is_merged, lora_layers, merge_lora, save_lora
+def save_finetuned(model, directory) -> str | None:
+    """The fine-tuned model as its family's Hugging Face directory, which ``from_pretrained``
+    and ``chat`` read: ``lora.save_merged``, so a LoRA model is written with its adapters
+    folded in (the model itself unchanged) and its adapters alone in
+    ``directory/lora-adapters.safetensors`` (returned; None without LoRA)."""
+    from ..lora import save_merged
 
-    if lora_layers(model) and not is_merged(model):
-        if adapters_path is not None:
-            save_lora(model, adapters_path)
-        merge_lora(model)
-    model.save_pretrained(directory)
+    return save_merged(model, directory)
 
 
 # -- chat ----------------------------------------------------------------------------------------
