@@ -196,10 +196,14 @@ def _add_finetune_instruct_args(p: argparse.ArgumentParser) -> None:
 
 def _add_chat_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("instruction", help="what the model should do")
-    p.add_argument("--model", required=True, metavar="DIR", help="a fine-tuned model (finetune instruct's OUT/model)")
+    p.add_argument("--model", required=True, metavar="DIR", help="a fine-tuned model (finetune instruct's OUT/model), "
+                   "any family; its tokenizer is read from the directory")
     p.add_argument("--input", default="", help="the instruction's input, if it has one")
     p.add_argument("--max-new-tokens", type=_positive_int, default=256, help="(default %(default)s)")
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto", help="(default %(default)s)")
+    from .finetune.instruct import ChatOptions
+
+    add_arguments(p, ChatOptions)  # --prompt-style, as finetune instruct's
 
 
 def _add_judge_args(p: argparse.ArgumentParser) -> None:
@@ -233,8 +237,8 @@ def run_finetune_task(args: argparse.Namespace):
 
     def run() -> int:
         if args.command == "chat":
-            model = instruct.load_for_chat(args.model, device=args.device)
-            print(instruct.chat(model, args.instruction, args.input, args.max_new_tokens), flush=True)
+            print(instruct.chat(args.model, args.instruction, args.input, args.max_new_tokens, device=args.device,
+                                prompt_style=args.prompt_style), flush=True)
         elif args.command == "make-preferences":
             preferences.make_preferences_file(args.file, args.judge_model, args.judge_url, args.out, args.seed,
                                               args.timeout, progress=not args.no_progress, log=say)

@@ -29,7 +29,7 @@ from ..options import option
 from ..progress import say as _say
 from ..train import loader_batches
 from .classify_data import PAD_ID, download_sms_spam, prepare_classification_data
-from .common import AT_LEAST_ONE, RecipeOptions, describe_model, directory_tokenizer, load_model, recipe_field, start_run
+from .common import AT_LEAST_ONE, MODEL_SOURCES, RecipeOptions, describe_model, directory_tokenizer, load_model, recipe_field, start_run
 
 __all__ = [
     "calc_accuracy_loader", "predict", "train_classifier", "classifier_options", "accuracy_hook", "plot_classifier_history",
@@ -222,7 +222,7 @@ class ClassifyOptions(RecipeOptions):
     text_column: str | None = option(None, "the CSV's text column (default Text)", metavar="NAME")
     max_length: int | None = option(None, "truncate texts to N tokens (default: pad to the longest training text; "
                                     "longer than the model's context is an error)", check=AT_LEAST_ONE, metavar="N")
-    pretrained: str = option("gpt2", "GPT-2 weights: a Hugging Face directory or a name", metavar="DIR_OR_NAME")
+    pretrained: str = option("gpt2", "the model to start from: " + MODEL_SOURCES, metavar="DIR_OR_NAME")
     readout: str = option("last", "logits read at the last position (the book) or at the last non-padding token",
                           choices=("last", "last_non_pad"))
     trainable: str | None = option(None, "all, last-block (default: last block, final LayerNorm, head), "

@@ -14,6 +14,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from ..options import DROP_RATE, NONNEG_FLOAT, POSITIVE_INT, Check, Options, option
+from .prompts import PROMPT_STYLES
 
 __all__ = ["LoRAOptions", "RecipeOptions", "TextOptions", "recipe_field", "start_run", "AT_LEAST_ONE", "check_split",
            "trainable_adamw", "planned_steps", "load_model", "directory_tokenizer", "describe_model", "MODEL_SOURCES"]
@@ -75,6 +76,8 @@ class TextOptions(RecipeOptions):
     allowed_max_length: int = option(1024, "cut longer training texts to T tokens (at most the model's context)",
                                      check=AT_LEAST_ONE, metavar="T")
     dtype: str = option("float32", "", choices=("float32", "float64"))
+    prompt_style: str | None = option(None, "alpaca (the book's prompt format) or chat (the model's chat template); "
+                                      "default: chat for Llama 3 and Qwen3, alpaca for GPT-2", choices=PROMPT_STYLES)
 
 
 def recipe_field(name: str, default=dataclasses.MISSING, base=TextOptions, **changes):
@@ -140,7 +143,7 @@ MODEL_SOURCES = ("a Hugging Face directory of GPT-2, Llama 3 or Qwen3 (config.js
 
 
 def load_model(source, device: str, dtype: str | None = None, drop_rate: float | None = None,
-               untie_gpt2: bool = False):
+               untie_gpt2: bool = False, fit_tokenizer: bool = True):
     """(model, tokenizer) to fine-tune, from ``source`` (``MODEL_SOURCES``):
 
     - a checkpoint file (``numpygpt train``'s, ``save_checkpoint``'s) or a run folder holding
@@ -153,7 +156,8 @@ def load_model(source, device: str, dtype: str | None = None, drop_rate: float |
     ``drop_rate`` is GPT-2's dropout (None: 0 for a directory, the checkpoint's own; Llama and
     Qwen3 have none, so a rate above 0 is refused); ``untie_gpt2`` gives a GPT-2 an output head
     of its own, a copy of the token embedding (the book's chapter 7). The tokenizer must fit
-    the vocabulary (a model may have more rows than tokens, as Qwen3's has)."""
+    the vocabulary (a model may have more rows than tokens, as Qwen3's has) unless
+    ``fit_tokenizer`` is False (a model whose tokenizer is not used: DPO's reference)."""
     import os
 
     from ..checkpoint import read_checkpoint
@@ -175,7 +179,8 @@ def load_model(source, device: str, dtype: str | None = None, drop_rate: float |
         model, tokenizer = _load_directory(path, device, dtype or "float32", drop_rate, untie_gpt2)
     if drop_rate and model.cfg.model_type != "gpt2":
         raise ValueError(f"--drop-rate {drop_rate:g}: a {model.cfg.model_type} model has no dropout")
-    check_vocab_size(tokenizer, model.cfg.vocab_size, padded=True)
+    if fit_tokenizer:
+        check_vocab_size(tokenizer, model.cfg.vocab_size, padded=True)
     return model, tokenizer
 
 

@@ -24,8 +24,9 @@ from .. import backend
 from ..fileio import write_json
 from ..options import POSITIVE_FLOAT, add_arguments, option
 from ..progress import say as _say
-from ..tokenizer import EOT_ID
-from .common import TextOptions, check_split, planned_steps, recipe_field, start_run, trainable_adamw
+from .common import (MODEL_SOURCES, TextOptions, check_split, describe_model, load_model, planned_steps,
+                     recipe_field, start_run, trainable_adamw)
+from .prompts import prompt_format
 from .dpo import DPOObjective, dpo_metrics_hook, evaluate_dpo, plot_margins
 from .dpo_data import PreferenceDataset, collate_preferences, load_preference_data, split_data
 
@@ -39,8 +40,8 @@ class DPOOptions(TextOptions):
 
     ARGPARSE_CHECKS = False
 
-    model: str | None = option(None, "the model to tune (and the reference): a Hugging Face directory, e.g. "
-                               "finetune instruct's OUT/model, or a GPT-2 name", metavar="DIR")
+    model: str | None = option(None, "the model to tune (and the reference), e.g. finetune instruct's OUT/model: "
+                               + MODEL_SOURCES, metavar="DIR")
     data: str | None = option(None, "preference data, a JSON list of {instruction, input, chosen, rejected} "
                               "(numpygpt make-preferences writes one)", metavar="JSON")
     reference: str | None = option(None, "the frozen reference model (default: --model)", metavar="DIR")
@@ -64,7 +65,7 @@ class DPOOptions(TextOptions):
         """What a resumed run must share with the saved one (paths made absolute)."""
         keep = ("batch_size", "epochs", "lr", "weight_decay", "seed", "drop_rate", "lora_rank", "allowed_max_length",
                 "dtype", "beta", "reduction", "grad_accum")
-        options = {k: getattr(self, k) for k in keep}
+        options = {k: getattr(self, k) for k in keep + (("prompt_style",) if self.prompt_style else ())}
         options.update({k: _absolute(getattr(self, k)) for k in ("model", "reference", "data")}, lora_alpha=self.alpha)
         return options
 
@@ -87,13 +88,14 @@ def finetune_dpo(options: DPOOptions | None = None, log=print, progress: bool | 
     o, comm, device = start_run(DPOOptions, options, given, progress)
     splits = check_split(o.data, split_data(load_preference_data(o.data)), o.batch_size, "pairs")
     backend.manual_seed(o.seed)  # the policy's dropout: the same seed gives the same run
-    model, reference = _load_models(o, device)
+    model, reference, tokenizer = _load_models(o, device)
+    prompts = prompt_format(model, tokenizer, o.prompt_style)
     objective = DPOObjective(reference, o.beta, o.reduction)
-    loaders = _loaders(o, model, splits)
+    loaders = _loaders(o, model, splits, prompts)
     optimizer = trainable_adamw(model, o.lr, o.weight_decay)
     run = RunFolder(o.out, is_main=comm.is_main)
     state = run.resume(model, optimizer, o.run_options()) if o.resume else None
-    _print_plan(o, model, splits, len(loaders[0]), device, log)
+    _print_plan(o, model, splits, len(loaders[0]), device, prompts, log)
     if state is not None:
         _say(f"resuming    at step {state.global_step:,} from {run.checkpoint}", log)
     train_options = TrainOptions(
@@ -108,20 +110,18 @@ def finetune_dpo(options: DPOOptions | None = None, log=print, progress: bool | 
         test_metrics = evaluate_dpo(model, objective, loaders[2]) if splits[1] else None
         _say("test        " + _describe(test_metrics, len(splits[1])), log)
         history["test_metrics"] = test_metrics
-    paths = _write_outputs(o, run, model, history, comm.is_main, log)
+    paths = _write_outputs(o, run, model, history, comm.is_main, tokenizer, log)
     return {"model": model, "history": history, "test_metrics": test_metrics, "paths": paths}
 
 
 def _load_models(o: DPOOptions, device: str):
-    """(policy, reference): the reference is the policy's copy (or ``--reference``), frozen;
-    LoRA adapters go on the policy only."""
-    from ..model import GPTModel
-
-    model = GPTModel.from_pretrained(o.model, dtype=o.dtype, device=device, drop_rate=o.drop_rate)
+    """(policy, reference, tokenizer), any family: the reference is the policy's copy (or
+    ``--reference``), frozen; LoRA adapters go on the policy only."""
+    model, tokenizer = load_model(o.model, device, dtype=o.dtype, drop_rate=o.drop_rate)
     if o.reference is None:
         reference = copy.deepcopy(model)
     else:
-        reference = GPTModel.from_pretrained(o.reference, dtype=o.dtype, device=device)
+        reference = load_model(o.reference, device, dtype=o.dtype, fit_tokenizer=False)[0]
         if reference.cfg.vocab_size != model.cfg.vocab_size:
             raise ValueError(f"--reference {o.reference} has a vocabulary of {reference.cfg.vocab_size} tokens, "
                              f"--model {o.model} one of {model.cfg.vocab_size}: DPO compares them token by token")
@@ -131,22 +131,20 @@ def _load_models(o: DPOOptions, device: str):
         from ..lora import apply_lora
 
         apply_lora(model, o.lora_rank, o.alpha, seed=o.seed)
-    return model, reference
+    return model, reference, tokenizer
 
 
-def _loaders(o: DPOOptions, model, splits):
+def _loaders(o: DPOOptions, model, splits, prompts):
     """Training (shuffled with the seed), validation and test loaders of padded, masked pairs;
     a warning for pairs longer than the allowed length (their responses are cut)."""
     from ..data import DataLoader
-    from ..tokenizer import get_tokenizer
 
-    tokenizer = get_tokenizer()
     max_length = min(o.allowed_max_length, model.cfg.context_length)
-    collate = partial(collate_preferences, pad_id=EOT_ID, allowed_max_length=max_length)
+    collate = partial(collate_preferences, pad_id=prompts.tokenizer.eot_token, allowed_max_length=max_length)
     loaders = []
     for name, entries, offset in (("training", splits[0], 0), ("validation", splits[2], len(splits[0]) + len(splits[1])),
                                   ("test", splits[1], len(splits[0]))):
-        dataset = PreferenceDataset(entries, tokenizer, max_length, source=f"{o.data} ({name} split)")
+        dataset = PreferenceDataset(entries, max_length=max_length, source=f"{o.data} ({name} split)", prompts=prompts)
         if dataset.too_long:
             first = ", ".join(str(offset + i) for i in dataset.too_long[:5])
             print(f"warning: {len(dataset.too_long)} {name} pairs are longer than {max_length} tokens (entries "
@@ -158,14 +156,14 @@ def _loaders(o: DPOOptions, model, splits):
     return loaders  # train, val, test
 
 
-def _print_plan(o: DPOOptions, model, splits, n_batches: int, device: str, log) -> None:
+def _print_plan(o: DPOOptions, model, splits, n_batches: int, device: str, prompts, log) -> None:
     cfg = model.cfg
     n_total, n_trainable = model.num_parameters(), model.num_parameters(trainable_only=True)
     total, steps_per_epoch = planned_steps(n_batches, o.grad_accum, o.epochs, o.max_steps)
     for line in (
         f"device      {device}",
-        f"model       {o.model}: emb_dim {cfg.emb_dim}, {cfg.n_layers} layers, context {cfg.context_length}; "
-        f"reference {o.reference or 'the same, frozen'}",
+        f"model       {describe_model(o.model, cfg)}; reference {o.reference or 'the same, frozen'}; "
+        f"prompts {prompts.name}",
         f"parameters  {n_total:,}" + (f"; trainable {n_trainable:,} (LoRA rank {o.lora_rank})" if o.lora_rank else ""),
         f"data        {o.data}: {sum(len(s) for s in splits):,} pairs: train {len(splits[0]):,}, "
         f"test {len(splits[1]):,}, val {len(splits[2]):,}",
@@ -184,7 +182,7 @@ def _describe(metrics: dict | None, n_pairs: int) -> str:
             f"margin {metrics['margin']:+.4f}")
 
 
-def _write_outputs(o: DPOOptions, run, model, history: dict, is_main: bool, log) -> dict:
+def _write_outputs(o: DPOOptions, run, model, history: dict, is_main: bool, tokenizer, log) -> dict:
     """The plots, the history and the model (LoRA merged, its adapters alone beside it)."""
     from ..plots import plot_losses
     from ..lora import ADAPTERS_FILE
@@ -199,7 +197,7 @@ def _write_outputs(o: DPOOptions, run, model, history: dict, is_main: bool, log)
         plot_losses(history, paths["loss_plot"])
         plot_margins(history, paths["margin_plot"])
         write_json(paths["history"], history)
-        save_finetuned(model, paths["model"])
+        save_finetuned(model, paths["model"], tokenizer)
     _say(f"model       {paths['model']}" + (f" (LoRA merged; adapters alone in {paths['adapters']})"
                                             if o.lora_rank is not None else ""), log)
     _say(f"plots       {paths['loss_plot']}, {paths['margin_plot']}", log)
