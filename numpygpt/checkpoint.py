@@ -231,7 +231,10 @@ def _check_llama_count(path: str, config: LlamaConfig, count: int) -> None:
     """A Llama/Qwen3 checkpoint's tensor count, from the config's numbers alone."""
     lora = config.lora_rank is not None  # lora_A and lora_B on the 7 projections and an untied head
     per_block = 9 + (2 if config.qk_norm else 0) + (14 if lora else 0)  # 2 norms, q k v o (+ q/k_norm), gate up down
-    head = 0 if config.tie_weights else 1 + (2 if lora else 0)
+    if config.num_classes is not None:
+        head = 2 + (2 if lora else 0)  # score.weight, score.bias (+ its adapter)
+    else:
+        head = 0 if config.tie_weights else 1 + (2 if lora else 0)
     expected = 2 + config.n_layers * per_block + head  # embed_tokens, norm
     if count != expected:
         raise ValueError(f"{path}: the metadata describes a {config.model_type} model of {expected} tensors "

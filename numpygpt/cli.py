@@ -203,6 +203,9 @@ def _add_chat_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", default="", help="the instruction's input, if it has one")
     p.add_argument("--max-new-tokens", type=_positive_int, default=256, help="(default %(default)s)")
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto", help="(default %(default)s)")
+    from .finetune.instruct import ChatOptions
+
+    add_arguments(p, ChatOptions)  # --prompt-style, as finetune instruct's
 
 
 def _add_judge_args(p: argparse.ArgumentParser) -> None:
@@ -237,7 +240,8 @@ def run_finetune_task(args: argparse.Namespace):
     def run() -> int:
         if args.command == "chat":
             model, tokenizer, _ = load_model(args.model, device=args.device)
-            print(instruct.chat(model, args.instruction, args.input, args.max_new_tokens, tokenizer), flush=True)
+            print(instruct.chat(model, args.instruction, args.input, args.max_new_tokens, tokenizer,
+                                prompt_style=args.prompt_style), flush=True)
         elif args.command == "make-preferences":
             preferences.make_preferences_file(args.file, args.judge_model, args.judge_url, args.out, args.seed,
                                               args.timeout, progress=not args.no_progress, log=say)

@@ -64,12 +64,7 @@ class GPTConfig:
         if self.attn_impl not in ("auto", "dense", "blockwise"):
             raise ValueError(f"attn_impl must be 'auto', 'dense' or 'blockwise', got {self.attn_impl!r}")
         # fine-tuning: a classifier head, LoRA adapters
-        if self.num_classes is not None and (not _is_int(self.num_classes) or self.num_classes < 2):
-            raise ValueError(f"num_classes must be an integer of at least 2 (or None), got {self.num_classes!r}")
-        if self.readout not in READOUTS:
-            raise ValueError(f"readout must be one of {', '.join(READOUTS)}, got {self.readout!r}")
-        if not _is_int(self.pad_id) or self.pad_id < 0:
-            raise ValueError(f"pad_id must be a token id (an integer >= 0), got {self.pad_id!r}")
+        _check_classifier(self.num_classes, self.readout, self.pad_id)
         _check_lora(self.lora_rank, self.lora_alpha)
 
     @classmethod
@@ -99,6 +94,16 @@ class GPTConfig:
 
 def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_classifier(num_classes, readout, pad_id) -> None:
+    """A classifier's head: None (a language model) or K >= 2 classes, a readout, a padding id."""
+    if num_classes is not None and (not _is_int(num_classes) or num_classes < 2):
+        raise ValueError(f"num_classes must be an integer of at least 2 (or None), got {num_classes!r}")
+    if readout not in READOUTS:
+        raise ValueError(f"readout must be one of {', '.join(READOUTS)}, got {readout!r}")
+    if not _is_int(pad_id) or pad_id < 0:
+        raise ValueError(f"pad_id must be a token id (an integer >= 0), got {pad_id!r}")
 
 
 def _check_lora(rank, alpha) -> None:
@@ -238,10 +243,13 @@ class LlamaConfig:
     tie_weights: bool = True       # tie_word_embeddings
     dtype: str = "float32"
     attn_impl: str = "auto"        # "dense", "blockwise" or "auto", as GPTConfig's
+    # classification (LlamaModel.to_classifier), as GPTConfig's: None is the language model
+    num_classes: int | None = None
+    readout: str = "last"
+    pad_id: int = 0
     # LoRA (numpygpt.apply_lora) on q/k/v/o_proj, gate/up/down_proj and an untied head
     lora_rank: int | None = None
     lora_alpha: float | None = None
-    num_classes: ClassVar[None] = None  # a language model only (no classifier head)
 
     def __post_init__(self):
         if self.model_type not in ("llama", "qwen3"):
@@ -273,6 +281,7 @@ class LlamaConfig:
         if self.attn_impl not in ("auto", "dense", "blockwise"):
             raise ValueError(f"attn_impl must be 'auto', 'dense' or 'blockwise', got {self.attn_impl!r}")
         self.rope_scaling = _check_rope_scaling(self.rope_scaling)
+        _check_classifier(self.num_classes, self.readout, self.pad_id)
         _check_lora(self.lora_rank, self.lora_alpha)
 
     @property
@@ -370,7 +379,11 @@ def _count_llama(cfg: LlamaConfig, tied: bool, trainable: str | None) -> int:
     attn = C * cfg.n_heads * hs * 2 + C * cfg.n_kv_heads * hs * 2  # q, o; k, v
     qk_norm = 2 * hs if cfg.qk_norm else 0
     block = 2 * C + attn + qk_norm + 3 * C * H  # two RMSNorms, attention, SwiGLU
-    return V * C + cfg.n_layers * block + C + (0 if tied else V * C) + (adapters if trainable is None else 0)
+    if cfg.num_classes is not None:
+        head = C * cfg.num_classes + cfg.num_classes  # score, with bias
+    else:
+        head = 0 if tied else V * C
+    return V * C + cfg.n_layers * block + C + head + (adapters if trainable is None else 0)
 
 
 def config_from_dict(d: dict):

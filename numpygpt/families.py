@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from .config import EncDecConfig, GPTConfig, LlamaConfig, config_from_dict, encdec_tensor_shapes
 from .encdec import EncoderDecoder
-from .hf import is_transposed, llama_tensor_shapes
+from .hf_layout import is_transposed, llama_tensor_shapes
 from .llama import LlamaModel
 from .model import GPTModel
 from .pretrained import hf_tensor_shapes

@@ -339,6 +339,18 @@ def _llama_checks(d: _Draws) -> list:
             return check_model_loss(model, CrossEntropyLoss(), idx, dev(rng.integers(0, V, (B, T)), None), eps=1e-5)
         return run
 
+    def classifier_check():
+        """A Llama classifier (last_non_pad readout, rows padded to different lengths) with
+        LoRA on every projection and its score head, adapters drawn away from B = 0."""
+        llama_cfg = LlamaConfig.preset("llama-tiny", vocab_size=V, emb_dim=C, hidden_dim=12, dtype=F64)
+        model = randomized(LlamaModel(llama_cfg, seed=seed).to_classifier(3, readout="last_non_pad", pad_id=V - 1),
+                           scale=0.5)
+        randomized(apply_lora(model, rank=2, alpha=3.0, seed=seed), scale=0.3)
+        idx = rng.integers(0, V - 1, (B + 1, T))
+        idx[0, 3:] = idx[2, 1:] = V - 1
+        return check_model_loss(model, CrossEntropyLoss(), dev(idx, None), dev(rng.integers(0, 3, B + 1), None),
+                                eps=1e-5)
+
     return [
         ("RMSNorm", lambda: check_layer(randomized(RMSNorm(C, dtype=F64)), randn(B, T, C))),
         ("RMSNorm per head (QK-norm)", lambda: check_layer(randomized(RMSNorm(4, dtype=F64)), randn(B, T, 2, 4))),
@@ -353,6 +365,7 @@ def _llama_checks(d: _Draws) -> list:
         ("Llama + loss (untied)", llama_check("llama", False)),
         ("Qwen3 + loss (tied)", llama_check("qwen3", True)),
         ("Qwen3 + LoRA + loss", llama_check("qwen3", False, lora=True)),
+        ("Llama classifier + LoRA + loss", classifier_check),
     ]
 
 

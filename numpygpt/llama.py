@@ -20,11 +20,12 @@ loss's), ``new_kv_caches()``, ``named_parameters()``,
 
 from __future__ import annotations
 
-from . import backend
+from . import backend, hf_layout
 from .config import LlamaConfig
-from .model import _put_host, check_token_ids
-from .nn import (Embedding, GroupedQueryAttention, KVCache, Module, OutputHead, Parameter, RMSNorm, RoPE,
-                 SwiGLU)
+from .model import _put_host, attach_classifier_head, check_token_ids, train_only
+from .nn import (Embedding, GroupedQueryAttention, KVCache, Linear, Module, OutputHead, Parameter, RMSNorm, RoPE,
+                 SequenceReadout, SwiGLU)
+from .nn.lora import LORA_SUFFIXES
 from .nn.module import skip_init
 
 
@@ -108,7 +109,9 @@ class LlamaModel(Module):
         self.cfg = cfg.replace(lora_rank=None, lora_alpha=None)  # apply_lora below records them
         with skip_init():  # one seeded draw for the whole model, in init_weights
             self.model = LlamaDecoder(cfg)
-        if cfg.tie_weights:
+        if cfg.num_classes is not None:  # a classifier's checkpoint: the head it was saved with
+            self._classifier_parts(cfg)
+        elif cfg.tie_weights:
             self.lm_head = OutputHead(self.model.embed_tokens.weight)
         else:
             self.lm_head = OutputHead(Parameter(backend.xp.zeros((cfg.vocab_size, cfg.emb_dim), dtype=cfg.dtype)))
@@ -136,24 +139,31 @@ class LlamaModel(Module):
 
     def check_input(self, idx, start_pos: int = 0):
         return check_token_ids(idx, self.cfg.vocab_size, self.cfg.context_length, start_pos,
-                               backend.device_of(self.model.embed_tokens.weight.data))
+                               backend.device_of(self.model.embed_tokens.weight.data),
+                               check_rows=self.readout.check_rows if self.is_classifier else None)
 
     def forward(self, idx, kv_caches: list | None = None):
         """idx (B, T) integer token ids -> logits (B, T, V). With ``kv_caches`` (one per
         block, ``new_kv_caches``) idx holds only the new tokens, at the positions after
         the cached ones."""
+        if self.is_classifier:
+            return self._classify(idx, kv_caches)  # (B, K)
         return self.lm_head(self.forward_hidden(idx, kv_caches))  # (B, T, V)
 
     def forward_hidden(self, idx, kv_caches: list | None = None):
         """idx (B, T) -> the final hidden states h (B, T, C) that the head reads
         (logits = h @ W^T, W = ``head.weight``), for a loss that applies the head itself
         (``numpygpt.nn.FusedLinearCrossEntropy``). ``backward_hidden(dh)`` continues from them."""
+        if self.is_classifier:
+            raise ValueError("a classifier's head reads one position per row: it has no per-position hidden states")
         start = kv_caches[0].length if kv_caches else 0
         idx = self.check_input(idx, start)  # (B, T) on the model's device
         return self.model(idx, kv_caches)  # (B, T, C), after the final RMSNorm
 
     def backward(self, dlogits) -> None:
         """The forward read in reverse; adds into every parameter's .grad."""
+        if self.is_classifier:
+            return self._classify_backward(dlogits)
         self.backward_hidden(self.lm_head.backward(dlogits))  # dh (B, T, C)
 
     def backward_hidden(self, dh) -> None:
@@ -174,14 +184,69 @@ class LlamaModel(Module):
             attn, mlp = layer.self_attn, layer.mlp
             targets += [(attn, name, 1) for name in ("q_proj", "k_proj", "v_proj", "o_proj")]
             targets += [(mlp, name, 1) for name in ("gate_proj", "up_proj", "down_proj")]
-        if not self.cfg.tie_weights:
+        if self.is_classifier:
+            targets.append((self, "score", 1))
+        elif not self.cfg.tie_weights:
             targets.append((self, "lm_head", 1))
         return targets
 
+    # -- fine-tuning: a classifier, what trains, Hugging Face directories ---------------------------
+
     @property
     def is_classifier(self) -> bool:
-        return False
+        return self.cfg.num_classes is not None
 
     @property
     def head(self) -> Module:
-        return self.lm_head
+        """The output layer: ``score`` (classifier) or ``lm_head``."""
+        return self.score if self.is_classifier else self.lm_head
+
+    def to_classifier(self, num_classes: int, readout: str = "last", pad_id: int = 0,
+                      seed: int | None = None) -> "LlamaModel":
+        """Replace the output head by ``score = Linear(emb_dim, num_classes)`` with bias, read
+        at one position per row of the final RMSNorm's output (``readout`` "last" or
+        "last_non_pad", right padding with ``pad_id``), as ``GPTModel.to_classifier``; a tied
+        head just goes (the embedding stays). Apply LoRA after this. Returns the model."""
+        return attach_classifier_head(self, num_classes, readout, pad_id, seed)
+
+    def set_trainable(self, which: str) -> "LlamaModel":
+        """"all", "head", "last-block" or "last-two-blocks" (those blocks, the final RMSNorm
+        and the head) train, everything else is frozen, as ``GPTModel.set_trainable``."""
+        return train_only(self, which, self.model.norm, self.model.layers)
+
+    def _classifier_parts(self, cfg: LlamaConfig) -> None:
+        """A classifier's head and readout (zeros: the weights are loaded next)."""
+        self.lm_head = None
+        self.readout = SequenceReadout(cfg.readout, cfg.pad_id)
+        with skip_init():
+            self.score = Linear(cfg.emb_dim, cfg.num_classes, bias=True, dtype=cfg.dtype)
+
+    def _classify(self, idx, kv_caches):
+        """idx (B, T) -> class logits (B, K): the blocks, the final norm, one position a row, score."""
+        if kv_caches:
+            raise ValueError("a classifier reads whole sequences: it takes no KV cache")
+        idx = self.check_input(idx)  # (B, T) on the model's device
+        x = self.model(idx)  # (B, T, C), RMS-normalised per position
+        x = self.readout(x, idx)  # (B, C)
+        return self.score(x)  # (B, K)
+
+    def _classify_backward(self, dlogits) -> None:
+        dx = self.score.backward(dlogits)  # (B, C)
+        dx = self.readout.backward(dx)  # (B, T, C)
+        self.model.backward(dx)
+
+    def save_pretrained(self, directory, max_shard_bytes: int | None = None) -> None:
+        """Write config.json + model.safetensors in Hugging Face's Llama/Qwen3 layout."""
+        from .nn.lora import is_merged, lora_layers
+
+        if lora_layers(self) and not is_merged(self):
+            raise ValueError("save_pretrained writes plain weights: call merge_lora(model) first to fold the LoRA "
+                             "adapters in, or numpygpt.lora.save_merged(model, directory), which writes them folded "
+                             "in and leaves the model as it is (or keep them apart with save_lora / save_checkpoint)")
+        self.write_pretrained(directory, [(n, p.data) for n, p in self.named_parameters()
+                                          if not n.endswith(LORA_SUFFIXES)], max_shard_bytes)
+
+    def write_pretrained(self, directory, tensors, max_shard_bytes: int | None = None) -> None:
+        """The same layout holding ``tensors``, (name, array or LazyTensor) in numpygpt's
+        layout for every weight but the LoRA adapters (``numpygpt.lora.save_merged``)."""
+        hf_layout.write_pretrained(self, directory, tensors, max_shard_bytes)

@@ -94,14 +94,15 @@ def test_a_run_folder_and_its_checkpoint_decode_with_the_runs_tokenizer(dirs, tm
 
 
 def test_chat_answers_with_the_directorys_tokenizer(dirs, capsys):
-    from numpygpt.finetune.instruct import format_input, generate_response
+    from numpygpt.finetune.instruct import generate_response
+    from numpygpt.finetune.prompts import prompt_format
 
     assert main(["chat", "Name a loop.", "--model", str(dirs["llama"]), "--max-new-tokens", "5",
                  "--device", "cpu"]) == 0
     model, tok, _ = load_model(dirs["llama"], device="cpu")
     entry = {"instruction": "Name a loop.", "input": "", "output": ""}
-    assert format_input(entry)  # the prompt format of training
-    want = generate_response(model, entry, tok, 5, eos_id=tok.eot_token)
+    prompts = prompt_format(model, tok)  # the family's default for this tokenizer, as finetune instruct uses
+    want = generate_response(model, entry, max_new_tokens=5, prompts=prompts)
     assert capsys.readouterr().out == want + "\n"
 
 
