@@ -217,7 +217,7 @@ def _from_pretrained(name: str, dtype: str = "float32", device: str | None = Non
     of a GPT-2 name; ``drop_rate``: GPT-2's dropout (Llama and Qwen3 have none)."""
     from . import hf
 
-    family = _pretrained_family(name)
+    family = pretrained_family(name)
     if drop_rate and family != "gpt2":
         raise RunError(f"--drop-rate: a {family} model has no dropout")
     try:
@@ -228,7 +228,7 @@ def _from_pretrained(name: str, dtype: str = "float32", device: str | None = Non
         raise RunError(f"cannot load pretrained weights {name!r}: {e}") from e
 
 
-def _pretrained_family(name: str) -> str:
+def pretrained_family(name: str) -> str:
     """``config.json``'s model_type of a directory; "gpt2" for a name (or a directory whose
     config the loader will report on)."""
     path = os.path.join(os.path.expanduser(os.fspath(name)), "config.json")
@@ -648,7 +648,7 @@ def load_model(source, device: str = "auto", dtype: str = "float32"):
     A tokenizer whose vocabulary does not fit the model is one RunError (check_vocab_size).
     """
     device = _set_device(device)
-    path = _checkpoint_in(source)
+    path = checkpoint_in(source)
     if path is not None:
         saved = _read_checkpoint(path)
         tokenizer = _checkpoint_tokenizer(saved)
@@ -659,7 +659,7 @@ def load_model(source, device: str = "auto", dtype: str = "float32"):
     return model, _pretrained_tokenizer(source, model), None
 
 
-def _checkpoint_in(source) -> str | None:
+def checkpoint_in(source) -> str | None:
     """The numpygpt checkpoint ``source`` names: the file itself, or a run folder's (a folder with
     ``checkpoint.safetensors`` and no Hugging Face ``config.json``); None for anything else."""
     from .scaffold import CHECKPOINT_FILE

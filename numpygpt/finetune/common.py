@@ -161,14 +161,11 @@ def load_model(source, device: str, dtype: str | None = None, drop_rate: float |
     import os
 
     from ..checkpoint import read_checkpoint
-    from ..scaffold import CHECKPOINT_FILE
+    from ..run import checkpoint_in
     from ..tokenizer import check_vocab_size, load_saved_tokenizer
 
-    path = os.path.expanduser(os.fspath(source))
-    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")) \
-            and os.path.isfile(os.path.join(path, CHECKPOINT_FILE)):
-        path = os.path.join(path, CHECKPOINT_FILE)  # a run folder
-    if os.path.isfile(path):
+    path = checkpoint_in(source)  # a checkpoint file, or a run folder's
+    if path is not None:
         saved = read_checkpoint(path)
         model = saved.build_model(device=device)
         tokenizer = load_saved_tokenizer(os.path.dirname(os.path.abspath(path)), saved.extra.get("tokenizer"))
@@ -176,7 +173,8 @@ def load_model(source, device: str, dtype: str | None = None, drop_rate: float |
             model.astype(dtype)
             model.cfg = model.cfg.replace(dtype=dtype)
     else:
-        model, tokenizer = _load_directory(path, device, dtype or "float32", drop_rate, untie_gpt2)
+        model, tokenizer = _load_directory(os.fspath(source), device, dtype or "float32", drop_rate, untie_gpt2,
+                                           fit_tokenizer)
     if drop_rate and model.cfg.model_type != "gpt2":
         raise ValueError(f"--drop-rate {drop_rate:g}: a {model.cfg.model_type} model has no dropout")
     if fit_tokenizer:
@@ -184,24 +182,23 @@ def load_model(source, device: str, dtype: str | None = None, drop_rate: float |
     return model, tokenizer
 
 
-def _load_directory(path: str, device: str, dtype: str, drop_rate: float | None, untie_gpt2: bool):
-    """(model, tokenizer) of a Hugging Face directory or a GPT-2 name."""
-    import json
-    import os
-
+def _load_directory(path: str, device: str, dtype: str, drop_rate: float | None, untie_gpt2: bool,
+                    fit_tokenizer: bool):
+    """(model, tokenizer) of a Hugging Face directory (its own tokenizer; GPT-2's for a GPT-2
+    without one, checked to fit unless ``fit_tokenizer`` is False) or a GPT-2 name."""
     from ..hf import from_pretrained
     from ..model import GPTModel
+    from ..run import pretrained_family
+    from ..tokenizer import model_tokenizer
 
-    model_type = "gpt2"
-    if os.path.isfile(os.path.join(path, "config.json")):
-        with open(os.path.join(path, "config.json"), encoding="utf-8") as fh:
-            model_type = json.load(fh).get("model_type", "gpt2")
-    if model_type == "gpt2":
+    if pretrained_family(path) == "gpt2":
         model = GPTModel.from_pretrained(path, dtype=dtype, device=device, drop_rate=drop_rate or 0.0,
                                          tie_weights=False if untie_gpt2 else None)
     else:
         model = from_pretrained(path, dtype=dtype, device=device)
-    return model, directory_tokenizer(path)
+    if not fit_tokenizer:
+        return model, directory_tokenizer(path)
+    return model, model_tokenizer(path, model.cfg.model_type, model.cfg.vocab_size)
 
 
 def directory_tokenizer(path):
