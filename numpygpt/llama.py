@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from . import backend, hf_layout
 from .config import LlamaConfig
-from .model import _put_host, attach_classifier_head, check_token_ids, train_only
+from .model import OutputLayer, _put_host, attach_classifier_head, check_token_ids, train_only
 from .nn import (Embedding, GroupedQueryAttention, KVCache, Linear, Module, OutputHead, Parameter, RMSNorm, RoPE,
                  SequenceReadout, SwiGLU)
 from .nn.lora import LORA_SUFFIXES
@@ -96,7 +96,7 @@ class LlamaDecoder(Module):
         self.embed_tokens.backward(dx)
 
 
-class LlamaModel(Module):
+class LlamaModel(OutputLayer, Module):
     """Llama 3 or Qwen3 (``cfg.model_type``). ``logits = model(idx)``;
     ``model.backward(dlogits)`` fills every ``.grad``. The head is the token embedding
     itself when ``cfg.tie_weights`` (Llama 3.2 1B/3B, Qwen3 0.6B/1.7B), else its own (V, C)."""
@@ -184,22 +184,9 @@ class LlamaModel(Module):
             attn, mlp = layer.self_attn, layer.mlp
             targets += [(attn, name, 1) for name in ("q_proj", "k_proj", "v_proj", "o_proj")]
             targets += [(mlp, name, 1) for name in ("gate_proj", "up_proj", "down_proj")]
-        if self.is_classifier:
-            targets.append((self, "score", 1))
-        elif not self.cfg.tie_weights:
-            targets.append((self, "lm_head", 1))
-        return targets
+        return targets + self.head_lora_targets()
 
     # -- fine-tuning: a classifier, what trains, Hugging Face directories ---------------------------
-
-    @property
-    def is_classifier(self) -> bool:
-        return self.cfg.num_classes is not None
-
-    @property
-    def head(self) -> Module:
-        """The output layer: ``score`` (classifier) or ``lm_head``."""
-        return self.score if self.is_classifier else self.lm_head
 
     def to_classifier(self, num_classes: int, readout: str = "last", pad_id: int = 0,
                       seed: int | None = None) -> "LlamaModel":

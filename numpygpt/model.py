@@ -111,7 +111,28 @@ class TransformerBlock(Module):
         return dx
 
 
-class GPTModel(Module):
+class OutputLayer:
+    """What every decoder family (GPT-2, Llama 3, Qwen3) has about its output layer: a
+    language-model head ``lm_head`` or, after ``to_classifier``, a class head ``score``."""
+
+    @property
+    def is_classifier(self) -> bool:
+        return self.cfg.num_classes is not None
+
+    @property
+    def head(self) -> Module:
+        """The output layer: ``score`` (classifier) or ``lm_head``."""
+        return self.score if self.is_classifier else self.lm_head
+
+    def head_lora_targets(self) -> list:
+        """The head's ``lora_targets`` entry: a classifier's score, or an untied LM head (a
+        tied one is the token embedding, which stays frozen)."""
+        if self.is_classifier:
+            return [(self, "score", 1)]
+        return [] if self.cfg.tie_weights else [(self, "lm_head", 1)]
+
+
+class GPTModel(OutputLayer, Module):
     """GPT-2. ``logits = model(idx)``; ``model.backward(dlogits)`` fills every ``.grad``.
 
     Fine-tuning: ``to_classifier`` swaps the head for a K-class one, ``set_trainable``
@@ -304,22 +325,9 @@ class GPTModel(Module):
         for block in self.h:
             targets += [(block.attn, "c_attn", 3), (block.attn, "c_proj", 1), (block.mlp, "c_fc", 1),
                         (block.mlp, "c_proj", 1)]
-        if self.is_classifier:
-            targets.append((self, "score", 1))
-        elif not self.cfg.tie_weights:
-            targets.append((self, "lm_head", 1))
-        return targets
+        return targets + self.head_lora_targets()
 
     # -- fine-tuning -----------------------------------------------------------------
-
-    @property
-    def is_classifier(self) -> bool:
-        return self.cfg.num_classes is not None
-
-    @property
-    def head(self) -> Module:
-        """The output layer: ``score`` (classifier) or ``lm_head``."""
-        return self.score if self.is_classifier else self.lm_head
 
     def to_classifier(self, num_classes: int, readout: str = "last", pad_id: int = 50256,
                       seed: int | None = None) -> "GPTModel":
