@@ -16,8 +16,25 @@ from typing import ClassVar
 from .options import from_fields
 
 
+class _ConfigMethods:
+    """What every family's configuration dataclass does alike: a changed copy (validated
+    again), a plain dict, and back from one (an unknown field is a ValueError)."""
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        if not isinstance(d, dict):
+            raise ValueError(f"a {cls.__name__} is read from a dict, got {type(d).__name__}")
+        return from_fields(cls, d, ValueError, f"{cls.__name__} fields")
+
+
 @dataclass
-class GPTConfig:
+class GPTConfig(_ConfigMethods):
     model_type: ClassVar[str] = "gpt2"  # the family (not a field: GPT-2 checkpoints' configs lack it)
     vocab_size: int = 50257      # GPT-2 BPE vocabulary
     context_length: int = 1024   # longest sequence (positional embedding rows)
@@ -75,17 +92,6 @@ class GPTConfig:
             raise ValueError(f"unknown preset {name!r}: choose from {', '.join(sorted(PRESETS))}")
         return cls(**{**PRESETS[key], **overrides})
 
-    def replace(self, **changes) -> "GPTConfig":
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "GPTConfig":
-        if not isinstance(d, dict):
-            raise ValueError(f"a GPTConfig is read from a dict, got {type(d).__name__}")
-        return from_fields(cls, d, ValueError, "GPTConfig fields")
 
     @property
     def head_dim(self) -> int:
@@ -223,7 +229,7 @@ LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_m
 
 
 @dataclass
-class LlamaConfig:
+class LlamaConfig(_ConfigMethods):
     """A Llama 3 or Qwen3 decoder: pre-RMSNorm blocks of grouped-query attention with
     rotary positions (Qwen3: plus RMSNorm on each query and key head) and a SwiGLU MLP,
     no biases. Field names follow GPTConfig; Hugging Face's config.json names in comments."""
@@ -295,21 +301,6 @@ class LlamaConfig:
         if name not in LLAMA_PRESETS:
             raise ValueError(f"unknown preset {name!r}: choose from {', '.join(sorted(LLAMA_PRESETS))}")
         return cls(**{**LLAMA_PRESETS[name], **overrides})
-
-    def replace(self, **changes) -> "LlamaConfig":
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "LlamaConfig":
-        if not isinstance(d, dict):
-            raise ValueError(f"a LlamaConfig is read from a dict, got {type(d).__name__}")
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown LlamaConfig fields: {sorted(unknown)}")
-        return cls(**d)
 
 
 def _is_real(value) -> bool:
@@ -413,7 +404,7 @@ def preset_config(name: str, **overrides):
 # -- the encoder-decoder (numpygpt.encdec) ------------------------------------------------------
 
 @dataclass
-class EncDecConfig:
+class EncDecConfig(_ConfigMethods):
     """The original Transformer: an encoder and a decoder of pre- (or post-) LayerNorm blocks
     with GPT-2's sizes and names, sinusoidal positions and cross-attention."""
     vocab_size: int = 64          # V, one vocabulary for source and target
@@ -457,18 +448,6 @@ class EncDecConfig:
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
         _check_lora(self.lora_rank, self.lora_alpha)
-
-    def replace(self, **changes) -> "EncDecConfig":
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "EncDecConfig":
-        if not isinstance(d, dict):
-            raise ValueError(f"an EncDecConfig is read from a dict, got {type(d).__name__}")
-        return from_fields(cls, d, ValueError, "EncDecConfig fields")
 
 
 def encdec_tensor_shapes(cfg: EncDecConfig) -> dict:
