@@ -150,15 +150,9 @@ class LlamaModel(OutputLayer, Module):
             return self._classify(idx, kv_caches)  # (B, K)
         return self.lm_head(self.forward_hidden(idx, kv_caches))  # (B, T, V)
 
-    def forward_hidden(self, idx, kv_caches: list | None = None):
-        """idx (B, T) -> the final hidden states h (B, T, C) that the head reads
-        (logits = h @ W^T, W = ``head.weight``), for a loss that applies the head itself
-        (``numpygpt.nn.FusedLinearCrossEntropy``). ``backward_hidden(dh)`` continues from them."""
-        if self.is_classifier:
-            raise ValueError("a classifier's head reads one position per row: it has no per-position hidden states")
-        start = kv_caches[0].length if kv_caches else 0
-        idx = self.check_input(idx, start)  # (B, T) on the model's device
-        return self.model(idx, kv_caches)  # (B, T, C), after the final RMSNorm
+    def _hidden(self, idx, kv_caches):
+        """Checked ids (B, T) -> the hidden states after the final RMSNorm (B, T, C)."""
+        return self.model(idx, kv_caches)
 
     def backward(self, dlogits) -> None:
         """The forward read in reverse; adds into every parameter's .grad."""

@@ -124,6 +124,16 @@ class OutputLayer:
         """The output layer: ``score`` (classifier) or ``lm_head``."""
         return self.score if self.is_classifier else self.lm_head
 
+    def forward_hidden(self, idx, kv_caches: list | None = None):
+        """idx (B, T) -> the final hidden states h (B, T, C) that the head reads
+        (logits = h @ W^T, W = ``head.weight``), for a loss that applies the head itself
+        (``numpygpt.nn.FusedLinearCrossEntropy``). ``backward_hidden(dh)`` continues from them."""
+        if self.is_classifier:
+            raise ValueError("a classifier's head reads one position per row: it has no per-position hidden states")
+        start = kv_caches[0].length if kv_caches else 0
+        idx = self.check_input(idx, start)  # (B, T) on the model's device
+        return self._hidden(idx, kv_caches)  # (B, T, C)
+
     def head_lora_targets(self) -> list:
         """The head's ``lora_targets`` entry: a classifier's score, or an untied LM head (a
         tied one is the token embedding, which stays frozen)."""
@@ -245,15 +255,9 @@ class GPTModel(OutputLayer, Module):
         x = self.ln_f(x)
         return self.score(x)  # (B, K)
 
-    def forward_hidden(self, idx, kv_caches: list | None = None):
-        """idx (B, T) -> the final hidden states h (B, T, C) that the head reads
-        (logits = h @ W^T, W = ``head.weight``), for a loss that applies the head itself
-        (``numpygpt.nn.FusedLinearCrossEntropy``). ``backward_hidden(dh)`` continues from them."""
-        if self.is_classifier:
-            raise ValueError("a classifier's head reads one position per row: it has no per-position hidden states")
-        start = kv_caches[0].length if kv_caches else 0
-        idx = self.check_input(idx, start)  # (B, T) on the model's device
-        return self.ln_f(self._forward_body(idx, kv_caches))  # (B, T, C)
+    def _hidden(self, idx, kv_caches):
+        """Checked ids (B, T) -> the hidden states after ln_f (B, T, C)."""
+        return self.ln_f(self._forward_body(idx, kv_caches))
 
     def _forward_body(self, idx, kv_caches):
         """Embeddings and blocks: checked ids (B, T) -> the residual stream (B, T, C) before ln_f."""
