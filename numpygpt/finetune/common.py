@@ -17,7 +17,7 @@ from ..options import DROP_RATE, NONNEG_FLOAT, POSITIVE_INT, Check, Options, opt
 from .prompts import PROMPT_STYLES
 
 __all__ = ["LoRAOptions", "RecipeOptions", "TextOptions", "recipe_field", "start_run", "AT_LEAST_ONE", "check_split",
-           "trainable_adamw", "planned_steps", "load_model", "directory_tokenizer", "describe_model", "MODEL_SOURCES"]
+           "trainable_adamw", "planned_steps", "load_model", "directory_tokenizer", "describe_model", "parameters_line", "steps_line", "MODEL_SOURCES"]
 
 AT_LEAST_ONE = Check(int, lambda v: v >= 1, "must be >= 1, got {}")
 POSITIVE_ALPHA = Check(float, lambda v: v > 0, "must be > 0, got {}")
@@ -212,6 +212,22 @@ def directory_tokenizer(path):
     path = os.fspath(path)
     has_tokenizer = os.path.isdir(path) and any(os.path.isfile(os.path.join(path, c)) for c in CANDIDATES)
     return load_tokenizer(path) if has_tokenizer else get_tokenizer()
+
+
+def parameters_line(model, lora_rank: int | None) -> str:
+    """The plan's line of parameter counts: all, and the trainable ones under LoRA."""
+    line = f"parameters  {model.num_parameters():,}"
+    if lora_rank:
+        line += f"; trainable {model.num_parameters(trainable_only=True):,} (LoRA rank {lora_rank})"
+    return line
+
+
+def steps_line(o, n_batches: int) -> str:
+    """The start of the plan's line: the optimiser steps of recipe options ``o`` over
+    ``n_batches`` batches an epoch, and the batch (times the accumulation)."""
+    total, per_epoch = planned_steps(n_batches, o.grad_accum, o.epochs, o.max_steps)
+    accum = f" x {o.grad_accum}" if o.grad_accum > 1 else ""
+    return f"plan        {total:,} steps ({o.epochs} epochs of {per_epoch:,}), batch {o.batch_size}{accum}"
 
 
 def describe_model(source, cfg) -> str:

@@ -24,8 +24,8 @@ from .. import backend
 from ..fileio import write_json
 from ..options import POSITIVE_FLOAT, add_arguments, option
 from ..progress import say as _say
-from .common import (MODEL_SOURCES, TextOptions, check_split, describe_model, load_model, planned_steps,
-                     recipe_field, start_run, trainable_adamw)
+from .common import (MODEL_SOURCES, TextOptions, check_split, describe_model, load_model, parameters_line,
+                     recipe_field, start_run, steps_line, trainable_adamw)
 from .prompts import prompt_format
 from .dpo import DPOObjective, dpo_metrics_hook, evaluate_dpo, plot_margins
 from .dpo_data import PreferenceDataset, collate_preferences, load_preference_data, split_data
@@ -157,18 +157,14 @@ def _loaders(o: DPOOptions, model, splits, prompts):
 
 
 def _print_plan(o: DPOOptions, model, splits, n_batches: int, device: str, prompts, log) -> None:
-    cfg = model.cfg
-    n_total, n_trainable = model.num_parameters(), model.num_parameters(trainable_only=True)
-    total, steps_per_epoch = planned_steps(n_batches, o.grad_accum, o.epochs, o.max_steps)
     for line in (
         f"device      {device}",
-        f"model       {describe_model(o.model, cfg)}; reference {o.reference or 'the same, frozen'}; "
+        f"model       {describe_model(o.model, model.cfg)}; reference {o.reference or 'the same, frozen'}; "
         f"prompts {prompts.name}",
-        f"parameters  {n_total:,}" + (f"; trainable {n_trainable:,} (LoRA rank {o.lora_rank})" if o.lora_rank else ""),
+        parameters_line(model, o.lora_rank),
         f"data        {o.data}: {sum(len(s) for s in splits):,} pairs: train {len(splits[0]):,}, "
         f"test {len(splits[1]):,}, val {len(splits[2]):,}",
-        f"plan        {total:,} steps ({o.epochs} epochs of {steps_per_epoch:,}), batch {o.batch_size}"
-        + (f" x {o.grad_accum}" if o.grad_accum > 1 else "") + f", DPO beta {o.beta:g} ({o.reduction} log-probability), "
+        steps_line(o, n_batches) + f", DPO beta {o.beta:g} ({o.reduction} log-probability), "
         f"AdamW lr {o.lr:g}, weight decay {o.weight_decay:g}",
     ):
         _say(line, log)

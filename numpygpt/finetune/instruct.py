@@ -26,7 +26,7 @@ from ..options import POSITIVE_INT, Options, option
 from ..progress import progress_bar
 from ..progress import say as _say
 from .common import (MODEL_SOURCES, TextOptions, check_split, describe_model, directory_tokenizer, load_model,
-                     planned_steps, recipe_field, start_run, trainable_adamw)
+                     parameters_line, recipe_field, start_run, steps_line, trainable_adamw)
 from .prompts import prompt_format
 from .instruct_data import (BOOK_DATA_URL, PREAMBLE, RESPONSE_HEADER, Example, InstructionDataset,  # noqa: F401
                             collate_instructions, download_book_data, extract_response, format_example,
@@ -204,19 +204,16 @@ def _loaders(o: InstructOptions, model, prompts, splits, data_path: str):
 def _print_plan(o: InstructOptions, model, data_path: str, splits, n_batches: int, device: str, prompts,
                 log) -> None:
     cfg = model.cfg
-    n_total, n_trainable = model.num_parameters(), model.num_parameters(trainable_only=True)
-    total, steps_per_epoch = planned_steps(n_batches, o.grad_accum, o.epochs, o.max_steps)
     n_entries = sum(len(part) for part in splits)
     for line in (
         f"device      {device}",
         f"model       {describe_model(o.pretrained, cfg)}, {'tied' if cfg.tie_weights else 'untied'} head; "
         f"prompts {prompts.name}",
-        f"parameters  {n_total:,}" + (f"; trainable {n_trainable:,} (LoRA rank {o.lora_rank})" if o.lora_rank else ""),
+        parameters_line(model, o.lora_rank),
         f"data        {data_path}: {n_entries:,} entries: train {len(splits[0]):,}, test {len(splits[1]):,}, "
         f"val {len(splits[2]):,}",
-        f"plan        {total:,} steps ({o.epochs} epochs of {steps_per_epoch:,}), batch {o.batch_size}"
-        + (f" x {o.grad_accum}" if o.grad_accum > 1 else "") + f", AdamW lr {o.lr:g}, weight decay "
-        f"{o.weight_decay:g}" + (", instruction masked" if o.mask_instruction else ""),
+        steps_line(o, n_batches) + f", AdamW lr {o.lr:g}, weight decay {o.weight_decay:g}"
+        + (", instruction masked" if o.mask_instruction else ""),
     ):
         _say(line, log)
 
