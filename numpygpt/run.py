@@ -651,6 +651,9 @@ def load_model(source, device: str = "auto", dtype: str = "float32"):
     path = checkpoint_in(source)
     if path is not None:
         saved = _read_checkpoint(path)
+        if saved.config.model_type == "encoder-decoder":
+            raise RunError(f"{path} holds an encoder-decoder (train-translation's), which translates rather than "
+                           "continues text: see docs/translation.md for decoding it")
         tokenizer = _checkpoint_tokenizer(saved)
         model = _build_from_checkpoint(saved, device)
         _check_tokenizer_fits(tokenizer, model, prefix=f"{path}: ")

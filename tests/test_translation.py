@@ -120,3 +120,7 @@ def test_command_line(capsys, tmp_path):
     assert "held-out exact match" in capsys.readouterr().out
     assert main(argv[:5] + ["--train-numbers", "95"]) == 2
     assert "more than the 100 numbers" in capsys.readouterr().err
+    # its checkpoint translates; generate, which continues text, says so in one line
+    assert main(["generate", "--model", str(tmp_path), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "encoder-decoder" in err[0]
