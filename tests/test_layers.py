@@ -190,10 +190,12 @@ def test_feedforward(device, B, T, C, seed):
     assert_ok(check_layer(layer, to_dev(rng.standard_normal((B, T, C)), F64)))
 
 
-@given(B=small, T=st.integers(1, 5), V=st.integers(1, 6), C=st.integers(1, 5), seed=seeds)
-def test_output_head(device, B, T, V, C, seed):
+@given(B=small, T=st.integers(1, 5), V=st.integers(1, 6), C=st.integers(1, 5), transposed=st.booleans(),
+       seed=seeds)
+def test_output_head(device, B, T, V, C, transposed, seed):
     rng = np.random.default_rng(seed)
     layer = OutputHead(Parameter(to_dev(rng.standard_normal((V, C)), F64)))
+    layer.TRANSPOSED_DX_ROWS = 10**9 if transposed else 0  # both GEMM forms of dx: (W^T G^T)^T and G W
     assert_ok(check_layer(layer, to_dev(rng.standard_normal((B, T, C)), F64)))
 
 
