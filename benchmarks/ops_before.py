@@ -34,3 +34,44 @@ def case_head(rows: int):
         return (lambda: head(x)), (lambda: head.backward(G))
 
     return f"OutputHead backward, ({rows}, {V}) x ({V}, {C})", pair(old), pair(now)
+
+
+# -- GELU: forward and backward in place --------------------------------------------------------
+
+def _gelu_class_before():
+    import math
+
+    from numpygpt.nn import GELU
+
+    k = math.sqrt(2.0 / math.pi)
+
+    class GELUBefore(GELU):
+        @staticmethod
+        def _forward_chunk(xp, x, t, y):
+            xp.tanh(k * (x + 0.044715 * x * x * x), out=t)
+            xp.multiply(0.5 * x, 1.0 + t, out=y)
+
+        @staticmethod
+        def _backward_chunk(xp, x, t, dout, dx):
+            du_dx = k * (1.0 + 3.0 * 0.044715 * x * x)
+            dydx = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du_dx
+            xp.multiply(dout, dydx, out=dx)
+
+    return GELUBefore
+
+
+def _fwd_bwd(layer, x, dy):
+    def run():
+        layer(x)
+        layer.backward(dy)
+
+    return None, run
+
+
+def case_gelu(rows: int):
+    from numpygpt.nn import GELU
+
+    rng = _rng()
+    x = rng.standard_normal((rows, 4 * C), dtype=np.float32)
+    dy = rng.standard_normal((rows, 4 * C), dtype=np.float32)
+    return f"GELU forward + backward, ({rows}, {4 * C})", _fwd_bwd(_gelu_class_before()(), x, dy), _fwd_bwd(GELU(), x, dy)

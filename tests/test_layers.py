@@ -89,6 +89,20 @@ def test_gelu_matches_tanh_formula(device):
     np.testing.assert_allclose(backend.to_host(GELU()(to_dev(x, F64))), ref, rtol=1e-13, atol=1e-15)
 
 
+@pytest.mark.parametrize("dtype, rtol", [(F64, 1e-13), ("float32", 2e-6)])
+def test_gelu_backward_matches_plain_derivative(device, dtype, rtol):
+    """The in-place, factored backward against the docstring's derivative written plainly."""
+    x = np.linspace(-6, 6, 1001)
+    dy = np.random.default_rng(0).standard_normal(x.shape)
+    t = np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3))
+    dydx = 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * np.sqrt(2 / np.pi) * (1 + 3 * 0.044715 * x * x)
+    layer = GELU()
+    y = layer(to_dev(x, dtype))
+    dx = backend.to_host(layer.backward(to_dev(dy, dtype)))
+    assert y.dtype == dx.dtype == np.dtype(dtype)
+    np.testing.assert_allclose(dx, dy * dydx, rtol=rtol, atol=rtol)
+
+
 @given(shape=st.lists(st.integers(1, 5), min_size=1, max_size=3), seed=seeds)
 def test_softmax(device, shape, seed):
     rng = np.random.default_rng(seed)
