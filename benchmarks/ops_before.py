@@ -75,3 +75,62 @@ def case_gelu(rows: int):
     x = rng.standard_normal((rows, 4 * C), dtype=np.float32)
     dy = rng.standard_normal((rows, 4 * C), dtype=np.float32)
     return f"GELU forward + backward, ({rows}, {4 * C})", _fwd_bwd(_gelu_class_before()(), x, dy), _fwd_bwd(GELU(), x, dy)
+
+
+# -- LayerNorm: forward and backward into their outputs ------------------------------------------
+
+def _layernorm_before(eps: float = 1e-5):
+    """LayerNorm's forward and backward as they were: a temporary array per product."""
+    from numpygpt import parallel
+
+    state = {}
+
+    def forward(x, w, b):
+        xhat, rstd, y = np.empty_like(x), np.empty((x.shape[0], 1), x.dtype), np.empty_like(x)
+
+        def rows(start, stop):
+            xc = x[start:stop]
+            xc = xc - xc.mean(axis=-1, keepdims=True)
+            var = (xc * xc).mean(axis=-1, keepdims=True)
+            np.divide(1.0, np.sqrt(var + eps), out=rstd[start:stop])
+            np.multiply(xc, rstd[start:stop], out=xhat[start:stop])
+            np.multiply(xhat[start:stop], w, out=y[start:stop])
+            y[start:stop] += b
+
+        parallel.for_rows(rows, x)
+        state.update(xhat=xhat, rstd=rstd)
+        return y
+
+    def backward(dout, w):
+        xhat, rstd, dx = state["xhat"], state["rstd"], np.empty_like(dout)
+
+        def rows(start, stop):
+            dy, xh = dout[start:stop], xhat[start:stop]
+            g = dy * w
+            dxc = dx[start:stop]
+            np.subtract(g, g.mean(axis=-1, keepdims=True), out=dxc)
+            dxc -= xh * (g * xh).mean(axis=-1, keepdims=True)
+            dxc *= rstd[start:stop]
+            return (dy * xh).sum(axis=0), dy.sum(axis=0)
+
+        partials = parallel.for_rows(rows, dout)
+        return dx, partials
+
+    return forward, backward
+
+
+def case_layernorm(rows: int):
+    from numpygpt.nn import LayerNorm
+
+    rng = _rng()
+    x = rng.standard_normal((rows, C), dtype=np.float32)
+    dy = rng.standard_normal((rows, C), dtype=np.float32)
+    w, b = np.ones(C, np.float32), np.zeros(C, np.float32)
+    fwd, bwd = _layernorm_before()
+
+    def before():
+        fwd(x, w, b)
+        bwd(dy, w)
+
+    layer = LayerNorm(C)
+    return f"LayerNorm forward + backward, ({rows}, {C})", (None, before), _fwd_bwd(layer, x, dy)

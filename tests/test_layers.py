@@ -252,6 +252,25 @@ def test_frozen_parameter_gets_no_grad_but_passes_dx(device, rng):
     assert "weight" not in errors and max(errors.values()) <= TOL
 
 
+@pytest.mark.parametrize("frozen", [("weight",), ("bias",), ("weight", "bias")])
+def test_frozen_layernorm_skips_its_sums_and_passes_the_same_dx(device, rng, frozen):
+    x, dy = to_dev(rng.standard_normal((3, 4, 6)), F64), to_dev(rng.standard_normal((3, 4, 6)), F64)
+    plain, part = LayerNorm(6, dtype=F64), LayerNorm(6, dtype=F64)
+    randomize(plain, rng)
+    part.load_state_dict(plain.state_dict())
+    for name in frozen:
+        getattr(part, name).requires_grad = False
+    plain(x), part(x)
+    dx_plain, dx_part = plain.backward(dy), part.backward(dy)
+    np.testing.assert_array_equal(backend.to_host(dx_part), backend.to_host(dx_plain))
+    for name in ("weight", "bias"):
+        got = getattr(part, name).grad
+        if name in frozen:
+            assert got is None
+        else:
+            np.testing.assert_array_equal(backend.to_host(got), backend.to_host(getattr(plain, name).grad))
+
+
 @pytest.mark.parametrize("broken", ["gelu", "layernorm", "attention_scale"])
 def test_gradcheck_catches_a_wrong_backward(monkeypatch, rng, broken):
     """The checks above can fail: break one backward and watch the error jump."""
