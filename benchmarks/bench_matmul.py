@@ -63,13 +63,15 @@ def main(argv=None) -> int:
     cases = [(f"{n} x {n} x {n}", n, n, n, False) for n in map(int, args.sizes.split(","))]
     if not args.no_gpt2_shapes:
         cases += [(label, M, K, N, "bwd" in label) for label, M, K, N in gpt2_shapes()]
-    rows = []
+    rows, results = [], []
     for label, M, K, N, a_t in cases:
         rep = args.repeat if M * K * N <= 2048**3 else max(2, args.repeat // 2)
-        row = [label, f"{gflops_numpy(M, K, N, rep, a_t):.0f}"]
+        res = {"label": label, "square": label.startswith(f"{M} x"), "numpy": gflops_numpy(M, K, N, rep, a_t)}
         if not args.no_torch:
-            row.append(f"{gflops_torch(M, K, N, rep, a_t):.0f}")
-        rows.append(row)
+            res["torch"] = gflops_torch(M, K, N, rep, a_t)
+        results.append(res)
+        rows.append([label] + [f"{res[k]:.0f}" for k in ("numpy", "torch") if k in res])
+    common.save_json(args.json, "matmul", results, threads=args.threads, numpy_blas=common.numpy_blas())
     header = ["float32 GEMM (M x K x N)", "NumPy GFLOP/s"] + ([] if args.no_torch else ["torch GFLOP/s"])
     print(f"### float32 matmul ceiling ({args.threads} threads; NumPy: {common.numpy_blas()})\n")
     print(common.md_table(header, rows))
