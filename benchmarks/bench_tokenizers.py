@@ -52,6 +52,9 @@ CONFIGS = {
     # the default model's shape with a smaller vocabulary: less work a step, so more steps
     "8192-128x4": dict(emb_dim=128, n_layers=4, n_heads=4),
     "4096-128x4": dict(emb_dim=128, n_layers=4, n_heads=4),
+    "2048-128x4": dict(emb_dim=128, n_layers=4, n_heads=4),
+    # the small vocabulary's model overfits the 0.4 MB corpus: the same with dropout
+    "4096-128x4-drop": dict(emb_dim=128, n_layers=4, n_heads=4, drop_rate=0.1),
 }
 COMMON = dict(context_length=128, batch_size=8, device="cpu", no_progress=True, eval_freq=100, eval_iter=5,
               sample_tokens=40, greedy=False)
@@ -77,8 +80,8 @@ def _training_step(shape: dict, tokenizer, train_text: str):
     from numpygpt.optim import AdamW, param_groups
     from numpygpt.train import forward_backward
 
-    cfg = GPTConfig(vocab_size=tokenizer.n_vocab, context_length=128, drop_rate=0.0, qkv_bias=False,
-                    tie_weights=True, **shape)
+    cfg = GPTConfig(vocab_size=tokenizer.n_vocab, context_length=128, qkv_bias=False, tie_weights=True,
+                    **{"drop_rate": 0.0, **shape})
     model = GPTModel(cfg, seed=0)
     loader = DataLoader(GPTDataset.from_text(train_text[:200_000], tokenizer, 128, 128), 8, shuffle=True, seed=0)
     optimizer, objective = AdamW(param_groups(model, 0.1), lr=1e-3), NextTokenObjective()

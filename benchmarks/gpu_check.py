@@ -73,15 +73,22 @@ def numpygpt_run(cfg, x, y, device: str, warmup: int, steps: int, new_tokens: in
         first_loss = step()
         out = {"first_loss": first_loss, "step": _timed(step, warmup, steps, backend.synchronize)}
         out["transfers_per_step"] = _fake_transfers(device, step)
-        prompt = x[:1, :16]
+        P = _prompt_length(cfg, new_tokens)
+        prompt = x[:1, :P]
         gen = _timed(lambda: generate(model, prompt, new_tokens), 1, 3, backend.synchronize)
         out["tokens_per_s"] = new_tokens / gen
         out["transfers_per_token"] = _fake_transfers(device, lambda: generate(model, prompt, new_tokens))
         if out["transfers_per_token"] is not None:
             out["transfers_per_token"] /= new_tokens
-        out["greedy"] = backend.to_host(generate(model, prompt, new_tokens))[0, 16:].tolist()
+        out["greedy"] = backend.to_host(generate(model, prompt, new_tokens))[0, P:].tolist()
         out["memory_gib"] = _cupy_pool_gib(device)
     return out
+
+
+def _prompt_length(cfg, new_tokens: int) -> int:
+    """The generation prompt's length: 16 tokens, fewer where the prompt and the new tokens
+    would not fit the context (both sides decode with a KV cache, which must hold them all)."""
+    return max(1, min(16, cfg.context_length - new_tokens))
 
 
 def _timed(fn, warmup: int, repeat: int, synchronize) -> float:
@@ -146,9 +153,10 @@ def torch_run(cfg, x, y, device: str, warmup: int, steps: int, new_tokens: int) 
         return loss.item()
 
     out = {"first_loss": step(), "step": _timed(step, warmup, steps, sync)}
-    prompt = tx[:1, :16]
+    P = _prompt_length(cfg, new_tokens)
+    prompt = tx[:1, :P]
     out["tokens_per_s"] = new_tokens / _timed(lambda: generate(tmodel, prompt, new_tokens), 1, 3, sync)
-    out["greedy"] = generate(tmodel, prompt, new_tokens)[0, 16:].tolist()
+    out["greedy"] = generate(tmodel, prompt, new_tokens)[0, P:].tolist()
     out["memory_gib"] = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
     return out
 
