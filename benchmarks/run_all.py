@@ -39,12 +39,12 @@ def plan(quick: bool) -> dict[str, list[str]]:
         return {
             "check": ["check_reference.py"],
             "matmul": ["bench_matmul.py", "--sizes", "1024,2048", "--no-gpt2-shapes"],
-            # --max-load 1: no retaking of disturbed rounds (the table's "other load" says how disturbed)
+            # --max-load 1: no retaking of disturbed rounds or runs (the "other load" columns say how disturbed)
             "train": ["bench_train_step.py", "--configs", "small", "--steps", "5", "--warmup", "1", "--max-load", "1"],
             "train-default-malloc": ["bench_train_step.py", "--configs", "small", "--no-sdpa", "--steps", "5",
                                      "--warmup", "1", "--max-load", "1", "--default-malloc"],
             "memory": ["bench_memory.py", "--config", "small"],
-            "generate": ["bench_generate.py", "--config", "small", "--new-tokens", "50"],
+            "generate": ["bench_generate.py", "--config", "small", "--new-tokens", "50", "--max-load", "1"],
             "scaling": ["bench_scaling.py", "--config", "small", "--contexts", "128,256,512",
                         "--widths", "128,256", "--layers", "2", "--steps", "2", "--no-sdpa"],
             "profile": ["profile_step.py", "--config", "small", "--steps", "2", "--lines", "15"],

@@ -26,6 +26,7 @@ START = "<!-- speed table: written by benchmarks/run_all.py, do not edit by hand
 END = "<!-- end of the speed table -->"
 KEPT = "same for both: glibc keeps freed memory (numpygpt's setting)"
 DEFAULT = "same for both: glibc's default"
+LOADED = 10  # percent of other load above which the table says it was taken under load
 
 
 def load(folder: str) -> dict[str, list[dict]]:
@@ -148,7 +149,12 @@ def build(folder: str, command: str = "python benchmarks/run_all.py") -> str:
     rows = train_rows(records, peak) + memory_rows(records) + generate_rows(records)
     table = common.md_table(["measurement", "numpygpt", "PyTorch", "numpygpt / PyTorch", "allocator", "other load"],
                             rows)
-    return "\n\n".join([machine_line(meta["machine"], peak, meta["when"], meta.get("command", command)), table])
+    parts = [machine_line(meta["machine"], peak, meta["when"], meta.get("command", command)), table]
+    loads = [float(r[-1].rstrip("%")) for r in rows if r[-1]]
+    if loads and max(loads) > LOADED:
+        parts.insert(1, f"**Taken under load**: other processes used up to {max(loads):.0f}% of the machine "
+                        "during timed steps; the times and ratios are not to be trusted. Rerun on a quiet machine.")
+    return "\n\n".join(parts)
 
 
 def mfu_lines(folder: str) -> list[str]:

@@ -54,9 +54,17 @@ def test_the_table_has_paired_ratios_mfu_and_allocators(run):
     assert "**1.50x** (1.50-3.00)" in kept and speed_table.KEPT in kept
     assert "MFU 50%" in kept  # 160 GFLOP/s of 320
     assert "| 20% |" in kept  # the larger other load of the two
+    assert "**Taken under load**: other processes used up to 20%" in text
     assert speed_table.DEFAULT in rows[1] and "**2.00x** (2.00-2.40)" in rows[1]
     # numpygpt with its setting (median 2.0) against torch with glibc's default (median 5.0), two runs
     assert "each library's default" in rows[2] and "**2.50x** (2.50-6.00)" in rows[2]
+
+
+def test_a_quiet_run_is_not_labelled_as_loaded(run):
+    record = json.loads((run / "train-256.json").read_text())
+    record["results"][1]["other_load"] = 0.05
+    (run / "train-256.json").write_text(json.dumps(record))
+    assert "under load" not in speed_table.build(str(run))
 
 
 def test_mfu_lines_name_each_implementation(run):
