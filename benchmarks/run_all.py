@@ -45,9 +45,6 @@ def plan(quick: bool) -> dict[str, list[str]]:
                                      "--warmup", "1", "--max-load", "1", "--default-malloc"],
             "memory": ["bench_memory.py", "--config", "small"],
             "generate": ["bench_generate.py", "--config", "small", "--new-tokens", "50", "--max-load", "1"],
-            "scaling": ["bench_scaling.py", "--config", "small", "--contexts", "128,256,512",
-                        "--widths", "128,256", "--layers", "2", "--steps", "2", "--no-sdpa"],
-            "profile": ["profile_step.py", "--config", "small", "--steps", "2", "--lines", "15"],
             "ops": ["bench_ops.py", "--rows", "512", "--rounds", "3"],
         }
     return {

@@ -105,11 +105,12 @@ def memory_rows(records: dict) -> list[list[str]]:
         if "numpygpt" not in res:
             continue
         npg = res["numpygpt"]["peak_all"]
+        kept = all(r.get("malloc_kept", rec["malloc_kept"]) for r in rec["results"])  # each worker's own
         for impl, r in res.items():
             if impl.startswith("torch"):
                 rows.append([f"peak memory of training, {rec['config']}, {rec['B']} x {rec['T']}, vs {impl}",
                              f"{npg:.0f} MiB", f"{r['peak_all']:.0f} MiB", f"{npg / r['peak_all']:.2f}x the memory",
-                             KEPT if rec["malloc_kept"] else DEFAULT, ""])
+                             KEPT if kept else DEFAULT, ""])
     return rows
 
 
@@ -189,8 +190,8 @@ def main(argv=None) -> int:
     p.add_argument("--readme", default=None, help="write the table into this README between the markers")
     args = p.parse_args(argv)
     text = build(args.folder)
-    print(text)
-    print("\n".join(mfu_lines(args.folder)), file=sys.stderr)
+    print(text + "\n")
+    print("\n".join(mfu_lines(args.folder)))
     if args.readme:
         write_readme(args.readme, text)
     return 0
