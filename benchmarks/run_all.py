@@ -137,7 +137,15 @@ def start_json_dir(args, argv) -> str:
         if old.endswith(".json"):
             os.remove(os.path.join(args.json_dir, old))
     when = f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
-    command = "python benchmarks/run_all.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    # the command without where its output went (--out, --json-dir, --readme): what was measured
+    given, kept = list(sys.argv[1:] if argv is None else argv), []
+    while given:
+        arg = given.pop(0)
+        if arg in ("--out", "--json-dir", "--readme"):
+            given = given[1:]
+        elif not arg.startswith(("--out=", "--json-dir=", "--readme=")):
+            kept.append(arg)
+    command = "python benchmarks/run_all.py " + " ".join(kept)
     with open(os.path.join(args.json_dir, "machine.json"), "w") as f:
         json.dump({"machine": common.machine_info(), "when": when, "command": command.strip()}, f, indent=1)
     return when
@@ -159,7 +167,7 @@ def run_plan(todo: dict, args) -> tuple[list[str], list[str]]:
         parts += [f"## {name}\n", proc.stdout.strip(),
                   f"\n_`python benchmarks/{script} {' '.join(cmd[2:])}` took {dt:.0f} s._\n"]
         if proc.returncode != 0:
-            failed.append(name)
+            failed.append(f"{name} (exit {proc.returncode})")
             parts.append(f"**{name} FAILED (exit {proc.returncode})**\n")
     return parts, failed
 
@@ -171,6 +179,7 @@ def main(argv=None) -> int:
     t_all = time.perf_counter()
     parts, failed = run_plan(todo, args)
     total = time.perf_counter() - t_all
+    speed_table.note_run(args.json_dir, failed, total)
     table = speed_table.build(args.json_dir)
     mfu = speed_table.mfu_lines(args.json_dir)
     head = [f"# numpygpt benchmarks ({when}, {total / 60:.1f} minutes)\n", "## The speed table\n", table, "",

@@ -129,9 +129,10 @@ def generate_rows(records: dict) -> list[list[str]]:
     return rows
 
 
-def machine_line(machine: dict, peak: float | None, when: str, command: str) -> str:
+def machine_line(machine: dict, peak: float | None, when: str, command: str, minutes=None) -> str:
+    minutes = f" (the run took {minutes} minutes)" if minutes is not None else ""
     ceiling_text = f"**{peak:.0f} GFLOP/s**" if peak else "not measured in this run"
-    return (f"Measured by `{command}` on {when}: {machine['cpu']}, {machine['cores']} cores "
+    return (f"Measured by `{command}` on {when}{minutes}: {machine['cpu']}, {machine['cores']} cores "
             f"({machine['simd']}), {machine['memory_gib']} GiB; NumPy {machine['numpy']} with "
             f"{machine['numpy_blas']}; PyTorch {machine['torch']}; Python {machine['python']}. "
             f"float32 GEMM ceiling measured in this run (NumPy's best square GEMM): {ceiling_text}. "
@@ -142,6 +143,16 @@ def machine_line(machine: dict, peak: float | None, when: str, command: str) -> 
             "other processes took during a timed step (above ~10% the times are suspect).")
 
 
+def note_run(folder: str, failed: list[str], seconds: float) -> None:
+    """Add the benchmarks that failed and the run's length to machine.json (run_all.py, at the end)."""
+    path = os.path.join(folder, "machine.json")
+    with open(path) as f:
+        meta = json.load(f)
+    meta.update(failed=failed, minutes=round(seconds / 60, 1))
+    with open(path, "w") as f:
+        json.dump(meta, f, indent=1)
+
+
 def build(folder: str, command: str = "python benchmarks/run_all.py") -> str:
     records = load(folder)
     with open(os.path.join(folder, "machine.json")) as f:
@@ -150,7 +161,10 @@ def build(folder: str, command: str = "python benchmarks/run_all.py") -> str:
     rows = train_rows(records, peak) + memory_rows(records) + generate_rows(records)
     table = common.md_table(["measurement", "numpygpt", "PyTorch", "numpygpt / PyTorch", "allocator", "other load"],
                             rows)
-    parts = [machine_line(meta["machine"], peak, meta["when"], meta.get("command", command)), table]
+    parts = [machine_line(meta["machine"], peak, meta["when"], meta.get("command", command), meta.get("minutes")),
+             table]
+    if meta.get("failed"):
+        parts.insert(1, f"**Failed in this run** (no rows): {', '.join(meta['failed'])}.")
     loads = [float(r[-1].rstrip("%")) for r in rows if r[-1]]
     if loads and max(loads) > LOADED:
         parts.insert(1, f"**Taken under load**: other processes used up to {max(loads):.0f}% of the machine "

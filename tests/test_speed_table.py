@@ -60,6 +60,13 @@ def test_the_table_has_paired_ratios_mfu_and_allocators(run):
     assert "each library's default" in rows[2] and "**2.50x** (2.50-6.00)" in rows[2]
 
 
+def test_failed_benchmarks_and_the_run_length_are_named(run):
+    speed_table.note_run(str(run), ["train-1024 (exit -9)"], 512.0)
+    text = speed_table.build(str(run))
+    assert "**Failed in this run** (no rows): train-1024 (exit -9)." in text
+    assert "(the run took 8.5 minutes)" in text
+
+
 def test_a_quiet_run_is_not_labelled_as_loaded(run):
     record = json.loads((run / "train-256.json").read_text())
     record["results"][1]["other_load"] = 0.05
