@@ -86,6 +86,8 @@ def plan_long() -> dict[str, list[str]]:
                        "--impls", "numpygpt,torch eager,torch sdpa"],
         "generate": ["bench_generate.py", "--new-tokens", "50"],
         "ops": ["bench_ops.py", "--rounds", "5"],
+        # the ceiling again at the end: speed_table takes the fastest, in case other work slowed the first
+        "matmul-end": ["bench_matmul.py", "--sizes", "2048,4096", "--no-gpt2-shapes"],
     }
 
 

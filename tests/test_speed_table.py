@@ -33,7 +33,7 @@ def run(tmp_path):
                                  "command": "python benchmarks/run_all.py --long"})
     _write(tmp_path, "matmul", {"kind": "matmul", "malloc_kept": True, "results": [
         {"label": "2048 x 2048 x 2048", "square": True, "numpy": 300.0},
-        {"label": "4096 x 4096 x 4096", "square": True, "numpy": 320.0},
+        {"label": "4096 x 4096 x 4096", "square": True, "numpy": 300.0, "numpy_best": 320.0},
         {"label": "lm_head fwd", "square": False, "numpy": 999.0}]})
     _write(tmp_path, "train-256", {"kind": "train", "malloc_kept": True, "busy": 0, "results": [
         _train("numpygpt", [2.0, 2.0, 1.0], flop_rate=160e9), _train("torch eager", [3.0, 4.0, 3.0], load=0.2)]})
@@ -72,6 +72,18 @@ def test_a_quiet_run_is_not_labelled_as_loaded(run):
     record["results"][1]["other_load"] = 0.05
     (run / "train-256.json").write_text(json.dumps(record))
     assert "under load" not in speed_table.build(str(run))
+
+
+def test_the_fastest_of_every_matmul_record_is_the_ceiling_and_mfu_over_100_is_flagged(run):
+    assert "MFU above 100%" not in speed_table.build(str(run))
+    _write(run, "matmul-end", {"kind": "matmul", "malloc_kept": True, "results": [
+        {"label": "4096 x 4096 x 4096", "square": True, "numpy": 400.0, "numpy_best": 410.0}]})
+    assert speed_table.ceiling(speed_table.load(str(run))) == 410.0
+    _write(run, "matmul-end", {"kind": "matmul", "malloc_kept": True, "results": []})
+    _write(run, "matmul", {"kind": "matmul", "malloc_kept": True, "results": [
+        {"label": "2048 x 2048 x 2048", "square": True, "numpy": 100.0}]})  # a disturbed measurement
+    text = speed_table.build(str(run))
+    assert "MFU 160%" in text and "**MFU above 100%**" in text
 
 
 def test_mfu_lines_name_each_implementation(run):
