@@ -217,14 +217,19 @@ def run_cfg(cfg, name: str, B: int, warmup: int, steps: int, impls: list[str],
             steppers[impl] = torch_stepper(tmodel, x, y, compile=compiled)
         del np_model
     measured = measure_interleaved(steppers, warmup, steps, max_load, max_rounds)
+    del steppers
+    gc.collect()
+    return table_rows(measured, impls, name, B, T, count_parameters(cfg), flops)
+
+
+def table_rows(measured: dict, impls: list[str], name: str, B: int, T: int, params: int, flops: float) -> list[dict]:
+    """measure_interleaved's results, one dict per implementation with what ``table`` shows."""
     results = []
     for impl in impls:
         r = measured[impl]
-        r.update(impl=impl, config=name, B=B, T=T, params=count_parameters(cfg), flops=flops,
+        r.update(impl=impl, config=name, B=B, T=T, params=params, flops=flops,
                  tokens_per_s=B * T / r["step"], flop_rate=flops / r["step"])
         results.append(r)
-    del steppers
-    gc.collect()
     return results
 
 

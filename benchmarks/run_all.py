@@ -11,7 +11,8 @@ Benchmarks run one after another (never two at once: they would share the cores)
 ``--wait-quiet`` each one first waits until other processes use less than 10% of the
 machine. The summary goes to ``benchmarks/out/summary.md`` (or ``--out``) and to stdout,
 the table first; ``--readme README.md`` also writes the table into the README's speed
-section, between its markers, so the README shows one run on one machine.
+section, between its markers, so the README shows one run on one machine. The plans also run
+``llama`` (a Llama 3 step against transformers, bench_llama_step.py), outside the table.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ def plan(quick: bool) -> dict[str, list[str]]:
             "train": ["bench_train_step.py", "--configs", "small", "--steps", "5", "--warmup", "1", "--max-load", "1"],
             "train-default-malloc": ["bench_train_step.py", "--configs", "small", "--no-sdpa", "--steps", "5",
                                      "--warmup", "1", "--max-load", "1", "--default-malloc"],
+            "llama": ["bench_llama_step.py", "--configs", "llama-small", "--steps", "3", "--warmup", "1"],
             "memory": ["bench_memory.py", "--config", "small"],
             "generate": ["bench_generate.py", "--config", "small", "--new-tokens", "50", "--max-load", "1"],
             "ops": ["bench_ops.py", "--rows", "512", "--rounds", "3"],
@@ -51,6 +53,7 @@ def plan(quick: bool) -> dict[str, list[str]]:
         "check": ["check_reference.py"],
         "matmul": ["bench_matmul.py"],
         "train": ["bench_train_step.py", "--configs", "gpt2-small,small", "--steps", "5", "--warmup", "2"],
+        "llama": ["bench_llama_step.py", "--configs", "llama-small,llama-124m", "--steps", "5", "--warmup", "1"],
         "memory": ["bench_memory.py", "--config", "gpt2-small"],
         "generate": ["bench_generate.py", "--config", "gpt2-small", "--new-tokens", "200"],
         "scaling": ["bench_scaling.py"],

@@ -34,7 +34,7 @@ import numpy as np
 from safetensors import safe_open
 
 from . import backend
-from .config import GPTConfig, LlamaConfig, config_from_dict, lora_tensor_shapes
+from .config import EncDecConfig, GPTConfig, LlamaConfig, config_from_dict, lora_tensor_shapes
 from .fileio import write_safetensors
 from .families import build_model, parameter_shapes
 
@@ -85,7 +85,7 @@ class Checkpoint:
     """A checkpoint read into host memory and checked, not yet applied to anything."""
 
     path: str
-    config: GPTConfig | LlamaConfig
+    config: GPTConfig | LlamaConfig | EncDecConfig
     step: int
     extra: dict
     rng_state: dict
@@ -199,11 +199,12 @@ def _check_metadata(path: str, raw_meta: dict) -> dict:
 def _check_tensor_table(path: str, config: GPTConfig, f, model_keys: list) -> None:
     """The model tensors the header lists must be exactly those ``config`` needs. The
     count is compared first, so a config claiming 100,000 layers costs nothing."""
-    C, L = config.emb_dim, config.n_layers
-    if isinstance(config, LlamaConfig):
-        _check_llama_count(path, config, len(model_keys))
+    if isinstance(config, (LlamaConfig, EncDecConfig)):
+        check_count = _check_llama_count if isinstance(config, LlamaConfig) else _check_encdec_count
+        check_count(path, config, len(model_keys))
         _check_shapes(path, f, model_keys, {**parameter_shapes(config), **_lora_shapes(config)})
         return
+    C, L = config.emb_dim, config.n_layers
     per_block = 11 + (1 if config.qkv_bias else 0)  # ln_1 2, c_attn 1 (+ bias), c_proj 2, ln_2 2, mlp 4
     if config.num_classes is not None:
         head = 2  # score.weight, score.bias
@@ -230,11 +231,28 @@ def _check_llama_count(path: str, config: LlamaConfig, count: int) -> None:
     """A Llama/Qwen3 checkpoint's tensor count, from the config's numbers alone."""
     lora = config.lora_rank is not None  # lora_A and lora_B on the 7 projections and an untied head
     per_block = 9 + (2 if config.qk_norm else 0) + (14 if lora else 0)  # 2 norms, q k v o (+ q/k_norm), gate up down
-    head = 0 if config.tie_weights else 1 + (2 if lora else 0)
+    if config.num_classes is not None:
+        head = 2 + (2 if lora else 0)  # score.weight, score.bias (+ its adapter)
+    else:
+        head = 0 if config.tie_weights else 1 + (2 if lora else 0)
     expected = 2 + config.n_layers * per_block + head  # embed_tokens, norm
     if count != expected:
         raise ValueError(f"{path}: the metadata describes a {config.model_type} model of {expected} tensors "
                          f"(n_layers={config.n_layers}), but the file holds {count} model tensors")
+
+
+def _check_encdec_count(path: str, config: EncDecConfig, count: int) -> None:
+    """An encoder-decoder checkpoint's tensor count, from the config's numbers alone."""
+    lora = config.lora_rank is not None  # lora_A and lora_B on 4 Linears an encoder block, 7 a decoder block
+    enc_block = 12 + (8 if lora else 0)  # ln_1 2, ln_2 2, c_attn 2, c_proj 2, mlp 4
+    dec_block = 20 + (14 if lora else 0)  # 3 norms 6, self-attention 4, cross-attention 6, mlp 4
+    embeddings = 1 if config.share_embeddings else 2
+    ends = (4 if config.norm_first else 0) + (0 if config.tie_weights else 1 + (2 if lora else 0))
+    expected = embeddings + config.n_enc_layers * enc_block + config.n_dec_layers * dec_block + ends
+    if count != expected:
+        raise ValueError(f"{path}: the metadata describes an encoder-decoder of {expected} tensors "
+                         f"(n_enc_layers={config.n_enc_layers}, n_dec_layers={config.n_dec_layers}), "
+                         f"but the file holds {count} model tensors")
 
 
 def _check_shapes(path: str, f, model_keys: list, shapes: dict) -> None:

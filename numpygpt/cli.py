@@ -28,8 +28,8 @@ import sys
 
 from .options import add_arguments
 from .tokenizer.command import add_tokenizer_args, run_tokenizer_train
-from .run import (DEFAULT_PROMPT, GENERIC_PROMPT, TRAIN_DEFAULTS, RunError, TrainCommandOptions, run_generate,
-                  run_gradcheck, run_training)
+from .run import (DEFAULT_PROMPT, GENERIC_PROMPT, TRAIN_DEFAULTS, RunError, TrainCommandOptions, load_model,
+                  run_generate, run_gradcheck, run_training)
 
 __all__ = ["main", "train_main", "generate_main", "parse_train_args", "run_training", "run_generate", "run_cli",
            "CLIError", "RunError", "TRAIN_DEFAULTS"]
@@ -108,7 +108,9 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", metavar="PATH", help="a checkpoint written by `numpygpt train`")
     src.add_argument("--model", metavar="DIR_OR_NAME",
-                     help="GPT-2 weights in the Hugging Face layout: a directory, or gpt2 / gpt2-medium / ...")
+                     help="a model of any family with its own tokenizer: a Hugging Face directory (gpt2, llama, "
+                          "qwen3; its tokenizer.json or tokenizer.model), a numpygpt run folder or checkpoint, or "
+                          "gpt2 / gpt2-medium / ...")
     p.add_argument("--prompt", help=f"text to continue (default: {DEFAULT_PROMPT!r} for a checkpoint trained on "
                                     f"the default corpus, else {GENERIC_PROMPT!r})")
     p.add_argument("--max-new-tokens", type=_positive_int, default=50, help="(default %(default)s)")
@@ -196,10 +198,14 @@ def _add_finetune_instruct_args(p: argparse.ArgumentParser) -> None:
 
 def _add_chat_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("instruction", help="what the model should do")
-    p.add_argument("--model", required=True, metavar="DIR", help="a fine-tuned model (finetune instruct's OUT/model)")
+    p.add_argument("--model", required=True, metavar="DIR", help="a fine-tuned model (finetune instruct's OUT/model), "
+                   "or any model generate --model reads; it answers with its own tokenizer")
     p.add_argument("--input", default="", help="the instruction's input, if it has one")
     p.add_argument("--max-new-tokens", type=_positive_int, default=256, help="(default %(default)s)")
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto", help="(default %(default)s)")
+    from .finetune.instruct import ChatOptions
+
+    add_arguments(p, ChatOptions)  # --prompt-style, as finetune instruct's
 
 
 def _add_judge_args(p: argparse.ArgumentParser) -> None:
@@ -233,8 +239,9 @@ def run_finetune_task(args: argparse.Namespace):
 
     def run() -> int:
         if args.command == "chat":
-            model = instruct.load_for_chat(args.model, device=args.device)
-            print(instruct.chat(model, args.instruction, args.input, args.max_new_tokens), flush=True)
+            model, tokenizer, _ = load_model(args.model, device=args.device)
+            print(instruct.chat(model, args.instruction, args.input, args.max_new_tokens, tokenizer,
+                                prompt_style=args.prompt_style), flush=True)
         elif args.command == "make-preferences":
             preferences.make_preferences_file(args.file, args.judge_model, args.judge_url, args.out, args.seed,
                                               args.timeout, progress=not args.no_progress, log=say)

@@ -1,6 +1,7 @@
-"""Model hyperparameters: GPTConfig (GPT-2) and LlamaConfig (Llama 3, Qwen3), with presets.
+"""Model hyperparameters: GPTConfig (GPT-2), LlamaConfig (Llama 3, Qwen3) and EncDecConfig
+(the original Transformer's encoder-decoder), with presets.
 
-Every config has a ``model_type`` naming its family ("gpt2", "llama", "qwen3");
+Every config has a ``model_type`` naming its family ("gpt2", "llama", "qwen3", "encoder-decoder");
 ``config_from_dict`` and ``preset_config`` pick the class from it.
 """
 
@@ -63,12 +64,7 @@ class GPTConfig:
         if self.attn_impl not in ("auto", "dense", "blockwise"):
             raise ValueError(f"attn_impl must be 'auto', 'dense' or 'blockwise', got {self.attn_impl!r}")
         # fine-tuning: a classifier head, LoRA adapters
-        if self.num_classes is not None and (not _is_int(self.num_classes) or self.num_classes < 2):
-            raise ValueError(f"num_classes must be an integer of at least 2 (or None), got {self.num_classes!r}")
-        if self.readout not in READOUTS:
-            raise ValueError(f"readout must be one of {', '.join(READOUTS)}, got {self.readout!r}")
-        if not _is_int(self.pad_id) or self.pad_id < 0:
-            raise ValueError(f"pad_id must be a token id (an integer >= 0), got {self.pad_id!r}")
+        _check_classifier(self.num_classes, self.readout, self.pad_id)
         _check_lora(self.lora_rank, self.lora_alpha)
 
     @classmethod
@@ -98,6 +94,16 @@ class GPTConfig:
 
 def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_classifier(num_classes, readout, pad_id) -> None:
+    """A classifier's head: None (a language model) or K >= 2 classes, a readout, a padding id."""
+    if num_classes is not None and (not _is_int(num_classes) or num_classes < 2):
+        raise ValueError(f"num_classes must be an integer of at least 2 (or None), got {num_classes!r}")
+    if readout not in READOUTS:
+        raise ValueError(f"readout must be one of {', '.join(READOUTS)}, got {readout!r}")
+    if not _is_int(pad_id) or pad_id < 0:
+        raise ValueError(f"pad_id must be a token id (an integer >= 0), got {pad_id!r}")
 
 
 def _check_lora(rank, alpha) -> None:
@@ -143,7 +149,9 @@ def _adapted_layers(cfg) -> list:
     of the model's ``lora_targets``)."""
     C = cfg.emb_dim
     layers = []
-    if getattr(cfg, "model_type", "gpt2") == "gpt2":
+    if cfg.model_type == ENCDEC:
+        layers = _encdec_adapted_layers(cfg)
+    elif cfg.model_type == "gpt2":
         for i in range(cfg.n_layers):
             layers += [(f"h.{i}.attn.c_attn", C, 3 * C, 3), (f"h.{i}.attn.c_proj", C, C, 1),
                        (f"h.{i}.mlp.c_fc", C, 4 * C, 1), (f"h.{i}.mlp.c_proj", 4 * C, C, 1)]
@@ -172,6 +180,8 @@ def count_parameters(cfg, tied: bool | None = None, trainable: str | None = None
     """
     if isinstance(cfg, LlamaConfig):
         return _count_llama(cfg, cfg.tie_weights if tied is None else tied, trainable)
+    if isinstance(cfg, EncDecConfig):
+        return _count_encdec(cfg, cfg.tie_weights if tied is None else tied, trainable)
     tied = cfg.tie_weights if tied is None else tied
     V, T, C, L = cfg.vocab_size, cfg.context_length, cfg.emb_dim, cfg.n_layers
     attn = C * 3 * C + (3 * C if cfg.qkv_bias else 0) + C * C + C
@@ -206,7 +216,8 @@ def count_parameters(cfg, tied: bool | None = None, trainable: str | None = None
 
 # -- Llama 3 and Qwen3 ----------------------------------------------------------------------
 
-MODEL_TYPES = ("gpt2", "llama", "qwen3")
+MODEL_TYPES = ("gpt2", "llama", "qwen3", "encoder-decoder")
+ENCDEC = "encoder-decoder"
 ROPE_TYPES = ("default", "llama3")
 LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
@@ -232,10 +243,13 @@ class LlamaConfig:
     tie_weights: bool = True       # tie_word_embeddings
     dtype: str = "float32"
     attn_impl: str = "auto"        # "dense", "blockwise" or "auto", as GPTConfig's
+    # classification (LlamaModel.to_classifier), as GPTConfig's: None is the language model
+    num_classes: int | None = None
+    readout: str = "last"
+    pad_id: int = 0
     # LoRA (numpygpt.apply_lora) on q/k/v/o_proj, gate/up/down_proj and an untied head
     lora_rank: int | None = None
     lora_alpha: float | None = None
-    num_classes: ClassVar[None] = None  # a language model only (no classifier head)
 
     def __post_init__(self):
         if self.model_type not in ("llama", "qwen3"):
@@ -267,6 +281,7 @@ class LlamaConfig:
         if self.attn_impl not in ("auto", "dense", "blockwise"):
             raise ValueError(f"attn_impl must be 'auto', 'dense' or 'blockwise', got {self.attn_impl!r}")
         self.rope_scaling = _check_rope_scaling(self.rope_scaling)
+        _check_classifier(self.num_classes, self.readout, self.pad_id)
         _check_lora(self.lora_rank, self.lora_alpha)
 
     @property
@@ -364,11 +379,16 @@ def _count_llama(cfg: LlamaConfig, tied: bool, trainable: str | None) -> int:
     attn = C * cfg.n_heads * hs * 2 + C * cfg.n_kv_heads * hs * 2  # q, o; k, v
     qk_norm = 2 * hs if cfg.qk_norm else 0
     block = 2 * C + attn + qk_norm + 3 * C * H  # two RMSNorms, attention, SwiGLU
-    return V * C + cfg.n_layers * block + C + (0 if tied else V * C) + (adapters if trainable is None else 0)
+    if cfg.num_classes is not None:
+        head = C * cfg.num_classes + cfg.num_classes  # score, with bias
+    else:
+        head = 0 if tied else V * C
+    return V * C + cfg.n_layers * block + C + head + (adapters if trainable is None else 0)
 
 
 def config_from_dict(d: dict):
-    """A GPTConfig or LlamaConfig from ``to_dict``'s output, by its "model_type" (none: GPT-2)."""
+    """A GPTConfig, LlamaConfig or EncDecConfig from ``to_dict``'s output, by its "model_type"
+    (none: GPT-2)."""
     if not isinstance(d, dict):
         raise ValueError(f"a model config is read from a dict, got {type(d).__name__}")
     model_type = d.get("model_type", "gpt2")
@@ -376,6 +396,8 @@ def config_from_dict(d: dict):
         raise ValueError(f"unknown model_type {model_type!r}: numpygpt builds {', '.join(MODEL_TYPES)}")
     if model_type == "gpt2":
         return GPTConfig.from_dict({k: v for k, v in d.items() if k != "model_type"})
+    if model_type == ENCDEC:
+        return EncDecConfig.from_dict(d)
     return LlamaConfig.from_dict(d)
 
 
@@ -386,3 +408,132 @@ def preset_config(name: str, **overrides):
     if name in PRESETS or name in PRESET_ALIASES:
         return GPTConfig.preset(name, **overrides)
     raise ValueError(f"unknown preset {name!r}: choose from {', '.join(sorted([*PRESETS, *LLAMA_PRESETS]))}")
+
+
+# -- the encoder-decoder (numpygpt.encdec) ------------------------------------------------------
+
+@dataclass
+class EncDecConfig:
+    """The original Transformer: an encoder and a decoder of pre- (or post-) LayerNorm blocks
+    with GPT-2's sizes and names, sinusoidal positions and cross-attention."""
+    vocab_size: int = 64          # V, one vocabulary for source and target
+    context_length: int = 64      # longest source or target (positional table rows)
+    emb_dim: int = 64             # C
+    n_heads: int = 4              # NH; head size hs = C / NH
+    n_enc_layers: int = 2
+    n_dec_layers: int = 2
+    drop_rate: float = 0.1        # dropout on embeddings, attention weights, residual branches
+    norm_first: bool = True       # pre-LayerNorm; False is the paper's post-LayerNorm
+    share_embeddings: bool = True  # source and target share one embedding table
+    tie_weights: bool = True      # the output head is the target embedding
+    pad_id: int = 0               # source padding, hidden from attention
+    layer_norm_eps: float = 1e-5
+    dtype: str = "float32"
+    model_type: str = ENCDEC
+    # LoRA (numpygpt.apply_lora) on every Linear of both stacks and an untied head
+    lora_rank: int | None = None
+    lora_alpha: float | None = None
+    num_classes: ClassVar[None] = None  # a translation model only (no classifier head)
+
+    def __post_init__(self):
+        if self.model_type != ENCDEC:
+            raise ValueError(f"EncDecConfig model_type must be {ENCDEC!r}, got {self.model_type!r}")
+        for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_enc_layers", "n_dec_layers"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            setattr(self, name, int(value))
+        if self.emb_dim % self.n_heads:
+            raise ValueError(f"emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads})")
+        if not _is_real(self.drop_rate) or not 0.0 <= self.drop_rate < 1.0:
+            raise ValueError(f"drop_rate must be in [0, 1), got {self.drop_rate!r}")
+        if not _is_real(self.layer_norm_eps) or not self.layer_norm_eps > 0:
+            raise ValueError(f"layer_norm_eps must be > 0, got {self.layer_norm_eps!r}")
+        for name in ("norm_first", "share_embeddings", "tie_weights"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if not _is_int(self.pad_id) or not 0 <= self.pad_id < self.vocab_size:
+            raise ValueError(f"pad_id must be a token id in [0, {self.vocab_size}), got {self.pad_id!r}")
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
+        _check_lora(self.lora_rank, self.lora_alpha)
+
+    def replace(self, **changes) -> "EncDecConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EncDecConfig":
+        if not isinstance(d, dict):
+            raise ValueError(f"an EncDecConfig is read from a dict, got {type(d).__name__}")
+        return from_fields(cls, d, ValueError, "EncDecConfig fields")
+
+
+def encdec_tensor_shapes(cfg: EncDecConfig) -> dict:
+    """name -> shape of every parameter of ``EncoderDecoder(cfg)`` without adapters, in model
+    order (linear weights (in, out)); from the config alone."""
+    C, V = cfg.emb_dim, cfg.vocab_size
+
+    def linear(name, n_in, n_out):
+        return {name + ".weight": (n_in, n_out), name + ".bias": (n_out,)}
+
+    def norms(prefix, names):
+        return {f"{prefix}{n}.{w}": (C,) for n in names for w in ("weight", "bias")}
+
+    def feed_forward(prefix):
+        return {**linear(prefix + "mlp.c_fc", C, 4 * C), **linear(prefix + "mlp.c_proj", 4 * C, C)}
+
+    shapes = {"src_emb.weight": (V, C)}
+    if not cfg.share_embeddings:
+        shapes["tgt_emb.weight"] = (V, C)
+    for i in range(cfg.n_enc_layers):
+        b = f"encoder.{i}."
+        shapes.update({**norms(b, ("ln_1", "ln_2")), **linear(b + "attn.c_attn", C, 3 * C),
+                       **linear(b + "attn.c_proj", C, C), **feed_forward(b)})
+    for i in range(cfg.n_dec_layers):
+        b = f"decoder.{i}."
+        shapes.update({**norms(b, ("ln_1", "ln_2", "ln_3")), **linear(b + "attn.c_attn", C, 3 * C),
+                       **linear(b + "attn.c_proj", C, C), **linear(b + "cross_attn.c_q", C, C),
+                       **linear(b + "cross_attn.c_kv", C, 2 * C), **linear(b + "cross_attn.c_proj", C, C),
+                       **feed_forward(b)})
+    if cfg.norm_first:
+        shapes.update(norms("", ("ln_enc", "ln_dec")))
+    if not cfg.tie_weights:
+        shapes["lm_head.weight"] = (V, C)
+    return shapes
+
+
+def _encdec_adapted_layers(cfg: EncDecConfig) -> list:
+    """(name, in, out, splits) of the Linears apply_lora wraps in both stacks (the head is
+    added by ``_adapted_layers``): self-attention's c_attn (Q | K | V) and c_proj, in the
+    decoder cross-attention's c_q, c_kv (K | V) and c_proj, and the feed-forward's c_fc, c_proj."""
+    C = cfg.emb_dim
+    layers = []
+    for i in range(cfg.n_enc_layers):
+        b = f"encoder.{i}."
+        layers += [(b + "attn.c_attn", C, 3 * C, 3), (b + "attn.c_proj", C, C, 1),
+                   (b + "mlp.c_fc", C, 4 * C, 1), (b + "mlp.c_proj", 4 * C, C, 1)]
+    for i in range(cfg.n_dec_layers):
+        b = f"decoder.{i}."
+        layers += [(b + "attn.c_attn", C, 3 * C, 3), (b + "attn.c_proj", C, C, 1),
+                   (b + "cross_attn.c_q", C, C, 1), (b + "cross_attn.c_kv", C, 2 * C, 2),
+                   (b + "cross_attn.c_proj", C, C, 1), (b + "mlp.c_fc", C, 4 * C, 1), (b + "mlp.c_proj", 4 * C, C, 1)]
+    return layers
+
+
+def _count_encdec(cfg: EncDecConfig, tied: bool, trainable: str | None) -> int:
+    """Parameters of an EncoderDecoder with this config, from the shapes alone: every one
+    (trainable None; "all" without adapters) or the LoRA adapters ("lora")."""
+    if trainable not in (None, "all", "lora"):
+        raise ValueError(f"count_parameters of an encoder-decoder takes trainable None, 'all' or 'lora', "
+                         f"got {trainable!r}")
+    cfg = cfg.replace(tie_weights=tied)
+    if cfg.lora_rank is None and trainable == "lora":
+        raise ValueError('count_parameters(trainable="lora") needs a config with lora_rank')
+    adapters = 0 if cfg.lora_rank is None else sum(math.prod(s) for s in lora_tensor_shapes(cfg).values())
+    if trainable == "lora":
+        return adapters
+    weights = sum(math.prod(s) for s in encdec_tensor_shapes(cfg).values())
+    return weights + (adapters if trainable is None else 0)

@@ -15,53 +15,17 @@ GPT-2's ``TransformerBlock``, so the pieces are the same ops.
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass
 
 from . import backend
+from .config import EncDecConfig
 from .model import FeedForward, check_token_ids
 from .nn import (CrossAttention, Dropout, Embedding, KVCache, LayerNorm, Module, MultiHeadAttention, OutputHead,
                  Parameter, SinusoidalPositionalEncoding, eval_mode, no_grad)
+from .nn.lora import LORA_SUFFIXES
 from .nn.module import skip_init
 
-
-@dataclass
-class EncDecConfig:
-    vocab_size: int = 64          # V, one vocabulary for source and target
-    context_length: int = 64      # longest source or target (positional table rows)
-    emb_dim: int = 64             # C
-    n_heads: int = 4              # NH; head size hs = C / NH
-    n_enc_layers: int = 2
-    n_dec_layers: int = 2
-    drop_rate: float = 0.1        # dropout on embeddings, attention weights, residual branches
-    norm_first: bool = True       # pre-LayerNorm; False is the paper's post-LayerNorm
-    share_embeddings: bool = True  # source and target share one embedding table
-    tie_weights: bool = True      # the output head is the target embedding
-    pad_id: int = 0               # source padding, hidden from attention
-    layer_norm_eps: float = 1e-5
-    dtype: str = "float32"
-    model_type: str = "encoder-decoder"
-
-    def __post_init__(self):
-        for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_enc_layers", "n_dec_layers"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.emb_dim % self.n_heads:
-            raise ValueError(f"emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads})")
-        if not 0.0 <= self.drop_rate < 1.0:
-            raise ValueError(f"drop_rate must be in [0, 1), got {self.drop_rate!r}")
-        if not 0 <= self.pad_id < self.vocab_size:
-            raise ValueError(f"pad_id must be a token id in [0, {self.vocab_size}), got {self.pad_id!r}")
-        if self.dtype not in ("float32", "float64"):
-            raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
-
-    def replace(self, **changes) -> "EncDecConfig":
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+__all__ = ["EncDecConfig", "EncoderBlock", "DecoderBlock", "EncoderDecoder"]
 
 
 class _Sublayers(Module):
@@ -165,8 +129,10 @@ class EncoderDecoder(Module):
     cross-attention read it), then the encoder from that sum.
     """
 
-    def __init__(self, cfg: EncDecConfig, seed: int | None = 0):
-        self.cfg = cfg
+    def __init__(self, cfg: EncDecConfig, seed: int | None = 0, init: bool = True):
+        """``init=False`` skips drawing random weights (zeros, LayerNorm scales one), for when a
+        checkpoint's weights are loaded next. A config with ``lora_rank`` adds LoRA adapters."""
+        self.cfg = cfg.replace(lora_rank=None, lora_alpha=None)  # apply_lora below records them
         C, V, dt = cfg.emb_dim, cfg.vocab_size, cfg.dtype
         self.emb_scale = math.sqrt(C)  # the paper multiplies the embeddings by sqrt(C)
         with skip_init():  # one seeded draw for the whole model, in init_weights
@@ -186,7 +152,12 @@ class EncoderDecoder(Module):
                 self.lm_head = OutputHead(self.tgt_emb.weight)
             else:
                 self.lm_head = OutputHead(Parameter(backend.xp.zeros((V, C), dtype=dt)))
-        self.init_weights(seed)
+        if init:
+            self.init_weights(seed)
+        if cfg.lora_rank is not None:
+            from .lora import apply_lora
+
+            apply_lora(self, cfg.lora_rank, cfg.lora_alpha, seed=seed)
 
     def init_weights(self, seed: int | None = 0) -> None:
         """Embedding tables (and an untied head) ~ N(0, 1/C), so that sqrt(C) times an
@@ -195,8 +166,8 @@ class EncoderDecoder(Module):
         rng = backend.host_rng(seed)
         C = self.cfg.emb_dim
         for name, p in self.named_parameters():
-            if p.data.ndim != 2 or ".ln_" in name or name.startswith("ln_"):
-                continue
+            if p.data.ndim != 2 or ".ln_" in name or name.startswith("ln_") or name.endswith(LORA_SUFFIXES):
+                continue  # adapters keep their own initialisation (numpygpt.nn.lora)
             std = C ** -0.5 if name.endswith(("_emb.weight", "lm_head.weight")) else math.sqrt(2.0 / sum(p.shape))
             w = rng.standard_normal(p.shape, dtype="float32")
             w *= std
@@ -272,6 +243,33 @@ class EncoderDecoder(Module):
             dx = block.backward(dx)
         dx = self.src_pos.backward(self.src_drop.backward(dx))
         self.src_emb.backward(dx * self.emb_scale)  # x = src_emb[src] * sqrt(C)
+
+    # -- fine-tuning -----------------------------------------------------------------
+
+    def lora_targets(self) -> list:
+        """(owner module, attribute, splits) of each layer ``apply_lora`` wraps, in model order
+        (``config._adapted_layers``'): in both stacks self-attention's c_attn (Q | K | V: 3
+        splits) and c_proj, in the decoder cross-attention's c_q, c_kv (K | V: 2 splits) and
+        c_proj, and the feed-forward's c_fc and c_proj; then an untied head."""
+        targets = []
+        for block in self.encoder:
+            targets += [(block.attn, "c_attn", 3), (block.attn, "c_proj", 1), (block.mlp, "c_fc", 1),
+                        (block.mlp, "c_proj", 1)]
+        for block in self.decoder:
+            cross = block.cross_attn
+            targets += [(block.attn, "c_attn", 3), (block.attn, "c_proj", 1), (cross, "c_q", 1), (cross, "c_kv", 2),
+                        (cross, "c_proj", 1), (block.mlp, "c_fc", 1), (block.mlp, "c_proj", 1)]
+        if not self.cfg.tie_weights:
+            targets.append((self, "lm_head", 1))
+        return targets
+
+    @property
+    def is_classifier(self) -> bool:
+        return False
+
+    @property
+    def head(self) -> Module:
+        return self.lm_head
 
     # -- generation ------------------------------------------------------------------
 

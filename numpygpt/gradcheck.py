@@ -339,6 +339,18 @@ def _llama_checks(d: _Draws) -> list:
             return check_model_loss(model, CrossEntropyLoss(), idx, dev(rng.integers(0, V, (B, T)), None), eps=1e-5)
         return run
 
+    def classifier_check():
+        """A Llama classifier (last_non_pad readout, rows padded to different lengths) with
+        LoRA on every projection and its score head, adapters drawn away from B = 0."""
+        llama_cfg = LlamaConfig.preset("llama-tiny", vocab_size=V, emb_dim=C, hidden_dim=12, dtype=F64)
+        model = randomized(LlamaModel(llama_cfg, seed=seed).to_classifier(3, readout="last_non_pad", pad_id=V - 1),
+                           scale=0.5)
+        randomized(apply_lora(model, rank=2, alpha=3.0, seed=seed), scale=0.3)
+        idx = rng.integers(0, V - 1, (B + 1, T))
+        idx[0, 3:] = idx[2, 1:] = V - 1
+        return check_model_loss(model, CrossEntropyLoss(), dev(idx, None), dev(rng.integers(0, 3, B + 1), None),
+                                eps=1e-5)
+
     return [
         ("RMSNorm", lambda: check_layer(randomized(RMSNorm(C, dtype=F64)), randn(B, T, C))),
         ("RMSNorm per head (QK-norm)", lambda: check_layer(randomized(RMSNorm(4, dtype=F64)), randn(B, T, 2, 4))),
@@ -353,6 +365,7 @@ def _llama_checks(d: _Draws) -> list:
         ("Llama + loss (untied)", llama_check("llama", False)),
         ("Qwen3 + loss (tied)", llama_check("qwen3", True)),
         ("Qwen3 + LoRA + loss", llama_check("qwen3", False, lora=True)),
+        ("Llama classifier + LoRA + loss", classifier_check),
     ]
 
 
@@ -378,9 +391,12 @@ def _encdec_checks(d: _Draws) -> list:
         return check_gradients(lambda x: layer(x, key_padding_mask=pad), layer.backward, {"x": randn(B, T, C)},
                                dict(layer.named_parameters()), before_forward=fixed_masks)
 
-    def model_check(norm_first: bool):
+    def model_check(norm_first: bool, lora: bool = False):
         def run():
-            model = randomized(EncoderDecoder(cfg.replace(norm_first=norm_first), seed=0), scale=0.3)
+            # with lora: adapters on every Linear of both stacks and the untied head, B drawn away
+            # from 0 with the rest, so every adapter gradient is exercised (the frozen weights are not checked)
+            lora_cfg = dict(tie_weights=False, lora_rank=2, lora_alpha=3.0) if lora else {}
+            model = randomized(EncoderDecoder(cfg.replace(norm_first=norm_first, **lora_cfg), seed=0), scale=0.3)
             for name, p in model.named_parameters():
                 if "ln_" in name and name.endswith(".weight"):
                     p.data += 1.0  # scales near 1: a chain of post-LN norms at 0.3 leaves no gradient
@@ -411,6 +427,7 @@ def _encdec_checks(d: _Draws) -> list:
             source_padding(S), input_names=["x", "memory", "src_pad"], before_forward=fixed_masks)),
         ("EncoderDecoder + loss", model_check(True)),
         ("EncDec (post-LN) + loss", model_check(False)),
+        ("EncDec + LoRA + loss", model_check(False, lora=True)),
     ]
 
 

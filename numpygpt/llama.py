@@ -13,17 +13,19 @@ only change is the transpose of each linear weight (HF stores them (out, in), nu
 (in, out)): see ``numpygpt.hf``.
 
 The model answers the calls the rest of numpygpt makes on GPTModel: ``forward(idx,
-kv_caches)``, ``backward(dlogits)``, ``new_kv_caches()``, ``named_parameters()``,
+kv_caches)``, ``backward(dlogits)``, ``forward_hidden``/``backward_hidden`` (the fused
+loss's), ``new_kv_caches()``, ``named_parameters()``,
 ``zero_grad``, ``train``/``eval``, ``state_dict``/``load_state_dict``, ``init_weights(seed)``.
 """
 
 from __future__ import annotations
 
-from . import backend
+from . import backend, hf_layout
 from .config import LlamaConfig
-from .model import _put_host, check_token_ids
-from .nn import (Embedding, GroupedQueryAttention, KVCache, Module, OutputHead, Parameter, RMSNorm, RoPE,
-                 SwiGLU)
+from .model import OutputLayer, _put_host, attach_classifier_head, check_token_ids, train_only
+from .nn import (Embedding, GroupedQueryAttention, KVCache, Linear, Module, OutputHead, Parameter, RMSNorm, RoPE,
+                 SequenceReadout, SwiGLU)
+from .nn.lora import LORA_SUFFIXES
 from .nn.module import skip_init
 
 
@@ -94,7 +96,7 @@ class LlamaDecoder(Module):
         self.embed_tokens.backward(dx)
 
 
-class LlamaModel(Module):
+class LlamaModel(OutputLayer, Module):
     """Llama 3 or Qwen3 (``cfg.model_type``). ``logits = model(idx)``;
     ``model.backward(dlogits)`` fills every ``.grad``. The head is the token embedding
     itself when ``cfg.tie_weights`` (Llama 3.2 1B/3B, Qwen3 0.6B/1.7B), else its own (V, C)."""
@@ -107,7 +109,9 @@ class LlamaModel(Module):
         self.cfg = cfg.replace(lora_rank=None, lora_alpha=None)  # apply_lora below records them
         with skip_init():  # one seeded draw for the whole model, in init_weights
             self.model = LlamaDecoder(cfg)
-        if cfg.tie_weights:
+        if cfg.num_classes is not None:  # a classifier's checkpoint: the head it was saved with
+            self._classifier_parts(cfg)
+        elif cfg.tie_weights:
             self.lm_head = OutputHead(self.model.embed_tokens.weight)
         else:
             self.lm_head = OutputHead(Parameter(backend.xp.zeros((cfg.vocab_size, cfg.emb_dim), dtype=cfg.dtype)))
@@ -135,21 +139,38 @@ class LlamaModel(Module):
 
     def check_input(self, idx, start_pos: int = 0):
         return check_token_ids(idx, self.cfg.vocab_size, self.cfg.context_length, start_pos,
-                               backend.device_of(self.model.embed_tokens.weight.data))
+                               backend.device_of(self.model.embed_tokens.weight.data),
+                               check_rows=self.readout.check_rows if self.is_classifier else None)
 
     def forward(self, idx, kv_caches: list | None = None):
         """idx (B, T) integer token ids -> logits (B, T, V). With ``kv_caches`` (one per
         block, ``new_kv_caches``) idx holds only the new tokens, at the positions after
         the cached ones."""
+        if self.is_classifier:
+            return self._classify(idx, kv_caches)  # (B, K)
+        return self.lm_head(self.forward_hidden(idx, kv_caches))  # (B, T, V)
+
+    def forward_hidden(self, idx, kv_caches: list | None = None):
+        """idx (B, T) -> the final hidden states h (B, T, C) that the head reads
+        (logits = h @ W^T, W = ``head.weight``), for a loss that applies the head itself
+        (``numpygpt.nn.FusedLinearCrossEntropy``). ``backward_hidden(dh)`` continues from them."""
+        if self.is_classifier:
+            raise ValueError("a classifier's head reads one position per row: it has no per-position hidden states")
         start = kv_caches[0].length if kv_caches else 0
         idx = self.check_input(idx, start)  # (B, T) on the model's device
-        x = self.model(idx, kv_caches)  # (B, T, C)
-        return self.lm_head(x)  # (B, T, V)
+        return self.model(idx, kv_caches)  # (B, T, C), after the final RMSNorm
 
     def backward(self, dlogits) -> None:
         """The forward read in reverse; adds into every parameter's .grad."""
-        dx = self.lm_head.backward(dlogits)  # (B, T, C)
-        self.model.backward(dx)
+        if self.is_classifier:
+            return self._classify_backward(dlogits)
+        self.backward_hidden(self.lm_head.backward(dlogits))  # dh (B, T, C)
+
+    def backward_hidden(self, dh) -> None:
+        """Backward from dL/dh (B, T, C), h being ``forward_hidden``'s output: every
+        parameter below the head gets its gradient (the head's own is the caller's; tied,
+        it is the embedding's, which the scatter-add here adds to)."""
+        self.model.backward(dh)
 
     def new_kv_caches(self) -> list:
         """One cache per block; each holds that block's NKV key/value heads."""
@@ -163,14 +184,56 @@ class LlamaModel(Module):
             attn, mlp = layer.self_attn, layer.mlp
             targets += [(attn, name, 1) for name in ("q_proj", "k_proj", "v_proj", "o_proj")]
             targets += [(mlp, name, 1) for name in ("gate_proj", "up_proj", "down_proj")]
-        if not self.cfg.tie_weights:
-            targets.append((self, "lm_head", 1))
-        return targets
+        return targets + self.head_lora_targets()
 
-    @property
-    def is_classifier(self) -> bool:
-        return False
+    # -- fine-tuning: a classifier, what trains, Hugging Face directories ---------------------------
 
-    @property
-    def head(self) -> Module:
-        return self.lm_head
+    def to_classifier(self, num_classes: int, readout: str = "last", pad_id: int = 0,
+                      seed: int | None = None) -> "LlamaModel":
+        """Replace the output head by ``score = Linear(emb_dim, num_classes)`` with bias, read
+        at one position per row of the final RMSNorm's output (``readout`` "last" or
+        "last_non_pad", right padding with ``pad_id``), as ``GPTModel.to_classifier``; a tied
+        head just goes (the embedding stays). Apply LoRA after this. Returns the model."""
+        return attach_classifier_head(self, num_classes, readout, pad_id, seed)
+
+    def set_trainable(self, which: str) -> "LlamaModel":
+        """"all", "head", "last-block" or "last-two-blocks" (those blocks, the final RMSNorm
+        and the head) train, everything else is frozen, as ``GPTModel.set_trainable``."""
+        return train_only(self, which, self.model.norm, self.model.layers)
+
+    def _classifier_parts(self, cfg: LlamaConfig) -> None:
+        """A classifier's head and readout (zeros: the weights are loaded next)."""
+        self.lm_head = None
+        self.readout = SequenceReadout(cfg.readout, cfg.pad_id)
+        with skip_init():
+            self.score = Linear(cfg.emb_dim, cfg.num_classes, bias=True, dtype=cfg.dtype)
+
+    def _classify(self, idx, kv_caches):
+        """idx (B, T) -> class logits (B, K): the blocks, the final norm, one position a row, score."""
+        if kv_caches:
+            raise ValueError("a classifier reads whole sequences: it takes no KV cache")
+        idx = self.check_input(idx)  # (B, T) on the model's device
+        x = self.model(idx)  # (B, T, C), RMS-normalised per position
+        x = self.readout(x, idx)  # (B, C)
+        return self.score(x)  # (B, K)
+
+    def _classify_backward(self, dlogits) -> None:
+        dx = self.score.backward(dlogits)  # (B, C)
+        dx = self.readout.backward(dx)  # (B, T, C)
+        self.model.backward(dx)
+
+    def save_pretrained(self, directory, max_shard_bytes: int | None = None) -> None:
+        """Write config.json + model.safetensors in Hugging Face's Llama/Qwen3 layout."""
+        from .nn.lora import is_merged, lora_layers
+
+        if lora_layers(self) and not is_merged(self):
+            raise ValueError("save_pretrained writes plain weights: call merge_lora(model) first to fold the LoRA "
+                             "adapters in, or numpygpt.lora.save_merged(model, directory), which writes them folded "
+                             "in and leaves the model as it is (or keep them apart with save_lora / save_checkpoint)")
+        self.write_pretrained(directory, [(n, p.data) for n, p in self.named_parameters()
+                                          if not n.endswith(LORA_SUFFIXES)], max_shard_bytes)
+
+    def write_pretrained(self, directory, tensors, max_shard_bytes: int | None = None) -> None:
+        """The same layout holding ``tensors``, (name, array or LazyTensor) in numpygpt's
+        layout for every weight but the LoRA adapters (``numpygpt.lora.save_merged``)."""
+        hf_layout.write_pretrained(self, directory, tensors, max_shard_bytes)

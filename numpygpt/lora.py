@@ -3,7 +3,7 @@
     apply_lora(model, rank=16, alpha=16, seed=123)   # adapters on every block Linear and the head
     ...train: only lora_A / lora_B have requires_grad...
     save_lora(model, "adapters.safetensors")          # the adapters alone (a few MB)
-    save_merged(model, "out/")                        # a plain GPT-2 with them folded in, model unchanged
+    save_merged(model, "out/")                        # a plain model with them folded in, model unchanged
     merge_lora(model)                                 # fold into the weights for inference
 
 What gets an adapter is the model's ``lora_targets()``: for GPT-2 in every block
@@ -133,7 +133,8 @@ def save_lora(model, path) -> None:
 
 def save_merged(model, directory) -> str | None:
     """Write ``model`` to ``directory`` as ``save_pretrained`` does (config.json and
-    model.safetensors, a plain GPT-2 that ``from_pretrained`` reads), every LoRA adapter
+    model.safetensors: GPT-2's layout for GPT-2, Hugging Face's Llama/Qwen3 layout for
+    those, which ``numpygpt.from_pretrained`` reads), every LoRA adapter
     folded into its weight (W + s A B), and the adapters alone (``save_lora``) to
     ``directory/lora-adapters.safetensors`` (``ADAPTERS_FILE``); returns that path.
 
@@ -146,13 +147,13 @@ def save_merged(model, directory) -> str | None:
     """
     layers = lora_layers(model)
     if not layers:
-        pretrained.save_pretrained(model, directory)
+        model.save_pretrained(directory)
         return None
     check_unmerged(model, "save the merged weights")
     merged = {id(layer.weight): layer for layer in layers}
     tensors = [(name, LazyTensor(p.shape, p.dtype, merged[id(p)].merged_weight) if id(p) in merged else p.data)
                for name, p in pretrained.plain_weights(model)]
-    pretrained.write_pretrained(model, directory, tensors)
+    model.write_pretrained(directory, tensors)
     path = os.path.join(os.fspath(directory), ADAPTERS_FILE)
     save_lora(model, path)
     return path

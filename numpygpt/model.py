@@ -111,7 +111,28 @@ class TransformerBlock(Module):
         return dx
 
 
-class GPTModel(Module):
+class OutputLayer:
+    """What every decoder family (GPT-2, Llama 3, Qwen3) has about its output layer: a
+    language-model head ``lm_head`` or, after ``to_classifier``, a class head ``score``."""
+
+    @property
+    def is_classifier(self) -> bool:
+        return self.cfg.num_classes is not None
+
+    @property
+    def head(self) -> Module:
+        """The output layer: ``score`` (classifier) or ``lm_head``."""
+        return self.score if self.is_classifier else self.lm_head
+
+    def head_lora_targets(self) -> list:
+        """The head's ``lora_targets`` entry: a classifier's score, or an untied LM head (a
+        tied one is the token embedding, which stays frozen)."""
+        if self.is_classifier:
+            return [(self, "score", 1)]
+        return [] if self.cfg.tie_weights else [(self, "lm_head", 1)]
+
+
+class GPTModel(OutputLayer, Module):
     """GPT-2. ``logits = model(idx)``; ``model.backward(dlogits)`` fills every ``.grad``.
 
     Fine-tuning: ``to_classifier`` swaps the head for a K-class one, ``set_trainable``
@@ -304,22 +325,9 @@ class GPTModel(Module):
         for block in self.h:
             targets += [(block.attn, "c_attn", 3), (block.attn, "c_proj", 1), (block.mlp, "c_fc", 1),
                         (block.mlp, "c_proj", 1)]
-        if self.is_classifier:
-            targets.append((self, "score", 1))
-        elif not self.cfg.tie_weights:
-            targets.append((self, "lm_head", 1))
-        return targets
+        return targets + self.head_lora_targets()
 
     # -- fine-tuning -----------------------------------------------------------------
-
-    @property
-    def is_classifier(self) -> bool:
-        return self.cfg.num_classes is not None
-
-    @property
-    def head(self) -> Module:
-        """The output layer: ``score`` (classifier) or ``lm_head``."""
-        return self.score if self.is_classifier else self.lm_head
 
     def to_classifier(self, num_classes: int, readout: str = "last", pad_id: int = 50256,
                       seed: int | None = None) -> "GPTModel":
@@ -332,18 +340,7 @@ class GPTModel(Module):
         distribution as PyTorch's, not PyTorch's random stream). The body's weights are
         untouched and a tied head just goes (wte stays). Returns the model. Apply LoRA
         after this, so the new head gets an adapter."""
-        from .nn import LowRankAdapter
-
-        if any(isinstance(m, LowRankAdapter) for m in self.modules()):
-            raise ValueError("this model has LoRA adapters: call to_classifier before apply_lora")
-        cfg = self.cfg.replace(num_classes=num_classes, readout=readout, pad_id=pad_id)  # validates them
-        with backend.device(self.device), skip_init():
-            score = Linear(cfg.emb_dim, cfg.num_classes, bias=True, dtype=cfg.dtype)
-        init_like_torch(score, backend.host_rng(seed))
-        score.training = self.training
-        self.cfg, self.lm_head, self.score = cfg, None, score
-        self.readout = SequenceReadout(cfg.readout, cfg.pad_id)
-        return self
+        return attach_classifier_head(self, num_classes, readout, pad_id, seed)
 
     def set_trainable(self, which: str) -> "GPTModel":
         """Train only part of the model; everything else is frozen (no gradient).
@@ -354,31 +351,7 @@ class GPTModel(Module):
         modules (block 1 is never block 11). A LoRA layer in a chosen component trains
         its base weights too. Returns the model.
         """
-        if which not in TRAINABLE:
-            raise ValueError(f"set_trainable: unknown choice {which!r}; choose from {', '.join(TRAINABLE)}")
-        n_blocks = {"all": 0, "head": 0, "last-block": 1, "last-two-blocks": 2}[which]
-        parts = [self] if which == "all" else [self.head]
-        if n_blocks:
-            parts += [self.ln_f] + self.h[-n_blocks:]
-        for p in self.parameters():
-            p.requires_grad, p.grad = False, None
-        for part in parts:
-            for p in part.parameters():
-                p.requires_grad = True
-        return self
-
-    def freeze(self, *prefixes: str) -> None:
-        """Stop gradients for the components named (all if none): "h.1" is block 1 and
-        everything in it, never block 11."""
-        for name, p in self.named_parameters():
-            if _in_components(name, prefixes):
-                p.requires_grad = False
-                p.grad = None
-
-    def unfreeze(self, *prefixes: str) -> None:
-        for name, p in self.named_parameters():
-            if _in_components(name, prefixes):
-                p.requires_grad = True
+        return train_only(self, which, self.ln_f, self.h)
 
     # -- Hugging Face GPT-2 format (numpygpt.pretrained does the work) -----------------
 
@@ -392,9 +365,46 @@ class GPTModel(Module):
         """Write config.json + model.safetensors in the Hugging Face GPT-2 layout."""
         pretrained.save_pretrained(self, directory)
 
+    def write_pretrained(self, directory: str, tensors) -> None:
+        """The same layout holding ``tensors``, (name, array or LazyTensor) for every weight
+        but the LoRA adapters (``numpygpt.lora.save_merged`` passes merged ones)."""
+        pretrained.write_pretrained(self, directory, tensors)
 
-def _in_components(name: str, prefixes) -> bool:
-    """Whether a parameter name lies in one of the named components (all if none are named)."""
-    if not prefixes:
-        return True
-    return any(name == c or name.startswith(c + ".") for c in (p.rstrip(".") for p in prefixes))
+
+# -- fine-tuning, for every family (LlamaModel calls these too) -------------------------------------
+
+def attach_classifier_head(model, num_classes: int, readout: str, pad_id: int, seed: int | None):
+    """``to_classifier``'s work on any model with ``cfg.emb_dim`` and an ``lm_head``: the
+    config records the classes, ``score`` = Linear(emb_dim, K) with bias drawn as
+    torch.nn.Linear draws it (U(+-1/sqrt(emb_dim)) from ``seed``), the language-model head
+    goes and ``readout`` reads one position per row. Returns the model."""
+    from .nn import LowRankAdapter
+
+    if any(isinstance(m, LowRankAdapter) for m in model.modules()):
+        raise ValueError("this model has LoRA adapters: call to_classifier before apply_lora")
+    cfg = model.cfg.replace(num_classes=num_classes, readout=readout, pad_id=pad_id)  # validates them
+    with backend.device(model.device), skip_init():
+        score = Linear(cfg.emb_dim, cfg.num_classes, bias=True, dtype=cfg.dtype)
+    init_like_torch(score, backend.host_rng(seed))
+    score.training = model.training
+    model.cfg, model.lm_head, model.score = cfg, None, score
+    model.readout = SequenceReadout(cfg.readout, cfg.pad_id)
+    return model
+
+
+def train_only(model, which: str, final_norm: Module, blocks: list):
+    """``set_trainable``'s work: "all", "head" (``model.head``), "last-block" /
+    "last-two-blocks" (those of ``blocks``, ``final_norm`` and the head) trainable,
+    everything else frozen. Returns the model."""
+    if which not in TRAINABLE:
+        raise ValueError(f"set_trainable: unknown choice {which!r}; choose from {', '.join(TRAINABLE)}")
+    n_blocks = {"all": 0, "head": 0, "last-block": 1, "last-two-blocks": 2}[which]
+    parts = [model] if which == "all" else [model.head]
+    if n_blocks:
+        parts += [final_norm] + blocks[-n_blocks:]
+    for p in model.parameters():
+        p.requires_grad, p.grad = False, None
+    for part in parts:
+        for p in part.parameters():
+            p.requires_grad = True
+    return model

@@ -78,7 +78,7 @@ def _matches(name: str, pattern: str) -> bool:
 def param_groups(
     model_or_named_params,
     weight_decay: float,
-    no_decay=("bias", "ln", "wte", "wpe"),
+    no_decay=("bias", "ln", "wte", "wpe", "embed_tokens"),
     decay_embeddings: bool = False,
 ) -> list[dict]:
     """Two groups, ``[decayed, not decayed]``, the usual GPT-2 split for AdamW.
@@ -86,14 +86,15 @@ def param_groups(
     A parameter is decayed iff it is a matrix (``ndim >= 2``) and no dotted component
     of its name matches a ``no_decay`` pattern (equal to it, or starting with it and
     ``_``). That leaves the matmul weights decayed and biases, LayerNorm gains and the
-    token/position embeddings (``wte``, ``wpe``; with a tied output head the shared
-    matrix is named ``wte.weight``) undecayed; ``decay_embeddings=True`` takes
-    ``wte`` and ``wpe`` out of the patterns. Frozen parameters are kept in their group
-    (the optimiser skips them) so names stay stable when they are unfrozen.
+    token/position embeddings (``wte``, ``wpe``, Llama's ``embed_tokens``; with a tied
+    output head the shared matrix is named ``wte.weight``) undecayed;
+    ``decay_embeddings=True`` takes the embeddings out of the patterns. Frozen parameters
+    are kept in their group (the optimiser skips them) so names stay stable when they are
+    unfrozen.
     """
     patterns = tuple(no_decay)
     if decay_embeddings:
-        patterns = tuple(p for p in patterns if p not in ("wte", "wpe"))
+        patterns = tuple(p for p in patterns if p not in ("wte", "wpe", "embed_tokens"))
     decay, keep = [], []
     for name, p in _named(model_or_named_params):
         if name is None:

@@ -13,6 +13,7 @@ knows nothing about options) and below ``cli`` (argument parsing and exit codes)
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shlex
@@ -22,6 +23,8 @@ from dataclasses import dataclass
 
 from . import backend, distributed
 from .generate import SAMPLING_DEFAULTS, describe_sampling, generate_text
+from .config import GPTConfig
+from .families import build_model
 from .model import GPTModel
 from .objective import FusedNextTokenObjective
 from .optim import AdamW, CosineWithWarmup, param_groups
@@ -30,11 +33,12 @@ from .options import DROP_RATE, FRACTION, NONNEG_FLOAT, NONNEG_INT, POSITIVE_INT
 from .plots import plot_losses
 from .progress import say as _progress_say
 from .scaffold import RunFolder
+from .run_model import MODEL_KEYS, SMALL_LLAMA, SMALL_MODEL, describe_config, train_config
 from .tokenizer import bits_per_character
 from .train import TrainOptions, TrainState, evaluate_model, perplexity
 
-__all__ = ["run_training", "run_generate", "run_gradcheck", "RunError", "TrainCommandOptions", "TRAIN_DEFAULTS",
-           "DEFAULT_MAX_STEPS", "sampling_options"]
+__all__ = ["run_training", "run_generate", "load_model", "run_gradcheck", "RunError", "TrainCommandOptions",
+           "TRAIN_DEFAULTS", "DEFAULT_MAX_STEPS", "sampling_options", "SMALL_MODEL", "SMALL_LLAMA"]
 
 
 class RunError(Exception):
@@ -45,22 +49,15 @@ class RunError(Exception):
         self.code = code
 
 
-# The model that `numpygpt train` builds when no --preset is given: small enough to learn
-# visibly in a few minutes on two CPU cores. Most of its time goes to the 50257-way
-# output layer, so the head shares the token embedding (half the embedding parameters
-# and optimiser work) and the blocks stay narrow. A model this small, trained this
-# briefly, takes a higher peak learning rate than the presets' default.
-SMALL_MODEL = dict(emb_dim=128, n_layers=4, n_heads=4, context_length=128, drop_rate=0.0,
-                   tie_weights=True, qkv_bias=False)
-SMALL_MODEL_LR = 3e-3  # the default --lr for SMALL_MODEL ...
+# A model as small as SMALL_MODEL (run_model.py), trained this briefly, takes a higher peak
+# learning rate than the presets' default.
+SMALL_MODEL_LR = 3e-3  # the default --lr for SMALL_MODEL and SMALL_LLAMA ...
 DEFAULT_LR = 1e-3  # ... and for presets and pretrained weights
 DEFAULT_MAX_STEPS = 400  # used when neither --max-steps nor --epochs is given
 DEFAULT_PROMPT = "The for statement is used to"  # fits the default corpus
 GENERIC_PROMPT = "Every effort moves you"  # the book's, for any other model
 
-MODEL_KEYS = ("preset", "emb_dim", "n_layers", "n_heads", "context_length", "drop_rate",
-              "tie_weights", "qkv_bias")
-MODEL_GROUP = "model (default: emb 128, 4 layers, 4 heads, context 128, tied head)"
+MODEL_GROUP = "model (default: GPT-2's blocks, emb 128, 4 layers, 4 heads, context 128, tied head)"
 OPT_GROUP = "optimisation"
 
 
@@ -68,8 +65,9 @@ OPT_GROUP = "optimisation"
 class TrainCommandOptions(Options):
     """``numpygpt train``'s options: each field is a flag (``--batch-size``...), with its default.
 
-    None means "chosen for you": the model's shape from ``--preset`` (or SMALL_MODEL), the
-    learning rate from the model (SMALL_MODEL_LR for the default model, DEFAULT_LR otherwise),
+    None means "chosen for you": the model's family and shape from ``--preset`` (or ``--arch``'s
+    SMALL_MODEL or SMALL_LLAMA), the learning rate from the model (SMALL_MODEL_LR for the
+    default model, DEFAULT_LR otherwise),
     the step budget DEFAULT_MAX_STEPS when neither ``max_steps`` nor ``epochs`` is given.
     """
 
@@ -80,17 +78,28 @@ class TrainCommandOptions(Options):
     stride: int | None = option(None, "offset between training windows (default: the context length)",
                                 check=POSITIVE_INT, group="data")
     batch_size: int = option(8, "windows per micro-batch", check=POSITIVE_INT, metavar="B", group="data")
-    tokenizer: str = option("gpt2", "GPT-2's vocabulary, or a directory with a tokenizer.json (numpygpt tokenizer "
-                            "train --out DIR) or tokenizer.model; it is saved beside the checkpoint",
+    tokenizer: str = option("gpt2", "GPT-2's vocabulary (with --init-from: the pretrained model's own), or a "
+                            "directory with a tokenizer.json (numpygpt tokenizer train --out DIR) or tokenizer.model; "
+                            "it is saved beside the checkpoint",
                             metavar="gpt2|DIR", group="data")
 
-    preset: str | None = option(None, "start from a preset: tiny, gpt2-small (gpt2), gpt2-medium, gpt2-large, gpt2-xl",
-                                group=MODEL_GROUP)
+    arch: str | None = option(None, "the model family: gpt2 (the default), llama (Llama 3: RMSNorm, rotary positions, "
+                              "SwiGLU, grouped-query attention, no biases) or qwen3 (Llama with QK-norm); a --preset "
+                              "names its own", choices=("gpt2", "llama", "qwen3"), group=MODEL_GROUP)
+    preset: str | None = option(None, "start from a preset: tiny, gpt2-small (gpt2), gpt2-medium, gpt2-large, gpt2-xl; "
+                                "llama-tiny, llama-small, llama-3.2-1b, llama-3.2-3b, qwen3-tiny, qwen3-0.6b, "
+                                "qwen3-1.7b", group=MODEL_GROUP)
     emb_dim: int | None = option(None, "", check=POSITIVE_INT, group=MODEL_GROUP)
     n_layers: int | None = option(None, "", check=POSITIVE_INT, group=MODEL_GROUP)
     n_heads: int | None = option(None, "", check=POSITIVE_INT, group=MODEL_GROUP)
     context_length: int | None = option(None, "also the length of a training window", check=POSITIVE_INT,
                                         group=MODEL_GROUP)
+    n_kv_heads: int | None = option(None, "key/value heads of grouped-query attention (llama, qwen3; default: the "
+                                    "preset's, else half the query heads)", check=POSITIVE_INT, group=MODEL_GROUP)
+    head_dim: int | None = option(None, "size of an attention head (llama, qwen3; default emb_dim / n_heads)",
+                                  check=POSITIVE_INT, group=MODEL_GROUP)
+    hidden_dim: int | None = option(None, "width of the SwiGLU feed-forward (llama, qwen3; default: the preset's, "
+                                    "else 3 x emb_dim)", check=POSITIVE_INT, group=MODEL_GROUP)
     drop_rate: float | None = option(None, "", check=DROP_RATE, group=MODEL_GROUP)
     tie_weights: bool | None = option(None, "share the token embedding with the output head", negatable=True,
                                       group=MODEL_GROUP)
@@ -99,8 +108,9 @@ class TrainCommandOptions(Options):
     init: str = option("gpt2", "random initialisation: gpt2 (N(0, 0.02)) or pytorch (the book's: PyTorch's "
                        "default nn.Embedding N(0, 1) and nn.Linear U(+-1/sqrt(fan_in)))",
                        choices=("gpt2", "pytorch"), group=MODEL_GROUP)
-    init_from: str | None = option(None, "start from pretrained GPT-2 weights (a Hugging Face directory or "
-                                   "'gpt2', ...)", metavar="DIR_OR_NAME", group=MODEL_GROUP)
+    init_from: str | None = option(None, "start from pretrained weights: a Hugging Face directory (gpt2, llama, qwen3; "
+                                   "its own tokenizer unless --tokenizer is given) or 'gpt2', ...",
+                                   metavar="DIR_OR_NAME", group=MODEL_GROUP)
 
     epochs: int | None = option(None, "passes over the training split", check=POSITIVE_INT, group=OPT_GROUP)
     max_steps: int | None = option(None, f"stop after this many optimiser steps (default {DEFAULT_MAX_STEPS} "
@@ -133,7 +143,8 @@ class TrainCommandOptions(Options):
                                        f"{SAMPLING_DEFAULTS['temperature']})", check=NONNEG_FLOAT, group="run")
     top_k: int | None = option(None, f"sample only from the k most likely tokens (default "
                                f"{SAMPLING_DEFAULTS['top_k']})", check=POSITIVE_INT, group="run")
-    device: str = option("auto", "cpu (NumPy), cuda (CuPy) or auto", choices=("cpu", "cuda", "auto"), group="run")
+    device: str = option("auto", "cpu (NumPy), cuda (CuPy) or auto; fake-cuda is for tests (NumPy that refuses what "
+                         "CuPy refuses: numpygpt.fake_cuda)", choices=("cpu", "cuda", "auto", "fake-cuda"), group="run")
     out: str = option("runs/train", "where the checkpoint, plot and history go", metavar="DIR", group="run")
     checkpoint_every: int = option(100, "also checkpoint every N steps", check=POSITIVE_INT, metavar="N",
                                    group="run")
@@ -201,11 +212,32 @@ def _apply_checkpoint(saved, model, optimizer) -> None:
         raise RunError(f"cannot load checkpoint {saved.path!r}: {e}") from e
 
 
-def _from_pretrained(name: str, **kw):
+def _from_pretrained(name: str, dtype: str = "float32", device: str | None = None, drop_rate: float = 0.0):
+    """The model of a Hugging Face directory of any family (``numpygpt.from_pretrained``), or
+    of a GPT-2 name; ``drop_rate``: GPT-2's dropout (Llama and Qwen3 have none)."""
+    from . import hf
+
+    family = pretrained_family(name)
+    if drop_rate and family != "gpt2":
+        raise RunError(f"--drop-rate: a {family} model has no dropout")
     try:
-        return GPTModel.from_pretrained(name, **kw)
+        if family == "gpt2":
+            return GPTModel.from_pretrained(name, dtype=dtype, device=device, drop_rate=drop_rate)
+        return hf.from_pretrained(name, dtype=dtype, device=device)
     except (OSError, ValueError, KeyError) as e:
         raise RunError(f"cannot load pretrained weights {name!r}: {e}") from e
+
+
+def pretrained_family(name: str) -> str:
+    """``config.json``'s model_type of a directory; "gpt2" for a name (or a directory whose
+    config the loader will report on)."""
+    path = os.path.join(os.path.expanduser(os.fspath(name)), "config.json")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            config = json.load(fh)
+    except (OSError, ValueError):
+        return "gpt2"
+    return config.get("model_type", "gpt2") if isinstance(config, dict) else "gpt2"
 
 
 def _load_text(opts: TrainCommandOptions) -> tuple[str, str]:
@@ -226,17 +258,10 @@ def _load_text(opts: TrainCommandOptions) -> tuple[str, str]:
 
 
 def _model_config(opts: TrainCommandOptions, n_vocab: int):
-    """GPTConfig for a fresh model: the preset (or the small default) and the model flags,
-    with an embedding row for each of the tokenizer's ``n_vocab`` tokens."""
-    from .config import GPTConfig
-
+    """The config of a fresh model (run_model.train_config): the family's preset or small
+    default and the model flags, with an embedding row for each of the tokenizer's ``n_vocab`` tokens."""
     try:
-        base = GPTConfig.preset(opts.preset).to_dict() if opts.preset else {**GPTConfig().to_dict(), **SMALL_MODEL}
-        for key in MODEL_KEYS[1:]:
-            if getattr(opts, key) is not None:
-                base[key] = getattr(opts, key)
-        base.update(vocab_size=n_vocab, dtype=opts.dtype)
-        return GPTConfig(**base)
+        return train_config(opts, n_vocab)
     except ValueError as e:
         raise RunError(f"model configuration: {e}") from e
 
@@ -245,12 +270,6 @@ def _check_model_flags_unused(given: dict, why: str, allowed=()) -> None:
     for key in MODEL_KEYS:
         if key in given and key not in allowed:
             raise RunError(f"--{key.replace('_', '-')} cannot be used {why}: the model's shape is fixed there")
-
-
-def _describe_config(cfg) -> str:
-    return (f"emb_dim {cfg.emb_dim}, {cfg.n_layers} layers, {cfg.n_heads} heads, context {cfg.context_length}, "
-            f"vocab {cfg.vocab_size}, drop_rate {cfg.drop_rate}, qkv_bias {cfg.qkv_bias}, "
-            f"{'tied' if cfg.tie_weights else 'untied'} head, {cfg.dtype}")
 
 
 def _build_loaders(text: str, opts: TrainCommandOptions, T: int, tokenizer):
@@ -296,18 +315,38 @@ def _load_tokenizer(opts: TrainCommandOptions, given: dict, saved):
 
 
 def _tokenizer_and_model(opts: TrainCommandOptions, given: dict, saved, device: str):
-    """The run's tokenizer and the model, whose vocabulary must be the tokenizer's."""
-    tokenizer = _load_tokenizer(opts, given, saved)
-    model = _build_model(opts, given, saved, device, tokenizer.n_vocab)
+    """The run's tokenizer and the model, whose vocabulary must be the tokenizer's. Pretrained
+    weights (--init-from) come first and bring their own tokenizer unless --tokenizer is given."""
+    if saved is None and opts.init_from:
+        model = _build_model(opts, given, None, device, n_vocab=None)
+        if "tokenizer" in given:
+            tokenizer = _load_tokenizer(opts, given, None)
+        else:
+            tokenizer = _pretrained_tokenizer(opts.init_from, model)
+    else:
+        tokenizer = _load_tokenizer(opts, given, saved)
+        model = _build_model(opts, given, saved, device, tokenizer.n_vocab)
     _check_tokenizer_fits(tokenizer, model)
     return tokenizer, model
 
 
+def _pretrained_tokenizer(source, model):
+    """The tokenizer of pretrained weights: the directory's own (GPT-2's for GPT-2 without one)."""
+    from .tokenizer import TokenizerError, model_tokenizer
+
+    try:
+        return model_tokenizer(source, model.cfg.model_type, model.cfg.vocab_size)
+    except (TokenizerError, OSError) as e:
+        raise RunError(f"{source}: {e}") from e
+
+
 def _check_tokenizer_fits(tokenizer, model, prefix: str = "--tokenizer: ") -> None:
+    """A model may have more embedding rows than the tokenizer has tokens (published models pad
+    theirs; a fresh model has exactly one row a token), never fewer."""
     from .tokenizer import TokenizerError, check_vocab_size
 
     try:
-        check_vocab_size(tokenizer, model.cfg.vocab_size)
+        check_vocab_size(tokenizer, model.cfg.vocab_size, padded=True)
     except TokenizerError as e:
         raise RunError(f"{prefix}{e}") from e
 
@@ -456,12 +495,15 @@ def _build_model(opts: TrainCommandOptions, given: dict, saved, device: str, n_v
     GPT-2 (--init-from), or a fresh one drawn from the seed."""
     if saved is not None:
         with backend.device(device):
-            return GPTModel(saved.config, init=False)
+            return build_model(saved.config, init=False)
     if opts.init_from:
         _check_model_flags_unused(given, "with --init-from", allowed=("context_length", "drop_rate"))
         return _from_pretrained(opts.init_from, dtype=opts.dtype, device=device, drop_rate=opts.drop_rate or 0.0)
+    cfg = _model_config(opts, n_vocab)
     backend.manual_seed(opts.seed)
-    return GPTModel(_model_config(opts, n_vocab), seed=opts.seed, init=opts.init)
+    if isinstance(cfg, GPTConfig):
+        return GPTModel(cfg, seed=opts.seed, init=opts.init)
+    return build_model(cfg, seed=opts.seed)
 
 
 def _restore(saved, resume_state, model, optimizer, train_loader, opts: TrainCommandOptions) -> None:
@@ -509,7 +551,7 @@ def _print_plan(opts, model, device, data_desc, train_loader, val_loader, T, tot
     if comm.world_size > 1:
         _say(f"ranks       {comm.describe()}")
     where = (f" (resumed from {opts.resume})" if opts.resume else f" (from {opts.init_from})" if opts.init_from else "")
-    _say(f"model       {_describe_config(model.cfg)}{where}")
+    _say(f"model       {describe_config(model.cfg)}{where}")
     _say(f"parameters  {model.num_parameters():,}")
     _say(f"data        {data_desc}")
     _say(f"tokenizer   {tokenizer_desc}")
@@ -560,8 +602,9 @@ def run_generate(prompt: str | None = None, checkpoint=None, model=None, max_new
                  temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                  seed: int | None = None, greedy: bool = False, device: str = "auto", dtype: str = "float32",
                  use_cache: bool = True) -> str:
-    """Everything ``numpygpt generate`` does: load a checkpoint (``checkpoint``) or GPT-2
-    weights (``model``: a directory or a name), continue ``prompt``, print and return the text.
+    """Everything ``numpygpt generate`` does: load a checkpoint (``checkpoint``) or a model
+    (``model``: anything ``load_model`` reads), continue ``prompt`` and decode with the model's
+    own tokenizer, print and return the text.
 
     Decoding: ``sampling_options(greedy, temperature, top_k, seed, top_p)``, so by default
     temperature 0.8, top-k 40, seed 123; the settings are printed on stderr. ``prompt``
@@ -569,18 +612,11 @@ def run_generate(prompt: str | None = None, checkpoint=None, model=None, max_new
     """
     if (checkpoint is None) == (model is None):
         raise RunError("give exactly one of a checkpoint and a model")
-    device = _set_device(device)
-    default_corpus_run = False
-    if checkpoint is not None:
-        saved = _read_checkpoint(checkpoint)
-        options = (saved.extra or {}).get("cli_options") or {}
-        default_corpus_run = "data" in options and options["data"] is None
-        tokenizer = _checkpoint_tokenizer(saved)
-        gpt = _build_from_checkpoint(saved, device)
-        _check_tokenizer_fits(tokenizer, gpt, prefix=f"{checkpoint}: ")
-    else:
-        tokenizer = None  # GPT-2's
-        gpt = _from_pretrained(model, dtype=dtype, device=device)
+    if checkpoint is not None and not os.path.isfile(checkpoint):
+        raise RunError(f"checkpoint {checkpoint!r} does not exist (or is not a file)")
+    gpt, tokenizer, saved = load_model(checkpoint if checkpoint is not None else model, device, dtype)
+    options = ((saved.extra or {}).get("cli_options") or {}) if saved is not None else {}
+    default_corpus_run = "data" in options and options["data"] is None
     if prompt is None:
         prompt = DEFAULT_PROMPT if default_corpus_run else GENERIC_PROMPT
     if not prompt:
@@ -597,6 +633,43 @@ def run_generate(prompt: str | None = None, checkpoint=None, model=None, max_new
     print(f"numpygpt: {how}", file=sys.stderr, flush=True)
     print(text, flush=True)
     return text
+
+
+def load_model(source, device: str = "auto", dtype: str = "float32"):
+    """(model, tokenizer, the Checkpoint read or None) of ``source``, the model decoding with its
+    own tokenizer, whatever its family (GPT-2, Llama 3, Qwen3):
+
+    - a numpygpt checkpoint, or a run folder holding one (``checkpoint.safetensors``, no
+      ``config.json``): the tokenizer it was trained with, saved beside it;
+    - a Hugging Face directory (``config.json``, ``model_type`` gpt2, llama or qwen3): its
+      ``tokenizer.json`` or ``tokenizer.model``, or GPT-2's BPE for a GPT-2 model without one;
+    - a GPT-2 name ('gpt2', 'gpt2-medium', ...): GPT-2's BPE.
+
+    A tokenizer whose vocabulary does not fit the model is one RunError (check_vocab_size).
+    """
+    device = _set_device(device)
+    path = checkpoint_in(source)
+    if path is not None:
+        saved = _read_checkpoint(path)
+        tokenizer = _checkpoint_tokenizer(saved)
+        model = _build_from_checkpoint(saved, device)
+        _check_tokenizer_fits(tokenizer, model, prefix=f"{path}: ")
+        return model, tokenizer, saved
+    model = _from_pretrained(source, dtype=dtype, device=device)
+    return model, _pretrained_tokenizer(source, model), None
+
+
+def checkpoint_in(source) -> str | None:
+    """The numpygpt checkpoint ``source`` names: the file itself, or a run folder's (a folder with
+    ``checkpoint.safetensors`` and no Hugging Face ``config.json``); None for anything else."""
+    from .scaffold import CHECKPOINT_FILE
+
+    path = os.path.expanduser(os.fspath(source))
+    if os.path.isfile(path):
+        return path
+    if os.path.isfile(os.path.join(path, CHECKPOINT_FILE)) and not os.path.isfile(os.path.join(path, "config.json")):
+        return os.path.join(path, CHECKPOINT_FILE)
+    return None
 
 
 def _checkpoint_tokenizer(saved):

@@ -308,3 +308,29 @@ def test_zero_checkpoints_resume_on_any_number_of_ranks(tmp_path, corpus, capsys
     capsys.readouterr()
 
     assert_like_straight(straight, (zero_then_one, one_then_zero))
+
+
+def qwen3_cli_args(corpus, out, steps):
+    """cli_args with a tiny Qwen3 model (numpygpt train --arch qwen3) in place of the GPT-2 preset."""
+    args = cli_args(corpus, out, steps)
+    at = args.index("--preset")
+    args[at:at + 2] = ["--arch", "qwen3", "--n-layers", "2", "--n-heads", "4", "--n-kv-heads", "2", "--hidden-dim", "32"]
+    return args
+
+
+def test_a_qwen3_model_trains_on_two_ranks_like_one_process(tmp_path, corpus, capsys):
+    """The GPT-2 runs' checks for Llama's family: 8 steps straight on 1 process == 4 on 2 ranks
+    with --zero 1, then 4 more on 2 ranks with the moments whole."""
+    from numpygpt.cli import main
+
+    straight = tmp_path / "straight"
+    assert main(qwen3_cli_args(corpus, straight, 8)) == 0
+    ranks = tmp_path / "ranks"
+    proc = mpirun(2, ["-m", "numpygpt", *qwen3_cli_args(corpus, ranks, 4), "--zero", "1"])
+    assert proc.returncode == 0, proc.stderr
+    assert "model       qwen3:" in proc.stdout and "(2 rows a rank)" in proc.stdout
+    proc = mpirun(2, ["-m", "numpygpt", "train", "--resume", ranks / "checkpoint.safetensors", "--max-steps", "8",
+                      "--zero", "0", "--no-progress", "--out", ranks])
+    assert proc.returncode == 0, proc.stderr
+    capsys.readouterr()
+    assert_like_straight(straight, (ranks,))

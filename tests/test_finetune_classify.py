@@ -105,7 +105,7 @@ def test_python_api_lora_model_saves_merged_and_loads_with_the_same_outputs(pret
                                  device="cpu", no_progress=True, epochs=1, lora_rank=2, lr=5e-3, log=None)
     model, data = result["model"], result["data"]
     assert result["trainable_parameters"] == LAYERS * 2 * 18 * C + 2 * (C + K)
-    assert (tmp_path / "o" / "lora.safetensors").is_file()  # the adapters alone, too
+    assert (tmp_path / "o" / "lora-adapters.safetensors").is_file()  # the adapters alone, too (lora.save_merged)
     loaded, info = load_classifier(tmp_path / "o")
     assert info == {"label_names": ["ham", "spam"], "max_length": data.train.max_length, "pad_id": 50256}
     assert loaded.cfg.lora_rank is None  # saved merged: a plain classifier

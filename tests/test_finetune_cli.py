@@ -163,7 +163,7 @@ def test_lora_trains_adapters_only_and_saves_a_plain_merged_model(tmp_path, pret
     base = GPTModel.from_pretrained(pretrained, tie_weights=False)
     adapters = count_parameters(base.cfg.replace(lora_rank=4, lora_alpha=8), trainable="lora")
     assert f"trainable {adapters:,} (LoRA rank 4)" in capsys.readouterr().out  # blocks and the untied head
-    assert (out / "lora-adapters.safetensors").is_file()
+    assert (out / "model" / "lora-adapters.safetensors").is_file()  # lora.save_merged writes them beside the model
     # model/ is a plain GPT-2 whose weights moved by a rank-4 update at most; wte stayed frozen
     saved = GPTModel.from_pretrained(out / "model")
     assert saved.cfg.lora_rank is None and not saved.cfg.tie_weights

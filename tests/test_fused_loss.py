@@ -11,6 +11,8 @@ import pytest
 from hypothesis import given, strategies as st
 
 from numpygpt import GPTConfig, GPTModel, apply_lora, backend
+from numpygpt.config import LlamaConfig
+from numpygpt.families import build_model
 from numpygpt.data import DataLoader
 from numpygpt.gradcheck import check_layer
 from numpygpt.nn import CrossEntropyLoss, FusedLinearCrossEntropy, OutputHead, Parameter, fused_loss, no_grad
@@ -76,19 +78,25 @@ def test_equals_the_plain_head_and_loss(device, dtype, rtol, chunk_rows):
         np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * np.abs(b).max(), err_msg=name)
 
 
-def model_pair(tied, dtype):
-    cfg = GPTConfig(vocab_size=97, context_length=8, emb_dim=16, n_heads=2, n_layers=2, drop_rate=0.0,
-                    qkv_bias=True, tie_weights=tied, dtype=dtype)
-    return GPTModel(cfg, seed=1), GPTModel(cfg, seed=1)
+def model_pair(tied, dtype, arch="gpt2"):
+    """Two equal models of the family ``arch``: GPT-2, or the llama-tiny / qwen3-tiny shape."""
+    if arch == "gpt2":
+        cfg = GPTConfig(vocab_size=97, context_length=8, emb_dim=16, n_heads=2, n_layers=2, drop_rate=0.0,
+                        qkv_bias=True, tie_weights=tied, dtype=dtype)
+    else:
+        cfg = LlamaConfig.preset(f"{arch}-tiny", vocab_size=97, context_length=8, tie_weights=tied, dtype=dtype)
+    return build_model(cfg, seed=1), build_model(cfg, seed=1)
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen3"])
 @pytest.mark.parametrize("tied", [True, False])
 @pytest.mark.parametrize("dtype, rtol", [("float64", 1e-11), ("float32", 1e-4)])
-def test_objective_equals_the_plain_objective(device, tied, dtype, rtol):
-    """loss and every parameter's gradient of a whole model, the tied embedding's two paths included."""
+def test_objective_equals_the_plain_objective(device, arch, tied, dtype, rtol):
+    """loss and every parameter's gradient of a whole model of each family, the tied
+    embedding's two paths included."""
     rng = np.random.default_rng(3)
     idx, targets = rng.integers(0, 97, (2, 8)), with_ignored(rng, rng.integers(0, 97, (2, 8)), 3)
-    plain_model, fused_model = model_pair(tied, dtype)
+    plain_model, fused_model = model_pair(tied, dtype, arch)
     losses = []
     for model, objective in ((plain_model, NextTokenObjective()), (fused_model, FusedNextTokenObjective(chunk_rows=3))):
         losses.append(float(objective.loss(model, (idx, targets))))

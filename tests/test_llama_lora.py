@@ -86,3 +86,31 @@ def test_checkpoint_of_a_lora_model_rebuilds_its_adapters(tmp_path):
     assert restored.cfg == model.cfg and restored.cfg.lora_rank == 2
     np.testing.assert_array_equal(to_host(restored(IDS)), to_host(model(IDS)))
     assert restored.num_parameters(trainable_only=True) == count_parameters(model.cfg, trainable="lora")
+
+
+@pytest.mark.parametrize("preset", ["llama-tiny", "qwen3-tiny"])
+@pytest.mark.parametrize("classifier", [False, True])
+def test_save_merged_writes_what_merge_then_save_pretrained_writes_and_leaves_the_model(tmp_path, preset, classifier):
+    from numpygpt.lora import ADAPTERS_FILE, save_merged, unmerge_lora
+
+    model = base(preset, dtype="float64")
+    if classifier:
+        model.to_classifier(3, readout="last_non_pad", pad_id=0, seed=2)
+    trained_adapters(apply_lora(model, rank=4, alpha=8, seed=1))
+    before = {n: to_host(p.data).copy() for n, p in model.named_parameters()}
+    assert save_merged(model, tmp_path / "lazy") == str(tmp_path / "lazy" / ADAPTERS_FILE)
+    for name, p in model.named_parameters():  # not one bit moved
+        np.testing.assert_array_equal(to_host(p.data), before[name], err_msg=name)
+    adapted = to_host(model(IDS))
+    numpygpt.save_pretrained(merge_lora(model), tmp_path / "eager")  # (merge then unmerge: W off by rounding)
+    unmerge_lora(model)
+    assert (tmp_path / "lazy" / "config.json").read_text() == (tmp_path / "eager" / "config.json").read_text()
+    assert (tmp_path / "lazy" / "model.safetensors").read_bytes() == (tmp_path / "eager" / "model.safetensors").read_bytes()
+    loaded = numpygpt.from_pretrained(tmp_path / "lazy", dtype="float64")
+    assert loaded.cfg.lora_rank is None and loaded.cfg.num_classes == (3 if classifier else None)
+    np.testing.assert_allclose(to_host(loaded(IDS)), adapted, rtol=1e-10, atol=1e-12)
+    fresh = base(preset, dtype="float64")
+    if classifier:
+        fresh.to_classifier(3, readout="last_non_pad", pad_id=0)
+    load_lora(fresh, tmp_path / "lazy" / ADAPTERS_FILE)  # the adapters alone (and the class head)
+    np.testing.assert_array_equal(to_host(fresh(IDS)), adapted)

@@ -9,7 +9,9 @@ import pytest
 from numpygpt import CrossEntropyLoss, GPTConfig, GPTModel, backend
 from numpygpt import checkpoint as checkpoint_module
 from numpygpt.checkpoint import load_checkpoint
+from numpygpt.config import LlamaConfig
 from numpygpt.data import DataLoader, GPTDataset
+from numpygpt.families import build_model
 from numpygpt.optim import SGD, AdamW, CosineWithWarmup, param_groups
 from numpygpt.train import (TrainingDivergedError, calc_loss_batch, calc_loss_loader, evaluate_model,
                             plot_losses, train_model)
@@ -145,16 +147,17 @@ def test_non_finite_weights_stop_the_first_step():
         train_model(model, train, val, SGD(model, lr=0.1), 1, 1, 1, progress=False, log=None)
 
 
-@pytest.mark.parametrize("accum", [1, 2])
-def test_resume_reproduces_the_uninterrupted_run(tmp_path, accum):
+@pytest.mark.parametrize("accum,family", [(1, "gpt2"), (2, "gpt2"), (2, "llama"), (1, "qwen3")])
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, accum, family):
     """k steps, checkpoint, fresh objects, load, continue == N steps straight (CPU, exact),
-    with dropout masks, shuffled epochs and an epoch boundary in between."""
+    with dropout masks (GPT-2; Llama and Qwen3 have none), shuffled epochs, a cosine schedule
+    and an epoch boundary in between."""
     N, k = 14, 5
-    cfg = tiny(drop_rate=0.2)
+    cfg = tiny(drop_rate=0.2) if family == "gpt2" else LlamaConfig.preset(f"{family}-tiny")
 
     def setup(seed):
         backend.manual_seed(seed)
-        model = GPTModel(cfg, seed=seed)
+        model = build_model(cfg, seed=seed)
         train, val = loaders(batch_size=4, shuffle=True, seed=7, n_tokens=600)  # 8 batches an epoch
         opt = AdamW(param_groups(model, 0.1), lr=2e-3)
         sched = CosineWithWarmup(2e-3, total_steps=N, warmup_steps=3, min_lr=1e-4, initial_lr=1e-4)

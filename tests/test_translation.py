@@ -89,11 +89,12 @@ def test_objective_steps_lower_the_loss():
     assert objective.count(batch) == int((batch["tgt_out"] != -100).sum())
 
 
-def test_tiny_run_translates_held_out_numbers(capsys):
+def test_tiny_run_translates_held_out_numbers(tmp_path):
     """Numbers below 1000, a one-block model, 700 steps (~6 s): nearly every held-out number
     comes back exactly (97.5% when written; chance is ~0: a translation is 1 to 8 tokens out of 47)."""
     opts = TranslationOptions(max_number=999, train_numbers=700, test_numbers=100, emb_dim=32, n_heads=2,
-                              n_layers=1, epochs=16, batch_size=32, lr=5e-3, eval_freq=1000, no_progress=True)
+                              n_layers=1, epochs=16, batch_size=32, lr=5e-3, eval_freq=1000, no_progress=True,
+                              out=str(tmp_path))
     start = time.perf_counter()
     result = train_translation(opts, log=None)
     assert time.perf_counter() - start < 60
@@ -102,20 +103,20 @@ def test_tiny_run_translates_held_out_numbers(capsys):
     assert sum(ref == got for _, ref, got in result["examples"]) == round(200 * result["accuracy"])
 
 
-def test_run_translation_prints_accuracy_and_translations(capsys):
+def test_run_translation_prints_accuracy_and_translations(capsys, tmp_path):
     opts = dict(max_number=99, train_numbers=60, test_numbers=20, emb_dim=16, n_heads=2, n_layers=1, epochs=1,
-                batch_size=16, eval_freq=1000, no_progress=True, show=2)
+                batch_size=16, eval_freq=1000, no_progress=True, show=2, out=str(tmp_path))
     assert run_translation(opts) == 0
     out = capsys.readouterr().out
     assert "held-out exact match" in out and "->" in out
 
 
-def test_command_line(capsys):
+def test_command_line(capsys, tmp_path):
     from numpygpt.cli import main
 
-    argv = ["train-translation", "--max-number", "99", "--train-numbers", "40", "--test-numbers", "10",
+    argv = ["train-translation", "--out", str(tmp_path), "--max-number", "99", "--train-numbers", "40", "--test-numbers", "10",
             "--emb-dim", "16", "--n-heads", "2", "--n-layers", "1", "--no-progress", "--show", "1"]
     assert main(argv) == 0
     assert "held-out exact match" in capsys.readouterr().out
-    assert main(argv[:3] + ["--train-numbers", "95"]) == 2
+    assert main(argv[:5] + ["--train-numbers", "95"]) == 2
     assert "more than the 100 numbers" in capsys.readouterr().err

@@ -21,23 +21,23 @@ import os
 import time
 from dataclasses import dataclass
 
-from .. import backend, distributed
+from .. import backend
 from ..config import TRAINABLE
+from ..lora import ADAPTERS_FILE
 from ..nn import eval_mode, no_grad
-from ..options import NONNEG_FLOAT, POSITIVE_FLOAT, POSITIVE_INT, Options, option
+from ..options import option
 from ..progress import say as _say
 from ..train import loader_batches
 from .classify_data import PAD_ID, download_sms_spam, prepare_classification_data
-from .common import AT_LEAST_ONE, LoRAOptions
+from .common import AT_LEAST_ONE, MODEL_SOURCES, RecipeOptions, describe_model, directory_tokenizer, load_model, recipe_field, start_run
 
 __all__ = [
     "calc_accuracy_loader", "predict", "train_classifier", "classifier_options", "accuracy_hook", "plot_classifier_history",
     "finetune_classifier", "ClassifyOptions", "FINETUNE_CLASSIFY_DEFAULTS", "save_classifier", "load_classifier",
-    "classify_text", "classify_texts", "CLASSIFIER_FILE", "LORA_FILE",
+    "classify_text", "classify_texts", "CLASSIFIER_FILE",
 ]
 
 CLASSIFIER_FILE = "classifier.json"  # next to config.json + model.safetensors: labels and padding
-LORA_FILE = "lora.safetensors"  # a LoRA run's adapters alone (numpygpt.load_lora reads them)
 
 
 # -- metrics -------------------------------------------------------------------------------------
@@ -130,37 +130,33 @@ def plot_classifier_history(history: dict, loss_path, accuracy_path) -> None:
 
 # -- saving, loading and classifying -----------------------------------------------------------------
 
-def save_classifier(model, directory, label_names, max_length: int, pad_id: int = PAD_ID) -> None:
-    """The model in the Hugging Face layout (config.json + model.safetensors, via
-    ``save_pretrained``) and ``classifier.json``: the label names in class-id order and
+def save_classifier(model, directory, label_names, max_length: int, pad_id: int = PAD_ID, tokenizer=None) -> None:
+    """The model as its family's Hugging Face directory (config.json + model.safetensors, via
+    ``lora.save_merged``) and ``classifier.json``: the label names in class-id order and
     the length texts are padded to, which ``classify_text`` needs to read a new text the
-    way the model was trained.
+    way the model was trained; a tokenizer other than GPT-2's is saved beside them.
 
-    A LoRA model is written with its adapters folded in (merged, saved, unmerged again), as
-    a plain classifier, and its adapters alone go to ``lora.safetensors`` as well.
+    A LoRA model is written with its adapters folded in (the model itself unchanged), as a
+    plain classifier, and its adapters alone go to ``lora-adapters.safetensors`` as well.
     """
     from ..fileio import atomic_write
-    from ..lora import lora_layers, merge_lora, save_lora, unmerge_lora
+    from ..lora import save_merged
+    from ..tokenizer import save_tokenizer
 
     directory = os.fspath(directory)
-    if lora_layers(model):
-        save_lora(model, os.path.join(directory, LORA_FILE))
-        merge_lora(model)
-        try:
-            model.save_pretrained(directory)
-        finally:
-            unmerge_lora(model)
-    else:
-        model.save_pretrained(directory)
+    save_merged(model, directory)
+    if tokenizer is not None:
+        save_tokenizer(tokenizer, directory)
     info = {"label_names": list(label_names), "max_length": int(max_length), "pad_id": int(pad_id)}
     with atomic_write(os.path.join(directory, CLASSIFIER_FILE)) as fh:
         fh.write((json.dumps(info, indent=2) + "\n").encode("utf-8"))
 
 
 def load_classifier(directory, device: str | None = None):
-    """(model, info) from a directory ``save_classifier`` wrote; ``info`` holds
-    ``label_names``, ``max_length`` and ``pad_id``, the keyword arguments of ``classify_text``."""
-    from ..model import GPTModel
+    """(model, info) from a directory ``save_classifier`` wrote (a classifier of any family);
+    ``info`` holds ``label_names``, ``max_length`` and ``pad_id``, keyword arguments of
+    ``classify_text`` (with the directory's tokenizer: ``finetune.common.directory_tokenizer``)."""
+    from ..hf import from_pretrained
 
     directory = os.fspath(directory)
     path = os.path.join(directory, CLASSIFIER_FILE)
@@ -169,7 +165,7 @@ def load_classifier(directory, device: str | None = None):
                                 "`numpygpt finetune classify` (save_classifier)")
     with open(path, encoding="utf-8") as f:
         info = json.load(f)
-    model = GPTModel.from_pretrained(directory, device=device)
+    model = from_pretrained(directory, device=device)
     if model.cfg.num_classes != len(info["label_names"]):
         raise ValueError(f"{directory}: the model has {model.cfg.num_classes} classes but {CLASSIFIER_FILE} names "
                          f"{len(info['label_names'])}")
@@ -201,7 +197,8 @@ def classify_texts(model_dir, texts, device: str = "auto", log=print) -> list:
     """``numpygpt classify``: the label of each text by the classifier in ``model_dir``,
     printed one a line (``log=None``: silent)."""
     model, info = load_classifier(model_dir, device=backend.set_device(device))
-    labels = [classify_text(model, text, **info) for text in texts]
+    tokenizer = directory_tokenizer(model_dir)
+    labels = [classify_text(model, text, tokenizer=tokenizer, **info) for text in texts]
     if log is not None:
         log("\n".join(map(str, labels)))
     return labels
@@ -213,7 +210,7 @@ DEFAULT_LR, DEFAULT_LORA_LR = 5e-5, 8e-4  # the book's chapter 6; appendix E's c
 
 
 @dataclass
-class ClassifyOptions(LoRAOptions):
+class ClassifyOptions(RecipeOptions):
     """``numpygpt finetune classify``'s options; with none given, the book's chapter 6 recipe.
     A bad value is one line on stderr (``validate``), not a usage message."""
 
@@ -225,28 +222,17 @@ class ClassifyOptions(LoRAOptions):
     text_column: str | None = option(None, "the CSV's text column (default Text)", metavar="NAME")
     max_length: int | None = option(None, "truncate texts to N tokens (default: pad to the longest training text; "
                                     "longer than the model's context is an error)", check=AT_LEAST_ONE, metavar="N")
-    pretrained: str = option("gpt2", "GPT-2 weights: a Hugging Face directory or a name", metavar="DIR_OR_NAME")
+    pretrained: str = option("gpt2", "the model to start from: " + MODEL_SOURCES, metavar="DIR_OR_NAME")
     readout: str = option("last", "logits read at the last position (the book) or at the last non-padding token",
                           choices=("last", "last_non_pad"))
     trainable: str | None = option(None, "all, last-block (default: last block, final LayerNorm, head), "
                                    "last-two-blocks or head", choices=TRAINABLE, metavar="WHICH")
-    lr: float | None = option(None, f"AdamW learning rate (default {DEFAULT_LR:g}; {DEFAULT_LORA_LR:g} with LoRA)",
-                              check=NONNEG_FLOAT)
-    weight_decay: float = option(0.1, "AdamW weight decay", check=NONNEG_FLOAT)
-    epochs: int = option(5, "", check=AT_LEAST_ONE)
-    max_steps: int | None = option(None, "stop after this many optimiser steps", check=AT_LEAST_ONE)
-    batch_size: int = option(8, "", check=AT_LEAST_ONE)
-    grad_accum: int = option(1, "micro-batches per optimiser step", check=AT_LEAST_ONE, metavar="K")
-    eval_freq: int = option(50, "evaluate the losses every N steps", check=AT_LEAST_ONE)
-    eval_iter: int = option(5, "batches per evaluation", check=AT_LEAST_ONE)
-    seed: int = option(123, "seeds the balancing, split, batch order and class head")
-    device: str = option("auto", "", choices=("cpu", "cuda", "auto"))
-    out: str = option("runs/classifier", "where the model, plots and history go", metavar="DIR")
-    checkpoint_every: int | None = option(None, "also write OUT/checkpoint.safetensors every N steps (it is always "
-                                          "written at the end of training and on Ctrl-C/SIGTERM)",
-                                          check=AT_LEAST_ONE, metavar="N")
-    resume: bool = option(False, "continue from OUT/checkpoint.safetensors (same options as the interrupted run)")
-    no_progress: bool = option(False, "no progress bar")
+    out: str = recipe_field("out", "runs/classifier")
+    epochs: int = recipe_field("epochs", 5)
+    lr: float | None = recipe_field("lr", None, help=f"AdamW learning rate (default {DEFAULT_LR:g}; "
+                                    f"{DEFAULT_LORA_LR:g} with LoRA)")
+    eval_freq: int = recipe_field("eval_freq", 50)
+    seed: int = recipe_field("seed", help="seeds the balancing, split, batch order and class head")
 
     def check_more(self) -> None:
         super().check_more()
@@ -263,18 +249,7 @@ class ClassifyOptions(LoRAOptions):
 FINETUNE_CLASSIFY_DEFAULTS = ClassifyOptions.defaults()  # the book's recipe, as a dict
 
 
-def _load_base_model(pretrained, device: str):
-    """GPT-2 weights (a Hugging Face directory or a name) with dropout 0, or the model of a
-    checkpoint file written by ``numpygpt train`` / ``save_checkpoint`` (its own dropout)."""
-    from ..checkpoint import load_checkpoint
-    from ..model import GPTModel
-
-    if os.path.isfile(os.fspath(pretrained)):
-        return load_checkpoint(pretrained, device=device)["model"]
-    return GPTModel.from_pretrained(pretrained, device=device, drop_rate=0.0)
-
-
-def _classifier_model(o: ClassifyOptions, device: str, num_classes: int, model=None) -> tuple:
+def _classifier_model(o: ClassifyOptions, num_classes: int, model, pad_id: int) -> tuple:
     """The model to train: the base model with a class head drawn from the seed (a classifier
     given as --pretrained keeps its own), then what trains: LoRA adapters or --trainable.
     Returns (model, a description of what trains)."""
@@ -282,7 +257,7 @@ def _classifier_model(o: ClassifyOptions, device: str, num_classes: int, model=N
 
     cfg = model.cfg
     if not model.is_classifier:
-        model.to_classifier(num_classes, readout=o.readout, pad_id=PAD_ID, seed=o.seed)
+        model.to_classifier(num_classes, readout=o.readout, pad_id=pad_id, seed=o.seed)
     elif cfg.num_classes != num_classes:
         raise ValueError(f"{o.pretrained} is a classifier with {cfg.num_classes} classes, the data has {num_classes}")
     if o.lora_rank is not None:
@@ -293,18 +268,21 @@ def _classifier_model(o: ClassifyOptions, device: str, num_classes: int, model=N
 
 
 def _load_model_and_data(o: ClassifyOptions, device: str, data_path: str):
-    model = _load_base_model(o.pretrained, device)
+    """(model, data, what trains, tokenizer): the model of --pretrained (any family) made a
+    classifier, and the data tokenised with its tokenizer, padded with its end-of-text."""
+    model, tokenizer = load_model(o.pretrained, device)
     cfg = model.cfg
     if cfg.lora_rank is not None:  # a checkpoint of a LoRA model
         raise ValueError(
             f"{o.pretrained} already has LoRA adapters (rank {cfg.lora_rank}, alpha {cfg.lora_alpha:g})"
             + ("; --lora-rank would add a second set" if o.lora_rank else "")
             + ": fold them into the weights first (numpygpt.merge_lora, then save_pretrained) and fine-tune that")
+    pad_id = tokenizer.eot_token
     data = prepare_classification_data(
-        data_path, context_length=cfg.context_length, max_length=o.max_length, batch_size=o.batch_size,
-        seed=o.seed, label_column=o.label_column, text_column=o.text_column)
-    model, what = _classifier_model(o, device, len(data.label_names), model)
-    return model, data, what
+        data_path, context_length=cfg.context_length, tokenizer=tokenizer, max_length=o.max_length,
+        batch_size=o.batch_size, seed=o.seed, label_column=o.label_column, text_column=o.text_column, pad_id=pad_id)
+    model, what = _classifier_model(o, len(data.label_names), model, pad_id)
+    return model, data, what, tokenizer
 
 
 def _print_plan(o: ClassifyOptions, model, data, data_path, device, what, log) -> None:
@@ -313,8 +291,7 @@ def _print_plan(o: ClassifyOptions, model, data, data_path, device, what, log) -
     n_trainable, n_total = model.num_parameters(trainable_only=True), model.num_parameters()
     for line in (
         f"device      {device} ({'CuPy' if device == 'cuda' else 'NumPy'})",
-        f"model       {o.pretrained}: emb_dim {cfg.emb_dim}, {cfg.n_layers} layers, {cfg.n_heads} heads, "
-        f"context {cfg.context_length}, drop_rate {cfg.drop_rate}, readout {cfg.readout}",
+        f"model       {describe_model(o.pretrained, cfg)}, readout {cfg.readout}",
         f"data        {data_path}: " + ", ".join(f"{n:,} {name}" for name, n in data.class_counts.items()),
         "labels      " + ", ".join(f"{i} = {name}" for i, name in enumerate(data.label_names)),
         f"balanced    {data.balanced_per_class:,} per class; split {len(data.train):,} train, {len(data.val):,} "
@@ -342,14 +319,9 @@ def finetune_classifier(options: ClassifyOptions | None = None, log=print, **giv
     from ..train import TrainOptions
 
     t_start = time.perf_counter()
-    o = options.replace(**given) if options is not None else ClassifyOptions.from_dict(given)
-    o.validate()
-    comm = distributed.init()
-    comm.check_batch_size(o.batch_size)
+    o, comm, device = start_run(ClassifyOptions, options, given)
     data_path = o.data if o.data is not None else download_sms_spam()
-    device = backend.set_device(o.device)
-    comm.use_device(device)
-    model, data, what = _load_model_and_data(o, device, data_path)
+    model, data, what, tokenizer = _load_model_and_data(o, device, data_path)
     optimizer = AdamW([(n, p) for n, p in model.named_parameters() if p.requires_grad], lr=o.learning_rate,
                       weight_decay=o.weight_decay)
     run = RunFolder(o.out, is_main=comm.is_main)  # an unusable --out fails now, before the training
@@ -368,16 +340,16 @@ def finetune_classifier(options: ClassifyOptions | None = None, log=print, **giv
         accuracy = {name: calc_accuracy_loader(model, loader)
                     for name, loader in (("train", data.train_loader), ("val", data.val_loader),
                                          ("test", data.test_loader))}
-        _write_outputs(run, model, data, history, accuracy)
+        _write_outputs(run, model, data, history, accuracy, tokenizer)
     seconds = time.perf_counter() - t_start
     _print_summary(run, accuracy, o.lora_rank is not None, seconds, log)
     return {"model": model, "data": data, "history": history, "accuracy": accuracy, "out": o.out,
             "trainable_parameters": model.num_parameters(trainable_only=True), "seconds": seconds}
 
 
-def _write_outputs(run, model, data, history: dict, accuracy: dict) -> None:
-    """The classifier directory, the two plots and the history."""
-    save_classifier(model, run.out, data.label_names, data.train.max_length)
+def _write_outputs(run, model, data, history: dict, accuracy: dict, tokenizer) -> None:
+    """The classifier directory (with the tokenizer), the two plots and the history."""
+    save_classifier(model, run.out, data.label_names, data.train.max_length, model.cfg.pad_id, tokenizer)
     plot_classifier_history(history, run.path("loss.png"), run.path("accuracy.png"))
     run.write_json("history.json", {**history, "accuracy": accuracy, "label_names": data.label_names})
 
@@ -390,6 +362,6 @@ def _print_summary(run, accuracy: dict, lora: bool, seconds: float, log) -> None
     _say(f"accuracy    training {accuracy['train'] * 100:.2f}%, validation {accuracy['val'] * 100:.2f}%, "
          f"test {accuracy['test'] * 100:.2f}%", log)
     _say(f"model       {out} (numpygpt classify --model {out} \"some text\")"
-         + (f"; adapters alone in {os.path.join(out, LORA_FILE)}" if lora else ""), log)
+         + (f"; adapters alone in {os.path.join(out, ADAPTERS_FILE)}" if lora else ""), log)
     _say(f"plots       {run.path('loss.png')}, {run.path('accuracy.png')}", log)
     _say(f"time        {seconds:.0f} s", log)

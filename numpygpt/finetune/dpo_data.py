@@ -6,7 +6,9 @@ response to one Alpaca-style prompt, tokenised, split and padded into batches.
     loader = DataLoader(PreferenceDataset(train), 8, collate_fn=collate_preferences)
 
 An entry is the book's ``{"instruction", "input", "output", "chosen", "rejected"}`` (``output`` is
-not used). Both texts are the prompt (``format_input``), the response header and a response;
+not used). Both texts are the prompt (``format_input``), the response header and a response
+(or, with ``prompts`` from ``finetune.prompts``, the model's chat template and a response
+ended by its stop token);
 a batch pads chosen and rejected to one length (so the policy runs them as one (2B, T)
 batch) and masks every target that is not a response token: the prompt, the header and the
 padding. (The book leaves the header's last tokens in its mask; numpygpt counts the response
@@ -22,7 +24,8 @@ import numpy as np
 
 from ..fileio import read_json
 from ..tokenizer import EOT_ID
-from .instruct_data import RESPONSE_HEADER, format_input, split_data, validate_entries
+from .instruct_data import split_data, validate_entries
+from .prompts import AlpacaPrompts
 
 __all__ = ["validate_preferences", "load_preference_data", "split_data", "PreferencePair", "PreferenceDataset",
            "collate_preferences", "BATCH_KEYS"]
@@ -71,14 +74,15 @@ class PreferenceDataset:
     lists the entries whose responses are cut.
     """
 
-    def __init__(self, entries: list, tokenizer=None, max_length: int | None = None, source: str = "data"):
+    def __init__(self, entries: list, tokenizer=None, max_length: int | None = None, source: str = "data",
+                 prompts=None):
         from ..tokenizer import get_tokenizer
 
-        tokenizer = tokenizer or get_tokenizer()
+        prompts = prompts or AlpacaPrompts(tokenizer or get_tokenizer())
         self.pairs, self.too_long = [], []
         for i, entry in enumerate(entries):
-            prompt = tokenizer.encode(format_input(entry) + RESPONSE_HEADER)
-            chosen, rejected = (np.asarray(prompt + tokenizer.encode(entry[key]), dtype=np.int64)
+            prompt = prompts.response_prompt(entry)
+            chosen, rejected = (np.asarray(prompt + prompts.response(entry[key]), dtype=np.int64)
                                 for key in ("chosen", "rejected"))
             P = len(prompt)
             if max_length is not None and P > max_length:

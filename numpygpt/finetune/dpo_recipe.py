@@ -20,12 +20,13 @@ import sys
 from dataclasses import dataclass
 from functools import partial
 
-from .. import backend, distributed
+from .. import backend
 from ..fileio import write_json
-from ..options import DROP_RATE, NONNEG_FLOAT, POSITIVE_FLOAT, POSITIVE_INT, add_arguments, option
+from ..options import POSITIVE_FLOAT, add_arguments, option
 from ..progress import say as _say
-from ..tokenizer import EOT_ID
-from .common import LoRAOptions, check_split, planned_steps, trainable_adamw
+from .common import (MODEL_SOURCES, TextOptions, check_split, describe_model, load_model, planned_steps,
+                     recipe_field, start_run, trainable_adamw)
+from .prompts import prompt_format
 from .dpo import DPOObjective, dpo_metrics_hook, evaluate_dpo, plot_margins
 from .dpo_data import PreferenceDataset, collate_preferences, load_preference_data, split_data
 
@@ -33,41 +34,24 @@ __all__ = ["DPOOptions", "finetune_dpo", "add_dpo_args"]
 
 
 @dataclass
-class DPOOptions(LoRAOptions):
+class DPOOptions(TextOptions):
     """``numpygpt finetune dpo``'s options; the defaults are the book's DPO recipe (beta 0.1,
     AdamW 5e-6 with weight decay 0.01, one epoch of batch 8). A bad value is one line."""
 
     ARGPARSE_CHECKS = False
 
-    model: str | None = option(None, "the model to tune (and the reference): a Hugging Face directory, e.g. "
-                               "finetune instruct's OUT/model, or a GPT-2 name", metavar="DIR")
+    model: str | None = option(None, "the model to tune (and the reference), e.g. finetune instruct's OUT/model: "
+                               + MODEL_SOURCES, metavar="DIR")
     data: str | None = option(None, "preference data, a JSON list of {instruction, input, chosen, rejected} "
                               "(numpygpt make-preferences writes one)", metavar="JSON")
     reference: str | None = option(None, "the frozen reference model (default: --model)", metavar="DIR")
-    out: str = option("runs/dpo", "", metavar="DIR")
+    out: str = recipe_field("out", "runs/dpo")
     beta: float = option(0.1, "DPO's reward scale: how far the policy may move from the reference",
                          check=POSITIVE_FLOAT)
     reduction: str = option("mean", "a response's log-probability: the mean over its tokens (the book) or the "
                             "sum (the paper)", choices=("mean", "sum"), metavar="{mean,sum}")
-    batch_size: int = option(8, "pairs per micro-batch", check=POSITIVE_INT, metavar="B")
-    grad_accum: int = option(1, "micro-batches per optimiser step", check=POSITIVE_INT, metavar="K")
-    epochs: int = option(1, "", check=POSITIVE_INT)
-    max_steps: int | None = option(None, "stop after this many optimiser steps", check=POSITIVE_INT)
-    lr: float = option(5e-6, "AdamW learning rate", check=NONNEG_FLOAT)
-    weight_decay: float = option(0.01, "", check=NONNEG_FLOAT)
-    eval_freq: int = option(5, "evaluate every N steps", check=POSITIVE_INT)
-    eval_iter: int = option(5, "batches per evaluation", check=POSITIVE_INT)
-    seed: int = option(123, "")
-    drop_rate: float = option(0.0, "the policy's dropout", check=DROP_RATE)
-    allowed_max_length: int = option(1024, "cut longer texts to T tokens (at most the model's context)",
-                                     check=POSITIVE_INT, metavar="T")
-    device: str = option("auto", "", choices=("cpu", "cuda", "auto"))
-    dtype: str = option("float32", "", choices=("float32", "float64"))
-    checkpoint_every: int | None = option(None, "also write OUT/checkpoint.safetensors every N steps (it is always "
-                                          "written at the end of training and on Ctrl-C/SIGTERM)",
-                                          check=POSITIVE_INT, metavar="N")
-    resume: bool = option(False, "continue from OUT/checkpoint.safetensors (same options as the interrupted run)")
-    no_progress: bool = option(False, "no progress bars")
+    lr: float = recipe_field("lr", 5e-6)
+    weight_decay: float = recipe_field("weight_decay", 0.01)
 
     def check_more(self) -> None:
         super().check_more()
@@ -81,7 +65,7 @@ class DPOOptions(LoRAOptions):
         """What a resumed run must share with the saved one (paths made absolute)."""
         keep = ("batch_size", "epochs", "lr", "weight_decay", "seed", "drop_rate", "lora_rank", "allowed_max_length",
                 "dtype", "beta", "reduction", "grad_accum")
-        options = {k: getattr(self, k) for k in keep}
+        options = {k: getattr(self, k) for k in keep + (("prompt_style",) if self.prompt_style else ())}
         options.update({k: _absolute(getattr(self, k)) for k in ("model", "reference", "data")}, lora_alpha=self.alpha)
         return options
 
@@ -101,23 +85,17 @@ def finetune_dpo(options: DPOOptions | None = None, log=print, progress: bool | 
     from ..scaffold import RunFolder
     from ..train import TrainOptions
 
-    o = options.replace(**given) if options is not None else DPOOptions.from_dict(given)
-    if progress is not None:
-        o = o.replace(no_progress=not progress)
-    o.validate()
-    comm = distributed.init()
-    comm.check_batch_size(o.batch_size)
-    device = backend.set_device(o.device)
-    comm.use_device(device)
+    o, comm, device = start_run(DPOOptions, options, given, progress)
     splits = check_split(o.data, split_data(load_preference_data(o.data)), o.batch_size, "pairs")
     backend.manual_seed(o.seed)  # the policy's dropout: the same seed gives the same run
-    model, reference = _load_models(o, device)
+    model, reference, tokenizer = _load_models(o, device)
+    prompts = prompt_format(model, tokenizer, o.prompt_style)
     objective = DPOObjective(reference, o.beta, o.reduction)
-    loaders = _loaders(o, model, splits)
+    loaders = _loaders(o, model, splits, prompts)
     optimizer = trainable_adamw(model, o.lr, o.weight_decay)
     run = RunFolder(o.out, is_main=comm.is_main)
     state = run.resume(model, optimizer, o.run_options()) if o.resume else None
-    _print_plan(o, model, splits, len(loaders[0]), device, log)
+    _print_plan(o, model, splits, len(loaders[0]), device, prompts, log)
     if state is not None:
         _say(f"resuming    at step {state.global_step:,} from {run.checkpoint}", log)
     train_options = TrainOptions(
@@ -132,20 +110,18 @@ def finetune_dpo(options: DPOOptions | None = None, log=print, progress: bool | 
         test_metrics = evaluate_dpo(model, objective, loaders[2]) if splits[1] else None
         _say("test        " + _describe(test_metrics, len(splits[1])), log)
         history["test_metrics"] = test_metrics
-    paths = _write_outputs(o, run, model, history, comm.is_main, log)
+    paths = _write_outputs(o, run, model, history, comm.is_main, tokenizer, log)
     return {"model": model, "history": history, "test_metrics": test_metrics, "paths": paths}
 
 
 def _load_models(o: DPOOptions, device: str):
-    """(policy, reference): the reference is the policy's copy (or ``--reference``), frozen;
-    LoRA adapters go on the policy only."""
-    from ..model import GPTModel
-
-    model = GPTModel.from_pretrained(o.model, dtype=o.dtype, device=device, drop_rate=o.drop_rate)
+    """(policy, reference, tokenizer), any family: the reference is the policy's copy (or
+    ``--reference``), frozen; LoRA adapters go on the policy only."""
+    model, tokenizer = load_model(o.model, device, dtype=o.dtype, drop_rate=o.drop_rate)
     if o.reference is None:
         reference = copy.deepcopy(model)
     else:
-        reference = GPTModel.from_pretrained(o.reference, dtype=o.dtype, device=device)
+        reference = load_model(o.reference, device, dtype=o.dtype, fit_tokenizer=False)[0]
         if reference.cfg.vocab_size != model.cfg.vocab_size:
             raise ValueError(f"--reference {o.reference} has a vocabulary of {reference.cfg.vocab_size} tokens, "
                              f"--model {o.model} one of {model.cfg.vocab_size}: DPO compares them token by token")
@@ -155,22 +131,20 @@ def _load_models(o: DPOOptions, device: str):
         from ..lora import apply_lora
 
         apply_lora(model, o.lora_rank, o.alpha, seed=o.seed)
-    return model, reference
+    return model, reference, tokenizer
 
 
-def _loaders(o: DPOOptions, model, splits):
+def _loaders(o: DPOOptions, model, splits, prompts):
     """Training (shuffled with the seed), validation and test loaders of padded, masked pairs;
     a warning for pairs longer than the allowed length (their responses are cut)."""
     from ..data import DataLoader
-    from ..tokenizer import get_tokenizer
 
-    tokenizer = get_tokenizer()
     max_length = min(o.allowed_max_length, model.cfg.context_length)
-    collate = partial(collate_preferences, pad_id=EOT_ID, allowed_max_length=max_length)
+    collate = partial(collate_preferences, pad_id=prompts.tokenizer.eot_token, allowed_max_length=max_length)
     loaders = []
     for name, entries, offset in (("training", splits[0], 0), ("validation", splits[2], len(splits[0]) + len(splits[1])),
                                   ("test", splits[1], len(splits[0]))):
-        dataset = PreferenceDataset(entries, tokenizer, max_length, source=f"{o.data} ({name} split)")
+        dataset = PreferenceDataset(entries, max_length=max_length, source=f"{o.data} ({name} split)", prompts=prompts)
         if dataset.too_long:
             first = ", ".join(str(offset + i) for i in dataset.too_long[:5])
             print(f"warning: {len(dataset.too_long)} {name} pairs are longer than {max_length} tokens (entries "
@@ -182,14 +156,14 @@ def _loaders(o: DPOOptions, model, splits):
     return loaders  # train, val, test
 
 
-def _print_plan(o: DPOOptions, model, splits, n_batches: int, device: str, log) -> None:
+def _print_plan(o: DPOOptions, model, splits, n_batches: int, device: str, prompts, log) -> None:
     cfg = model.cfg
     n_total, n_trainable = model.num_parameters(), model.num_parameters(trainable_only=True)
     total, steps_per_epoch = planned_steps(n_batches, o.grad_accum, o.epochs, o.max_steps)
     for line in (
         f"device      {device}",
-        f"model       {o.model}: emb_dim {cfg.emb_dim}, {cfg.n_layers} layers, context {cfg.context_length}; "
-        f"reference {o.reference or 'the same, frozen'}",
+        f"model       {describe_model(o.model, cfg)}; reference {o.reference or 'the same, frozen'}; "
+        f"prompts {prompts.name}",
         f"parameters  {n_total:,}" + (f"; trainable {n_trainable:,} (LoRA rank {o.lora_rank})" if o.lora_rank else ""),
         f"data        {o.data}: {sum(len(s) for s in splits):,} pairs: train {len(splits[0]):,}, "
         f"test {len(splits[1]):,}, val {len(splits[2]):,}",
@@ -208,21 +182,22 @@ def _describe(metrics: dict | None, n_pairs: int) -> str:
             f"margin {metrics['margin']:+.4f}")
 
 
-def _write_outputs(o: DPOOptions, run, model, history: dict, is_main: bool, log) -> dict:
+def _write_outputs(o: DPOOptions, run, model, history: dict, is_main: bool, tokenizer, log) -> dict:
     """The plots, the history and the model (LoRA merged, its adapters alone beside it)."""
     from ..plots import plot_losses
-    from .instruct import ADAPTERS_FILE, save_finetuned
+    from ..lora import ADAPTERS_FILE
+    from .instruct import save_finetuned
 
     paths = {name: run.path(file) for name, file in (
         ("loss_plot", "loss.png"), ("margin_plot", "margins.png"), ("history", "history.json"), ("model", "model"),
         ("checkpoint", "checkpoint.safetensors"))}
     if o.lora_rank is not None:
-        paths["adapters"] = run.path(ADAPTERS_FILE)
+        paths["adapters"] = os.path.join(paths["model"], ADAPTERS_FILE)
     if is_main:
         plot_losses(history, paths["loss_plot"])
         plot_margins(history, paths["margin_plot"])
         write_json(paths["history"], history)
-        save_finetuned(model, paths["model"], paths.get("adapters"))
+        save_finetuned(model, paths["model"], tokenizer)
     _say(f"model       {paths['model']}" + (f" (LoRA merged; adapters alone in {paths['adapters']})"
                                             if o.lora_rank is not None else ""), log)
     _say(f"plots       {paths['loss_plot']}, {paths['margin_plot']}", log)

@@ -19,62 +19,57 @@ from functools import partial
 
 import numpy as np
 
-from .. import backend, distributed
+from .. import backend
 from ..fileio import write_json
-from ..options import DROP_RATE, NONNEG_FLOAT, POSITIVE_INT, option
+from ..lora import ADAPTERS_FILE
+from ..options import POSITIVE_INT, Options, option
 from ..progress import progress_bar
 from ..progress import say as _say
-from ..tokenizer import EOT_ID
-from .common import LoRAOptions, check_split, planned_steps, trainable_adamw
+from .common import (MODEL_SOURCES, TextOptions, check_split, describe_model, directory_tokenizer, load_model,
+                     planned_steps, recipe_field, start_run, trainable_adamw)
+from .prompts import prompt_format
 from .instruct_data import (BOOK_DATA_URL, PREAMBLE, RESPONSE_HEADER, Example, InstructionDataset,  # noqa: F401
-                            collate_instructions, download_book_data, format_example, format_input,
-                            load_instruction_data, split_data, validate_entries)
+                            collate_instructions, download_book_data, extract_response, format_example,
+                            format_input, load_instruction_data, split_data, validate_entries)
 
 __all__ = [
     "extract_response", "generate_response", "generate_responses", "finetune_instruct", "InstructOptions",
-    "load_for_chat", "chat", "save_finetuned", "ADAPTERS_FILE",
+    "load_for_chat", "chat", "ChatOptions", "save_finetuned", "ADAPTERS_FILE", "RESPONSE_HEADER",
     # the data, from instruct_data (importable from here as before)
     "PREAMBLE", "BOOK_DATA_URL", "format_input", "format_example", "validate_entries", "load_instruction_data",
     "split_data", "Example", "InstructionDataset", "collate_instructions", "download_book_data",
 ]
 
-ADAPTERS_FILE = "lora-adapters.safetensors"
-
-
-def extract_response(continuation: str) -> str:
-    """The response in a generated continuation of a prompt, as the book cuts it out
-    (``generated_text[len(input_text):].replace("### Response:", "").strip()``): every
-    "### Response:" removed, wherever it is, and the rest stripped."""
-    return continuation.replace(RESPONSE_HEADER.strip(), "").strip()
-
 
 def generate_response(model, entry: dict, tokenizer=None, max_new_tokens: int = 256,
-                      eos_id: int = EOT_ID, context_size: int | None = 1024) -> str:
-    """The model's greedy answer to one entry: the prompt (``format_input``) continued for at
-    most ``max_new_tokens`` tokens, stopping at ``eos_id``, with the response cut out
-    (``extract_response``). The model sees the last ``context_size`` tokens (at most its
-    own context)."""
+                      eos_id: int | None = None, context_size: int | None = 1024, prompts=None) -> str:
+    """The model's greedy answer to one entry: the prompt (``format_input``, or ``prompts``'s:
+    ``finetune.prompts``) continued for at most ``max_new_tokens`` tokens, stopping at
+    ``eos_id`` (None: the format's end, ``<|endoftext|>`` for the book's), with the response
+    cut out (``extract_response``). The model sees the last ``context_size`` tokens (at most
+    its own context)."""
     from ..generate import generate
     from ..tokenizer import get_tokenizer
+    from .prompts import AlpacaPrompts
 
-    tokenizer = tokenizer or get_tokenizer()
-    prompt_ids = tokenizer.encode(format_input(entry))
+    prompts = prompts or AlpacaPrompts(tokenizer or get_tokenizer())
+    prompt_ids = prompts.encode(prompts.prompt(entry))
     T_max = model.cfg.context_length
     context_size = T_max if context_size is None else min(context_size, T_max)
     out = generate(model, np.asarray(prompt_ids, dtype=np.int64), max_new_tokens, context_size=context_size,
-                   temperature=0.0, eos_id=eos_id)  # (1, n + new)
+                   temperature=0.0, eos_id=prompts.stop_id if eos_id is None else eos_id)  # (1, n + new)
     new_ids = backend.to_host(out)[0, len(prompt_ids):]
-    return extract_response(tokenizer.decode(new_ids.tolist()))
+    return prompts.extract(prompts.tokenizer.decode(new_ids.tolist()))
 
 
 def generate_responses(model, entries: list, path=None, tokenizer=None, max_new_tokens: int = 256,
-                       progress: bool = True, key: str = "model_response") -> list[dict]:
+                       progress: bool = True, key: str = "model_response", prompts=None) -> list[dict]:
     """Each entry with the model's greedy response added under ``key``. With ``path``, the
     list so far is rewritten there (atomically) after every entry, so an interrupted run
     keeps what it had."""
     done = []
     for entry in progress_bar(entries, "responses", progress):
-        done.append({**entry, key: generate_response(model, entry, tokenizer, max_new_tokens)})
+        done.append({**entry, key: generate_response(model, entry, tokenizer, max_new_tokens, prompts=prompts)})
         if path is not None:
             write_json(path, done)
     if path is not None and not done:
@@ -85,47 +80,38 @@ def generate_responses(model, entries: list, path=None, tokenizer=None, max_new_
 # -- the chapter's recipe ------------------------------------------------------------------------
 
 @dataclass
-class InstructOptions(LoRAOptions):
+class InstructOptions(TextOptions):
     """``numpygpt finetune instruct``'s options; with none given, the book's chapter 7 recipe
     (GPT-2 medium, 2 epochs of batch 8, AdamW 5e-5 with weight decay 0.1 on every weight)."""
 
-    pretrained: str = option("gpt2-medium", "GPT-2 weights to start from: a Hugging Face directory or gpt2 / "
-                             "gpt2-medium / ...", metavar="DIR_OR_NAME")
+    pretrained: str = option("gpt2-medium", "the model to start from: " + MODEL_SOURCES, metavar="DIR_OR_NAME")
     data: str | None = option(None, "instruction data, a JSON list of {instruction, input, output} (default: the "
                               "book's instruction-data.json, downloaded once)", metavar="JSON")
-    out: str = option("runs/instruct", "", metavar="DIR")
-    batch_size: int = option(8, "", check=POSITIVE_INT, metavar="B")
-    grad_accum: int = option(1, "micro-batches per optimiser step", check=POSITIVE_INT, metavar="K")
-    epochs: int = option(2, "", check=POSITIVE_INT)
-    max_steps: int | None = option(None, "stop after this many optimiser steps", check=POSITIVE_INT)
-    lr: float = option(5e-5, "AdamW learning rate", check=NONNEG_FLOAT)
-    weight_decay: float = option(0.1, "", check=NONNEG_FLOAT)
-    eval_freq: int = option(5, "evaluate every N steps", check=POSITIVE_INT)
-    eval_iter: int = option(5, "batches per evaluation", check=POSITIVE_INT)
-    seed: int = option(123, "")
-    drop_rate: float = option(0.0, "", check=DROP_RATE)
+    out: str = recipe_field("out", "runs/instruct")
+    epochs: int = recipe_field("epochs", 2)
+    lr: float = recipe_field("lr", 5e-5)
     mask_instruction: bool = option(False, "train on the response only (the prompt's targets are ignored)")
-    allowed_max_length: int = option(1024, "cut longer training texts to T tokens (at most the model's context)",
-                                     check=POSITIVE_INT, metavar="T")
     max_new_tokens: int = option(256, "response length limit", check=POSITIVE_INT)
-    device: str = option("auto", "", choices=("cpu", "cuda", "auto"))
-    dtype: str = option("float32", "", choices=("float32", "float64"))
-    checkpoint_every: int | None = option(None, "also write OUT/checkpoint.safetensors every N steps (it is always "
-                                          "written at the end of training and on Ctrl-C/SIGTERM)",
-                                          check=POSITIVE_INT, metavar="N")
-    resume: bool = option(False, "continue from OUT/checkpoint.safetensors (same options as the interrupted run)")
-    no_progress: bool = option(False, "no progress bars")
 
     def run_options(self, data_path: str) -> dict:
         """What a resumed run must share with the saved one (paths made absolute)."""
         keep = ("batch_size", "epochs", "lr", "weight_decay", "seed", "drop_rate", "mask_instruction", "lora_rank",
                 "allowed_max_length", "dtype")
-        options = {k: getattr(self, k) for k in keep}
+        options = {k: getattr(self, k) for k in keep + (("prompt_style",) if self.prompt_style else ())}
         options.update(pretrained=os.path.abspath(self.pretrained) if os.path.isdir(self.pretrained) else self.pretrained,
                        data=os.path.abspath(data_path), lora_alpha=self.alpha)
         if self.grad_accum != 1:
             options["grad_accum"] = self.grad_accum
         return options
+
+
+@dataclass
+class ChatOptions(Options):
+    """``numpygpt chat``'s options that ``finetune instruct`` has too: the prompt format."""
+
+    prompt_style: str | None = recipe_field("prompt_style", help="the prompt format the model was fine-tuned with: "
+                                            "alpaca (the book's) or chat (its chat template); default: chat for "
+                                            "Llama 3 and Qwen3, alpaca for GPT-2")
 
 
 def finetune_instruct(options: InstructOptions | None = None, log=print, progress: bool | None = None,
@@ -149,55 +135,49 @@ def finetune_instruct(options: InstructOptions | None = None, log=print, progres
     Returns {"model", "history", "train", "test", "val", "responses", "paths"}.
     """
     from ..scaffold import RunFolder
-    from ..tokenizer import get_tokenizer
     from ..train import TrainOptions
 
-    o = options.replace(**given) if options is not None else InstructOptions.from_dict(given)
-    if progress is not None:
-        o = o.replace(no_progress=not progress)
-    o.validate()
-    comm = distributed.init()
-    comm.check_batch_size(o.batch_size)
-    device = backend.set_device(o.device)
-    comm.use_device(device)
+    o, comm, device = start_run(InstructOptions, options, given, progress)
     data_path = os.fspath(o.data) if o.data is not None else download_book_data()
     splits = check_split(data_path, split_data(load_instruction_data(data_path)), o.batch_size)
     backend.manual_seed(o.seed)  # dropout's generator: the same seed gives the same run
-    model = _load_model(o, device)
-    tokenizer = get_tokenizer()
-    train_loader, val_loader = _loaders(o, model, tokenizer, splits, data_path)
+    model, tokenizer = _load_model(o, device)
+    prompts = prompt_format(model, tokenizer, o.prompt_style)
+    train_loader, val_loader = _loaders(o, model, prompts, splits, data_path)
     optimizer = trainable_adamw(model, o.lr, o.weight_decay)
     run = RunFolder(o.out, is_main=comm.is_main)
     run_options = o.run_options(data_path)
     state = run.resume(model, optimizer, run_options) if o.resume else None
-    _print_plan(o, model, data_path, splits, len(train_loader), device, log)
+    _print_plan(o, model, data_path, splits, len(train_loader), device, prompts, log)
     options = TrainOptions(grad_accum_steps=o.grad_accum, max_steps=o.max_steps, checkpoint_path=run.checkpoint,
                            checkpoint_every=o.checkpoint_every, resume_state=state, run_options=run_options,
                            progress=not o.no_progress, log=log)
-    history = _train(o, run, model, train_loader, val_loader, optimizer, options, splits[2][0], tokenizer, log)
-    paths = _write_outputs(o, run, model, history, comm, log)
+    # each epoch's sample continues the first validation prompt (the book's); a chat prompt's
+    # special tokens are not plain text to the sampler, so chat-style runs print none
+    start_context = format_input(splits[2][0]) if prompts.name == "alpaca" else None
+    history = _train(o, run, model, train_loader, val_loader, optimizer, options, start_context, tokenizer, log)
+    paths = _write_outputs(o, run, model, history, comm, tokenizer, log)
     responses = []
     if comm.is_main:  # one rank generates and writes; the others are done
         responses = generate_responses(model, splits[1], paths["responses"], tokenizer, o.max_new_tokens,
-                                       not o.no_progress)
+                                       not o.no_progress, prompts=prompts)
     _say(f"responses   {paths['responses']} ({len(responses)} test entries)", log)
     return {"model": model, "history": history, "train": splits[0], "test": splits[1], "val": splits[2],
             "responses": responses, "paths": paths}
 
 
 def _load_model(o: InstructOptions, device: str):
-    from ..model import GPTModel
-
-    model = GPTModel.from_pretrained(o.pretrained, dtype=o.dtype, device=device, drop_rate=o.drop_rate,
-                                     tie_weights=False)
+    """(model, tokenizer) of --pretrained, any family (a GPT-2 with an untied head, as the
+    book's chapter 7 has it), LoRA adapters applied."""
+    model, tokenizer = load_model(o.pretrained, device, dtype=o.dtype, drop_rate=o.drop_rate, untie_gpt2=True)
     if o.lora_rank is not None:
         from ..lora import apply_lora
 
         apply_lora(model, o.lora_rank, o.alpha, seed=o.seed)
-    return model
+    return model, tokenizer
 
 
-def _loaders(o: InstructOptions, model, tokenizer, splits, data_path: str):
+def _loaders(o: InstructOptions, model, prompts, splits, data_path: str):
     """Training (shuffled with the seed) and validation loaders of padded, masked batches;
     a warning for entries longer than the allowed length (they are cut)."""
     import sys
@@ -206,29 +186,31 @@ def _loaders(o: InstructOptions, model, tokenizer, splits, data_path: str):
 
     train_data, test_data, val_data = splits
     max_length = min(o.allowed_max_length, model.cfg.context_length)
-    train_set = InstructionDataset(train_data, tokenizer, max_length)
-    val_set = InstructionDataset(val_data, tokenizer, max_length)
+    train_set = InstructionDataset(train_data, max_length=max_length, prompts=prompts)
+    val_set = InstructionDataset(val_data, max_length=max_length, prompts=prompts)
     for name, dataset, offset in (("training", train_set, 0), ("validation", val_set, len(train_data) + len(test_data))):
         if dataset.too_long:
             first = [str(offset + i) for i in dataset.too_long[:5]]
             print(f"warning: {len(dataset.too_long)} {name} entries are longer than {max_length} tokens "
                   f"(entries {', '.join(first)}{', ...' if len(dataset.too_long) > 5 else ''} of {data_path}); "
                   "they are cut to that length", file=sys.stderr, flush=True)
-    collate = partial(collate_instructions, allowed_max_length=max_length, mask_instruction=o.mask_instruction)
+    collate = partial(collate_instructions, pad_id=prompts.pad_id, allowed_max_length=max_length,
+                      mask_instruction=o.mask_instruction)
     train_loader = DataLoader(train_set, o.batch_size, shuffle=True, drop_last=True, seed=o.seed, collate_fn=collate)
     val_loader = DataLoader(val_set, o.batch_size, shuffle=False, drop_last=False, collate_fn=collate)
     return train_loader, val_loader
 
 
-def _print_plan(o: InstructOptions, model, data_path: str, splits, n_batches: int, device: str, log) -> None:
+def _print_plan(o: InstructOptions, model, data_path: str, splits, n_batches: int, device: str, prompts,
+                log) -> None:
     cfg = model.cfg
     n_total, n_trainable = model.num_parameters(), model.num_parameters(trainable_only=True)
     total, steps_per_epoch = planned_steps(n_batches, o.grad_accum, o.epochs, o.max_steps)
     n_entries = sum(len(part) for part in splits)
     for line in (
         f"device      {device}",
-        f"model       {o.pretrained}: emb_dim {cfg.emb_dim}, {cfg.n_layers} layers, context {cfg.context_length}, "
-        f"qkv_bias {cfg.qkv_bias}, untied head, drop_rate {cfg.drop_rate}",
+        f"model       {describe_model(o.pretrained, cfg)}, {'tied' if cfg.tie_weights else 'untied'} head; "
+        f"prompts {prompts.name}",
         f"parameters  {n_total:,}" + (f"; trainable {n_trainable:,} (LoRA rank {o.lora_rank})" if o.lora_rank else ""),
         f"data        {data_path}: {n_entries:,} entries: train {len(splits[0]):,}, test {len(splits[1]):,}, "
         f"val {len(splits[2]):,}",
@@ -239,7 +221,8 @@ def _print_plan(o: InstructOptions, model, data_path: str, splits, n_batches: in
         _say(line, log)
 
 
-def _train(o: InstructOptions, run, model, train_loader, val_loader, optimizer, options, first_val, tokenizer, log):
+def _train(o: InstructOptions, run, model, train_loader, val_loader, optimizer, options, start_context, tokenizer,
+           log):
     """The losses before, ``train_model`` (resumable), the losses after."""
     from ..train import evaluate_model
 
@@ -251,7 +234,7 @@ def _train(o: InstructOptions, run, model, train_loader, val_loader, optimizer, 
         _say(f"resuming    at step {state.global_step:,} from {run.checkpoint}", log)
     history = run.train(model, train_loader, val_loader, optimizer, o.epochs, o.eval_freq, o.eval_iter,
                         resume_hint="the same command with --resume", options=options,
-                        start_context=format_input(first_val), tokenizer=tokenizer)
+                        start_context=start_context, tokenizer=tokenizer)
     if run.is_main:  # under mpiexec one rank evaluates
         train_loss, val_loss = evaluate_model(model, train_loader, val_loader, o.eval_iter)
         _say(f"after       train loss {train_loss:.3f}, val loss {val_loss:.3f} (over {o.eval_iter} batches)", log)
@@ -259,7 +242,7 @@ def _train(o: InstructOptions, run, model, train_loader, val_loader, optimizer, 
     return history
 
 
-def _write_outputs(o: InstructOptions, run, model, history, comm, log) -> dict:
+def _write_outputs(o: InstructOptions, run, model, history, comm, tokenizer, log) -> dict:
     """The loss plot, the history and the model (the main process only), saved before the
     (long) generation so an interrupted generation loses no training."""
     from ..plots import plot_losses
@@ -268,43 +251,52 @@ def _write_outputs(o: InstructOptions, run, model, history, comm, log) -> dict:
         ("plot", "loss.png"), ("history", "history.json"), ("model", "model"), ("responses", "test-responses.json"),
         ("checkpoint", "checkpoint.safetensors"))}
     if o.lora_rank is not None:
-        paths["adapters"] = run.path(ADAPTERS_FILE)
+        paths["adapters"] = os.path.join(paths["model"], ADAPTERS_FILE)
     if comm.is_main:
         plot_losses(history, paths["plot"])
         write_json(paths["history"], history)
-        save_finetuned(model, paths["model"], paths.get("adapters"))
+        save_finetuned(model, paths["model"], tokenizer)
     _say(f"model       {paths['model']}" + (f" (LoRA merged; adapters alone in {paths['adapters']})"
                                             if o.lora_rank is not None else ""), log)
     return paths
 
 
-def save_finetuned(model, directory, adapters_path=None) -> None:
-    """``save_pretrained``. A model with LoRA adapters has them written alone to
-    ``adapters_path`` (``save_lora``; skipped when None) and then folded into its weights
-    (``merge_lora``; the model stays merged, which also makes generation cheaper), so the
-    directory is a plain GPT-2 that ``from_pretrained`` and ``chat`` read."""
-    from ..lora import is_merged, lora_layers, merge_lora, save_lora
+def save_finetuned(model, directory, tokenizer=None) -> str | None:
+    """The fine-tuned model as its family's Hugging Face directory, which ``from_pretrained``
+    and ``chat`` read: ``lora.save_merged``, so a LoRA model is written with its adapters
+    folded in (the model itself unchanged) and its adapters alone in
+    ``directory/lora-adapters.safetensors`` (returned; None without LoRA). A tokenizer other
+    than GPT-2's is saved beside the weights."""
+    from ..lora import save_merged
+    from ..tokenizer import save_tokenizer
 
-    if lora_layers(model) and not is_merged(model):
-        if adapters_path is not None:
-            save_lora(model, adapters_path)
-        merge_lora(model)
-    model.save_pretrained(directory)
+    path = save_merged(model, directory)
+    if tokenizer is not None:
+        save_tokenizer(tokenizer, directory)
+    return path
 
 
 # -- chat ----------------------------------------------------------------------------------------
 
 def load_for_chat(model_dir, device: str = "auto", dtype: str = "float32"):
-    """A fine-tuned model directory (``finetune_instruct``'s ``model/``), in eval mode."""
-    from ..model import GPTModel
+    """A fine-tuned model directory (``finetune_instruct``'s ``model/``, any family), in eval mode."""
+    from ..hf import from_pretrained
 
-    return GPTModel.from_pretrained(model_dir, dtype=dtype, device=backend.set_device(device))
+    return from_pretrained(model_dir, dtype=dtype, device=backend.set_device(device))
 
 
-def chat(model, instruction: str, input: str = "", max_new_tokens: int = 256, tokenizer=None) -> str:
+def chat(model, instruction: str, input: str = "", max_new_tokens: int = 256, tokenizer=None,
+         prompt_style: str | None = None, device: str = "auto") -> str:
     """The model's greedy response to one instruction (with an optional input), in the
-    same prompt format as training. ``model``: a GPTModel or a model directory."""
+    prompt format it was trained with (``prompt_style``: None is the family's default, the
+    chat template for Llama 3 / Qwen3, the book's Alpaca format for GPT-2). ``model``: a
+    model, or a model directory (read with its tokenizer, on ``device``)."""
+    from ..tokenizer import get_tokenizer
+    from .prompts import prompt_format
+
     if isinstance(model, (str, os.PathLike)):
-        model = load_for_chat(model)
+        tokenizer = tokenizer or directory_tokenizer(model)
+        model = load_for_chat(model, device)
     entry = validate_entries([{"instruction": instruction, "input": input, "output": ""}], "chat")[0]
-    return generate_response(model, entry, tokenizer, max_new_tokens)
+    prompts = prompt_format(model, tokenizer or get_tokenizer(), prompt_style)
+    return generate_response(model, entry, max_new_tokens=max_new_tokens, prompts=prompts)

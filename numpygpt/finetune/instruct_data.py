@@ -29,7 +29,7 @@ from ..tokenizer import EOT_ID
 __all__ = [
     "PREAMBLE", "RESPONSE_HEADER", "BOOK_DATA_URL", "format_input", "format_example", "validate_entries",
     "load_instruction_data", "download_book_data", "split_data", "Example", "InstructionDataset",
-    "collate_instructions",
+    "collate_instructions", "extract_response", "tokenize_example",
 ]
 
 PREAMBLE = ("Below is an instruction that describes a task. "
@@ -122,24 +122,37 @@ class Example(NamedTuple):
     prompt_length: int
 
 
+def extract_response(continuation: str) -> str:
+    """The response in a generated continuation of a prompt, as the book cuts it out
+    (``generated_text[len(input_text):].replace("### Response:", "").strip()``): every
+    "### Response:" removed, wherever it is, and the rest stripped."""
+    return continuation.replace(RESPONSE_HEADER.strip(), "").strip()
+
+
+def tokenize_example(tokenizer, entry: dict) -> tuple[list[int], int]:
+    """(ids of ``format_example``, how many of them ``format_input``'s are): the book's
+    training text and its prompt's length, which ``mask_instruction`` needs."""
+    return tokenizer.encode(format_example(entry)), len(tokenizer.encode(format_input(entry)))
+
+
 class InstructionDataset:
     """Entries tokenised once: ``dataset[i]`` is an ``Example`` (ids of ``format_example``,
-    and the length of ``format_input``'s ids, which ``mask_instruction`` needs).
+    and the length of ``format_input``'s ids, which ``mask_instruction`` needs), or with
+    ``prompts`` (``finetune.prompts``) in that format (the model's chat template).
 
     ``too_long`` lists the entries with more than ``max_length`` tokens: the collate cuts
     them to ``max_length`` (the book's ``allowed_max_length``), so their ends, and their
     end-of-text target, are not trained on.
     """
 
-    def __init__(self, entries: list, tokenizer=None, max_length: int | None = None):
+    def __init__(self, entries: list, tokenizer=None, max_length: int | None = None, prompts=None):
         from ..tokenizer import get_tokenizer
 
         tokenizer = tokenizer or get_tokenizer()
         self.examples = []
         for entry in entries:
-            prompt_ids = tokenizer.encode(format_input(entry))
-            ids = tokenizer.encode(format_example(entry))
-            self.examples.append(Example(np.asarray(ids, dtype=np.int64), len(prompt_ids)))
+            ids, prompt_length = prompts.tokenize(entry) if prompts is not None else tokenize_example(tokenizer, entry)
+            self.examples.append(Example(np.asarray(ids, dtype=np.int64), prompt_length))
         self.too_long = ([i for i, ex in enumerate(self.examples) if len(ex.token_ids) > max_length]
                          if max_length is not None else [])
 

@@ -230,6 +230,19 @@ class Module:
         for p in self.parameters():
             p.zero_grad()
 
+    def freeze(self, *prefixes: str) -> None:
+        """Stop gradients for the components named (all if none): "h.1" is block 1 and
+        everything in it, never block 11."""
+        for name, p in self.named_parameters():
+            if _in_components(name, prefixes):
+                p.requires_grad = False
+                p.grad = None
+
+    def unfreeze(self, *prefixes: str) -> None:
+        for name, p in self.named_parameters():
+            if _in_components(name, prefixes):
+                p.requires_grad = True
+
     def train(self, mode: bool = True):
         for m in self.modules():
             m.training = mode
@@ -284,3 +297,10 @@ class Module:
             p.data = p.data.astype(dtype)
             p.grad = None
         return self
+
+
+def _in_components(name: str, prefixes) -> bool:
+    """Whether a parameter name lies in one of the named components (all if none are named)."""
+    if not prefixes:
+        return True
+    return any(name == c or name.startswith(c + ".") for c in (p.rstrip(".") for p in prefixes))

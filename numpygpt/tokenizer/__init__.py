@@ -8,7 +8,8 @@ generation and fine-tuning take any of them.
 - ``hf``: byte-level BPE trained on your text with Hugging Face ``tokenizers``
   (``train_bpe``), saved and loaded as ``tokenizer.json`` (ours or Qwen3's).
 - ``llama3``: Llama 3's ``tokenizer.model`` (tiktoken's file format) through tiktoken.
-- ``load``: ``load_tokenizer("gpt2" | directory | file)`` and ``check_vocab_size``.
+- ``load``: ``load_tokenizer("gpt2" | directory | file)``, ``model_tokenizer`` (a model
+  directory's own) and ``check_vocab_size``.
 - ``chat``: chat templates (Llama 3's header tokens, Qwen3's ``<|im_start|>``).
 - ``bits``: bits per character, the loss that compares vocabularies.
 - ``command``: ``numpygpt tokenizer train``.
@@ -19,7 +20,7 @@ from .gpt2 import (EOT, EOT_ID, GPT2_PAT_STR, N_VOCAB, TokenizerFilesError, deco
 from .hf import HFTokenizer, TokenizerError, load_tokenizer_json, merges_of, train_bpe
 from .llama3 import LLAMA3_PAT_STR, TiktokenModel, llama3_special_tokens, load_tiktoken_model
 from .load import (check_same_tokenizer, check_vocab_size, find_tokenizer_file, is_gpt2, load_saved_tokenizer,
-                   load_tokenizer, save_tokenizer, tokenizer_record)
+                   load_tokenizer, model_tokenizer, save_tokenizer, tokenizer_record)
 from .bits import bits_per_character, text_bits_per_character
 from .chat import ChatTemplate, chat_template, encode_chat, llama3_chat, qwen3_chat
 
@@ -29,6 +30,6 @@ __all__ = [
     "HFTokenizer", "TokenizerError", "load_tokenizer_json", "merges_of", "train_bpe",
     "LLAMA3_PAT_STR", "TiktokenModel", "llama3_special_tokens", "load_tiktoken_model",
     "check_same_tokenizer", "check_vocab_size", "find_tokenizer_file", "is_gpt2", "load_saved_tokenizer",
-    "load_tokenizer", "save_tokenizer", "tokenizer_record",
+    "load_tokenizer", "model_tokenizer", "save_tokenizer", "tokenizer_record",
     "bits_per_character", "text_bits_per_character", "ChatTemplate", "chat_template", "encode_chat", "llama3_chat", "qwen3_chat",
 ]

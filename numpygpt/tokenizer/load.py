@@ -49,6 +49,25 @@ def load_tokenizer(source):
     return load_tiktoken_model(path, name=name or None)
 
 
+def model_tokenizer(source, model_type: str, vocab_size: int):
+    """The tokenizer of the model that ``source`` names (a Hugging Face directory, or a GPT-2
+    name): the directory's own tokenizer file when it has one, else GPT-2's BPE for a
+    ``model_type`` "gpt2" model; any other model without a tokenizer file is an error. It must
+    fit the model's ``vocab_size`` (published models may pad their rows: ``padded``)."""
+    from .gpt2 import get_tokenizer
+
+    path = Path(source).expanduser()
+    if path.is_dir() and any((path / name).is_file() for name in CANDIDATES):
+        tokenizer = load_tokenizer(path)
+    elif model_type == "gpt2":
+        tokenizer = get_tokenizer()
+    else:
+        raise TokenizerError(f"{source} has no tokenizer ({', '.join(CANDIDATES)}), and a {model_type} model has "
+                             "no default one: put the model's tokenizer file into the directory")
+    check_vocab_size(tokenizer, vocab_size, padded=True)
+    return tokenizer
+
+
 def check_vocab_size(tokenizer, vocab_size: int, padded: bool = False) -> None:
     """Raise one clear TokenizerError unless ``tokenizer`` fits a model of ``vocab_size`` tokens.
 
