@@ -96,6 +96,9 @@ def main(argv=None) -> int:
         rows.append([impl, mode, f"{t:.2f}", f"{n / t:.1f}", f"{t / n * 1e3:.0f}",
                      f"{base.get(impl, base.get('torch eager', t)) / t:.1f}x",
                      "yes" if same[(impl, mode)] else "NO", f"{load * 100:.0f}%"])
+    common.save_json(args.json, "generate", [
+        {"impl": impl, "mode": mode, "seconds": t, "tokens_per_s": n / t, "other_load": load,
+         "same_tokens": same[(impl, mode)]} for impl, mode, t, load in results], config=args.config, new_tokens=n)
     tied = f"{'untied' if args.untied else 'tied'}, {common.fmt_params(count_parameters(cfg))} parameters"
     print(f"### Generation (greedy, batch 1, {args.config} {tied}, context {cfg.context_length}, "
           f"{args.prompt}-token prompt + {n} new tokens, {args.threads} threads)\n")

@@ -140,6 +140,7 @@ def main(argv=None) -> int:
           f"B x T = {args.batch} x {cfg.context_length}, float32, AdamW; "
           f"weights + grads + AdamW moments in theory: {theory:.0f} MiB; "
           f"malloc: {'keeps freed memory' if all(r['malloc_kept'] for r in results) else 'default'})\n")
+    common.save_json(args.json, "memory", results, config=args.config, B=args.batch, T=cfg.context_length)
     print(common.md_table(
         ["implementation", "RSS after imports", "after model + optimiser", "resting between steps",
          "peak (3 steps)", "peak above imports", "steady-state step above resting"], rows))

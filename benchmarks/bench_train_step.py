@@ -302,6 +302,7 @@ def main(argv=None) -> int:
     print(f"### Training step (float32, AdamW{adamw}, dropout 0, {args.threads} threads{busy}{malloc}, "
           f"median of {args.steps} steps after {args.warmup} warm-up)\n")
     print(table(results))
+    common.save_json(args.json, "train", results, threads=args.threads, steps=args.steps, busy=args.busy)
     for r in results:
         if r["impl"] == "torch compile" and r["warmup_times"]:
             print(f"\ntorch.compile ({r['config']}, {r['B']}x{r['T']}): warm-up steps "

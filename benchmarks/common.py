@@ -454,4 +454,21 @@ def add_common_args(p, config_default: str = "gpt2-small"):
     p.add_argument("--default-malloc", action=_DefaultMalloc, nargs=0, default=False,
                    help="leave glibc's malloc returning freed memory to the kernel, as before "
                         "numpygpt.memory.keep_freed_memory (for every implementation)")
+    p.add_argument("--json", default=None, metavar="PATH",
+                   help="also write the results as JSON (run_all.py builds its speed table from them)")
     return p
+
+
+def save_json(path: str | None, kind: str, results, **extra) -> None:
+    """Write ``{"kind", "results", "malloc_kept", "threads", ...extra}`` to path (when given):
+    the machine-readable twin of a script's Markdown table."""
+    if not path:
+        return
+    import json
+
+    from numpygpt import memory
+
+    record = {"kind": kind, "malloc_kept": memory.freed_memory_kept(), "results": results, **extra}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(record, f, indent=1, default=float)

@@ -89,6 +89,20 @@ def test_gelu_matches_tanh_formula(device):
     np.testing.assert_allclose(backend.to_host(GELU()(to_dev(x, F64))), ref, rtol=1e-13, atol=1e-15)
 
 
+@pytest.mark.parametrize("dtype, rtol", [(F64, 1e-13), ("float32", 2e-6)])
+def test_gelu_backward_matches_plain_derivative(device, dtype, rtol):
+    """The in-place, factored backward against the docstring's derivative written plainly."""
+    x = np.linspace(-6, 6, 1001)
+    dy = np.random.default_rng(0).standard_normal(x.shape)
+    t = np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3))
+    dydx = 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * np.sqrt(2 / np.pi) * (1 + 3 * 0.044715 * x * x)
+    layer = GELU()
+    y = layer(to_dev(x, dtype))
+    dx = backend.to_host(layer.backward(to_dev(dy, dtype)))
+    assert y.dtype == dx.dtype == np.dtype(dtype)
+    np.testing.assert_allclose(dx, dy * dydx, rtol=rtol, atol=rtol)
+
+
 @given(shape=st.lists(st.integers(1, 5), min_size=1, max_size=3), seed=seeds)
 def test_softmax(device, shape, seed):
     rng = np.random.default_rng(seed)
@@ -190,10 +204,12 @@ def test_feedforward(device, B, T, C, seed):
     assert_ok(check_layer(layer, to_dev(rng.standard_normal((B, T, C)), F64)))
 
 
-@given(B=small, T=st.integers(1, 5), V=st.integers(1, 6), C=st.integers(1, 5), seed=seeds)
-def test_output_head(device, B, T, V, C, seed):
+@given(B=small, T=st.integers(1, 5), V=st.integers(1, 6), C=st.integers(1, 5), transposed=st.booleans(),
+       seed=seeds)
+def test_output_head(device, B, T, V, C, transposed, seed):
     rng = np.random.default_rng(seed)
     layer = OutputHead(Parameter(to_dev(rng.standard_normal((V, C)), F64)))
+    layer.TRANSPOSED_DX_ROWS = 10**9 if transposed else 0  # both GEMM forms of dx: (W^T G^T)^T and G W
     assert_ok(check_layer(layer, to_dev(rng.standard_normal((B, T, C)), F64)))
 
 
@@ -234,6 +250,25 @@ def test_frozen_parameter_gets_no_grad_but_passes_dx(device, rng):
     np.testing.assert_allclose(backend.to_host(dx), np.ones((4, 2)) @ backend.to_host(layer.weight.data).T)
     errors = check_layer(layer, x)
     assert "weight" not in errors and max(errors.values()) <= TOL
+
+
+@pytest.mark.parametrize("frozen", [("weight",), ("bias",), ("weight", "bias")])
+def test_frozen_layernorm_skips_its_sums_and_passes_the_same_dx(device, rng, frozen):
+    x, dy = to_dev(rng.standard_normal((3, 4, 6)), F64), to_dev(rng.standard_normal((3, 4, 6)), F64)
+    plain, part = LayerNorm(6, dtype=F64), LayerNorm(6, dtype=F64)
+    randomize(plain, rng)
+    part.load_state_dict(plain.state_dict())
+    for name in frozen:
+        getattr(part, name).requires_grad = False
+    plain(x), part(x)
+    dx_plain, dx_part = plain.backward(dy), part.backward(dy)
+    np.testing.assert_array_equal(backend.to_host(dx_part), backend.to_host(dx_plain))
+    for name in ("weight", "bias"):
+        got = getattr(part, name).grad
+        if name in frozen:
+            assert got is None
+        else:
+            np.testing.assert_array_equal(backend.to_host(got), backend.to_host(getattr(plain, name).grad))
 
 
 @pytest.mark.parametrize("broken", ["gelu", "layernorm", "attention_scale"])

@@ -13,6 +13,7 @@ from .module import Module
 from .. import backend, parallel
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)  # a Python float: keeps the array's dtype
+_GELU_A = 0.044715
 
 
 class _Elementwise(Module):
@@ -57,18 +58,41 @@ class GELU(_Elementwise):
     + \tfrac{1}{2}\, x \left(1 - \tanh^2 u\right) \sqrt{2/\pi}\, \left(1 + 3 \cdot 0.044715\, x^2\right)$$
 
     and the input gradient is the upstream one times it: $dx = dy \odot \partial y / \partial x$.
+
+    In-place form (issue 22: one array op per line, no temporaries, each pass over a chunk
+    that stays in cache): with $k = \sqrt{2/\pi}$ and $a = 0.044715$, $u = x\,(k + a k\, x^2)$
+    and $y = x\,(\tfrac{1}{2} t + \tfrac{1}{2})$, $t = \tanh u$; in the backward
+    $1 - t^2 = (1 - t)(1 + t)$ gives
+
+    $$\frac{\partial y}{\partial x} = (1 + t) \left(\tfrac{1}{2} + (1 - t)\, s\right), \qquad
+    s = x \left(\tfrac{1}{2} k + \tfrac{3}{2} a k\, x^2\right),$$
+
+    the same numbers up to float rounding (tests/test_layers.py holds both to the formula above).
     """
 
     @staticmethod
     def _forward_chunk(xp, x, t, y):
-        xp.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x), out=t)
-        xp.multiply(0.5 * x, 1.0 + t, out=y)
+        xp.multiply(x, x, out=y)  # x^2
+        y *= _GELU_A * _SQRT_2_OVER_PI
+        y += _SQRT_2_OVER_PI
+        y *= x  # u = x (k + a k x^2)
+        xp.tanh(y, out=t)  # t = tanh u
+        xp.multiply(t, 0.5, out=y)
+        y += 0.5
+        y *= x  # y = x (t/2 + 1/2)
 
     @staticmethod
     def _backward_chunk(xp, x, t, dout, dx):
-        du_dx = _SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * x * x)
-        dydx = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du_dx
-        xp.multiply(dout, dydx, out=dx)
+        xp.multiply(x, x, out=dx)  # x^2
+        dx *= 1.5 * _GELU_A * _SQRT_2_OVER_PI
+        dx += 0.5 * _SQRT_2_OVER_PI
+        dx *= x  # s = x (k/2 + 3 a k x^2 / 2)
+        tmp = xp.subtract(1.0, t)  # 1 - t
+        dx *= tmp
+        dx += 0.5  # 1/2 + (1 - t) s
+        xp.add(t, 1.0, out=tmp)
+        dx *= tmp  # dy/dx = (1 + t) (1/2 + (1 - t) s)
+        dx *= dout  # dx = dy * dy/dx
 
 
 class SiLU(_Elementwise):
@@ -92,7 +116,11 @@ class SiLU(_Elementwise):
 
     @staticmethod
     def _backward_chunk(xp, x, s, dout, dx):
-        xp.multiply(dout, s * (1.0 + x * (1.0 - s)), out=dx)
+        xp.subtract(1.0, s, out=dx)  # 1 - sigma, in place: no temporaries
+        dx *= x
+        dx += 1.0
+        dx *= s  # dy/dx = sigma (1 + x (1 - sigma))
+        dx *= dout
 
 
 class Softmax(Module):

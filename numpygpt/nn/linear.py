@@ -66,7 +66,15 @@ class OutputHead(Module):
     r"""$\text{logits} = x W^\top$ with W (V, C): the token embedding itself when weights are tied.
 
     Backward: $dx = d\text{logits}\; W$, $\ dW = d\text{logits}^\top x$.
+
+    With few rows (N < ``TRANSPOSED_DX_ROWS``) dx is computed as $(W^\top d\text{logits}^\top)^\top$,
+    the same product: OpenBLAS on two threads ran $G W$ with G (N, V), a short (N, 50257) by
+    long (50257, 768) product, at 32-97 GFLOP/s for N = 256 and 512 and its transposed form at
+    117-192 (3-4x faster), while from N = 1024 up $G W$ was the faster form (1.2-1.6x;
+    benchmarks/RESULTS.md, the OutputHead section of issue 22).
     """
+
+    TRANSPOSED_DX_ROWS = 1024
 
     def __init__(self, weight: Parameter):
         self.weight = weight
@@ -85,4 +93,7 @@ class OutputHead(Module):
         d2 = dout.reshape(B * T, V)
         if self.weight.requires_grad:
             self.weight.add_grad(d2.T @ x2)  # (V, C)
-        return (d2 @ self.weight.data).reshape(B, T, -1)  # (B, T, C)
+        W = self.weight.data  # (V, C)
+        if B * T < self.TRANSPOSED_DX_ROWS:
+            return (W.T @ d2.T).T.reshape(B, T, -1)  # dx = (W^T dlogits^T)^T (B, T, C)
+        return (d2 @ W).reshape(B, T, -1)  # dx = dlogits W (B, T, C)

@@ -27,15 +27,19 @@ class _RowNorm(Module):
         w, b = self.weight.data, self.bias.data if self.bias is not None else None
 
         def rows(start, stop):
-            xc = x_rows[start:stop]
+            xc, xh, yc, r = x_rows[start:stop], xhat[start:stop], y[start:stop], rstd[start:stop]
+            # every pass in place into xhat and y (y is scratch until its last two lines)
             if self.centred:
-                xc = xc - xc.mean(axis=-1, keepdims=True)
-            var = (xc * xc).mean(axis=-1, keepdims=True)  # biased variance (LayerNorm), mean square (RMSNorm)
-            xp.divide(1.0, xp.sqrt(var + self.eps), out=rstd[start:stop])
-            xp.multiply(xc, rstd[start:stop], out=xhat[start:stop])
-            xp.multiply(xhat[start:stop], w, out=y[start:stop])
+                xp.subtract(xc, xc.mean(axis=-1, keepdims=True), out=xh)  # x - mean
+            else:
+                xh[...] = xc
+            xp.multiply(xh, xh, out=yc)
+            var = yc.mean(axis=-1, keepdims=True)  # biased variance (LayerNorm), mean square (RMSNorm)
+            xp.divide(1.0, xp.sqrt(var + self.eps), out=r)
+            xh *= r  # xhat
+            xp.multiply(xh, w, out=yc)
             if b is not None:
-                y[start:stop] += b
+                yc += b
 
         parallel.for_rows(rows, x_rows)
         self._save(xhat=xhat.reshape(x.shape), rstd=rstd.reshape(*x.shape[:-1], 1))
@@ -49,23 +53,33 @@ class _RowNorm(Module):
         dout_rows = xp.ascontiguousarray(dout).reshape(-1, C)  # (N, C)
         dx = xp.empty_like(dout_rows)
         w = self.weight.data
+        want_w = self.weight.requires_grad
+        want_b = self.bias is not None and self.bias.requires_grad
 
         def rows(start, stop):
-            dy, xh = dout_rows[start:stop], xhat[start:stop]
-            g = dy * w  # dL/dxhat
+            dy, xh, r = dout_rows[start:stop], xhat[start:stop], rstd[start:stop]
             dxc = dx[start:stop]
+            tmp = xp.empty_like(dy)  # the chunk's one scratch array
+            xp.multiply(dy, w, out=dxc)  # g = dL/dxhat, in dx's memory
+            xp.multiply(dxc, xh, out=tmp)
+            m2 = tmp.mean(axis=-1, keepdims=True)  # mean(g * xhat)
             if self.centred:
-                xp.subtract(g, g.mean(axis=-1, keepdims=True), out=dxc)
-            else:
-                dxc[...] = g
-            dxc -= xh * (g * xh).mean(axis=-1, keepdims=True)
-            dxc *= rstd[start:stop]
-            return (dy * xh).sum(axis=0), dy.sum(axis=0)  # this chunk's dw, db
+                dxc -= dxc.mean(axis=-1, keepdims=True)  # g - mean(g)
+            xp.multiply(xh, m2, out=tmp)
+            dxc -= tmp
+            dxc *= r  # dx = r (g [- mean(g)] - xhat mean(g xhat))
+            dw = db = None
+            if want_w:  # frozen: no partial sums for a gradient nobody keeps
+                xp.multiply(dy, xh, out=tmp)
+                dw = tmp.sum(axis=0)
+            if want_b:
+                db = dy.sum(axis=0)
+            return dw, db  # this chunk's dw, db
 
         partials = parallel.for_rows(rows, dout_rows)
-        if self.weight.requires_grad:
+        if want_w:
             self.weight.add_grad(_sum_in_order(p[0] for p in partials))
-        if self.bias is not None and self.bias.requires_grad:
+        if want_b:
             self.bias.add_grad(_sum_in_order(p[1] for p in partials))
         return dx.reshape(cache["xhat"].shape)
 
