@@ -93,3 +93,33 @@ def traced_peak(fn):
     finally:
         tracemalloc.stop()
     return result, peak
+
+
+def terminate_after_steps(args, steps: int = 3, timeout: float = 120):
+    """Run ``python -m numpygpt *args`` from the repository root, send SIGTERM once it has
+    logged ``steps`` step lines (run it with an evaluation every step), and return
+    (exit code, stderr). The process is killed if the test fails on the way."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "numpygpt", *args], cwd=root, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, seen = time.monotonic() + timeout, 0
+        while seen < steps:  # the run logs a line after every step
+            line = proc.stdout.readline()
+            assert line and time.monotonic() < deadline, "the run ended or stalled before training"
+            seen += "(Step" in line or "(step" in line
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return proc.returncode, err

@@ -4,12 +4,8 @@ LoRA (its targets, adapters, save/load/merge, counts, gradients) and the fake CU
 with the GPU path's host-transfer budgets. MPI is in test_translation_mpi.py."""
 
 import json
-import os
 import signal
-import subprocess
 import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,6 +24,7 @@ from numpygpt.nn import CrossEntropyLoss, no_grad
 from numpygpt.optim import AdamW
 from numpygpt.translation import TranslationOptions, train_translation
 from conftest import to_dev
+from conftest import terminate_after_steps
 from test_layers import F64, assert_ok
 
 V, PAD = 11, 0
@@ -347,25 +344,10 @@ def test_a_corrupt_or_foreign_checkpoint_stops_the_resume_with_one_line(tmp_path
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_sigterm_saves_a_checkpoint_and_says_to_resume(tmp_path):
-    root = Path(__file__).resolve().parents[1]
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "numpygpt", "train-translation", "--out", str(out), *SMALL, "--epochs", "100000",
-           "--eval-freq", "1"]
-    env = {**os.environ, "PYTHONPATH": str(root), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline, seen = time.monotonic() + 120, 0
-        while seen < 3:  # the run logs a line after every step (eval_freq 1)
-            line = proc.stdout.readline()
-            assert line and time.monotonic() < deadline, "the run ended or stalled before training"
-            seen += "(step" in line
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode == 128 + signal.SIGTERM, err
+    code, err = terminate_after_steps(["train-translation", "--out", str(out), *SMALL, "--epochs", "100000",
+                                       "--eval-freq", "1"])
+    assert code == 128 + signal.SIGTERM, err
     assert "the same command with --resume" in err
     assert read_checkpoint(out / "checkpoint.safetensors").step >= 3
 

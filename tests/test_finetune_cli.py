@@ -4,11 +4,8 @@ plot and a model that `numpygpt chat` answers from, and the responses go to a ju
 HTTP server on 127.0.0.1). Bad data files are one line on stderr and exit code 2."""
 
 import json
-import os
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +15,7 @@ from numpygpt import GPTConfig, GPTModel
 from numpygpt.cli import main
 from numpygpt.finetune.instruct import split_data
 
+from conftest import terminate_after_steps
 from test_finetune_judge import Judge, answer, one_line_error
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -215,24 +213,11 @@ def test_sigterm_saves_a_checkpoint_and_says_to_resume(tmp_path, pretrained):
     data = tmp_path / "data.json"
     data.write_text(json.dumps(entries))
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "numpygpt", "finetune", "instruct", "--pretrained", str(pretrained),
-           "--data", str(data), "--out", str(out), "--batch-size", "2", "--epochs", "100000", "--eval-freq", "1",
-           "--eval-iter", "1", "--max-new-tokens", "2", "--device", "cpu", "--no-progress"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline, seen = time.monotonic() + 120, 0
-        while seen < 3:  # the run logs a line after every step (eval_freq 1)
-            line = proc.stdout.readline()
-            assert line and time.monotonic() < deadline, "the run ended or stalled before training"
-            seen += "(Step" in line or "(step" in line
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode == 128 + signal.SIGTERM, err
+    code, err = terminate_after_steps(
+        ["finetune", "instruct", "--pretrained", str(pretrained), "--data", str(data), "--out", str(out),
+         "--batch-size", "2", "--epochs", "100000", "--eval-freq", "1", "--eval-iter", "1", "--max-new-tokens", "2",
+         "--device", "cpu", "--no-progress"])
+    assert code == 128 + signal.SIGTERM, err
     assert "--resume" in err
     from numpygpt.checkpoint import read_checkpoint
 
