@@ -23,8 +23,7 @@ from numpygpt.lora import apply_lora, load_lora, lora_parameters, lora_tensor_sh
 from numpygpt.nn import CrossEntropyLoss, no_grad
 from numpygpt.optim import AdamW
 from numpygpt.translation import TranslationOptions, train_translation
-from conftest import to_dev
-from conftest import terminate_after_steps
+from conftest import terminate_after_steps, to_dev
 from test_layers import F64, assert_ok
 
 V, PAD = 11, 0
