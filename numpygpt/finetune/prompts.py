@@ -67,11 +67,7 @@ class ChatPrompts:
 
     def __init__(self, tokenizer, model_type: str):
         self.tokenizer, self.template = tokenizer, chat_template(model_type)
-        token_id = getattr(tokenizer, "token_id", None)
-        try:
-            self.stop_id = token_id(self.template.stop) if token_id else None
-        except ValueError:
-            self.stop_id = None
+        self.stop_id = _stop_id(tokenizer, self.template)
         self.pad_id = self.stop_id
         if self.stop_id is None:
             raise ValueError(f"--prompt-style chat: tokenizer {tokenizer.name!r} has no {self.template.stop} token, "
@@ -106,12 +102,22 @@ def default_prompt_style(model, tokenizer=None) -> str:
     scratch with a BPE of its own corpus has no chat tokens)."""
     if model.cfg.model_type not in CHAT_TEMPLATES:
         return "alpaca"
-    if tokenizer is not None and getattr(tokenizer, "token_id", None) is not None:
-        try:
-            tokenizer.token_id(chat_template(model.cfg.model_type).stop)
-        except ValueError:
-            return "alpaca"
+    has_lookup = getattr(tokenizer, "token_id", None) is not None  # GPT-2's has none: chat then refuses it
+    if has_lookup and _stop_id(tokenizer, chat_template(model.cfg.model_type)) is None:
+        return "alpaca"
     return "chat"
+
+
+def _stop_id(tokenizer, template) -> int | None:
+    """The id of the template's stop token in ``tokenizer``, or None where it has none (a
+    tokenizer without special-token lookup, or one trained without the chat tokens)."""
+    token_id = getattr(tokenizer, "token_id", None)
+    if token_id is None:
+        return None
+    try:
+        return token_id(template.stop)
+    except ValueError:
+        return None
 
 
 def prompt_format(model, tokenizer, style: str | None = None):
